@@ -1,0 +1,1 @@
+"""jaxstack: distributed training and inference of LLMs from three user functions."""
