@@ -1,0 +1,1 @@
+"""Shared transformer layers: norms, rotary embeddings, attention, MLPs."""

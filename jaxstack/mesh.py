@@ -1,0 +1,62 @@
+"""The one place jaxstack creates device meshes."""
+
+import math
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from sharding_rules import MESH_AXES
+
+BATCH_AXES = ("data", "fsdp")
+"""Mesh axes the global batch is split over."""
+
+
+def make_mesh(
+    data: int = -1,
+    fsdp: int = 1,
+    tensor: int = 1,
+    expert: int = 1,
+    sequence: int = 1,
+    devices: list | None = None,
+) -> Mesh:
+    """A mesh with axes ``(data, fsdp, tensor, expert, sequence)`` over ``devices`` (default all).
+
+    One axis may be ``-1``: it takes whatever the others leave. Axes are ``Auto``, so XLA
+    propagates shardings from parameters, inputs and ``sharding_rules.constrain`` hints.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert, "sequence": sequence}
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
+        raise ValueError(f"mesh axes {sizes}: sizes must be positive, at most one may be -1")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(
+                f"{len(devices)} devices cannot be split into mesh axes {sizes}: the fixed axes "
+                f"multiply to {fixed}, which does not divide {len(devices)}"
+            )
+        sizes[free[0]] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(
+            f"mesh axes {sizes} multiply to {math.prod(sizes.values())} but there are "
+            f"{len(devices)} devices; make the product equal the device count (or set one axis to -1)"
+        )
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    try:
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except (AssertionError, ValueError, NotImplementedError):
+        grid = np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Sharding for a batch array: leading dim over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_divisor(mesh: Mesh) -> int:
+    """How many ways the global batch is split (product of the batch axes)."""
+    return math.prod(mesh.shape[name] for name in BATCH_AXES)
