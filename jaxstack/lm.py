@@ -1,0 +1,48 @@
+"""The three functions for causal language modelling, ready to hand to the Trainer.
+
+``collate_fn`` is ``jaxstack.data.lm_collate`` (stacks packed examples); ``lm_functions``
+returns ``loss_fn`` and ``pred_fn`` for a model, written only against the public API.
+"""
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxstack.models.llama import Llama
+
+
+def lm_functions(model: Llama) -> tuple[Callable, Callable]:
+    """``(loss_fn, pred_fn)`` for next-token prediction on packed batches.
+
+    Batches hold ``input_ids``, ``targets``, ``segment_ids``, ``positions`` and ``loss_mask``,
+    each ``[batch, seq]``. ``loss_fn`` returns the mean cross-entropy over unmasked tokens and
+    the token accuracy; ``pred_fn`` returns per-example ``loss`` and ``accuracy``.
+    """
+
+    def token_losses(params, batch):
+        logits = model.apply(
+            {"params": params},
+            batch["input_ids"],
+            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+        )
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        correct = (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32)
+        return losses, correct, batch["loss_mask"].astype(jnp.float32)
+
+    def loss_fn(params, batch, rng: jax.Array):
+        losses, correct, mask = token_losses(params, batch)
+        denom = jnp.maximum(mask.sum(), 1.0)
+        return (losses * mask).sum() / denom, {"accuracy": (correct * mask).sum() / denom}
+
+    def pred_fn(params, batch, rng: jax.Array):
+        losses, correct, mask = token_losses(params, batch)
+        denom = jnp.maximum(mask.sum(-1), 1.0)
+        return {
+            "loss": (losses * mask).sum(-1) / denom,
+            "accuracy": (correct * mask).sum(-1) / denom,
+        }
+
+    return loss_fn, pred_fn
