@@ -42,7 +42,8 @@ def make_mesh(
     if math.prod(sizes.values()) != len(devices):
         raise ValueError(
             f"mesh axes {sizes} multiply to {math.prod(sizes.values())} but there are "
-            f"{len(devices)} devices; make the product equal the device count (or set one axis to -1)"
+            f"{len(devices)} devices; make the product equal the device count "
+            "(or set one axis to -1)"
         )
     shape = tuple(sizes[name] for name in MESH_AXES)
     try:

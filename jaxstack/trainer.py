@@ -136,13 +136,13 @@ class Trainer:
         self.mesh = mesh or make_mesh()
         self.collate_fn, self.loss_fn, self.pred_fn = collate_fn, loss_fn, pred_fn
         self.flops_per_token = flops_per_token
-        micro = config.batch_size // config.grad_accum_steps
-        if micro % batch_divisor(self.mesh):
+        micro, shards = config.batch_size // config.grad_accum_steps, batch_divisor(self.mesh)
+        if micro % shards:
             raise ValueError(
                 f"micro-batch of {micro} examples (batch_size={config.batch_size} / "
                 f"grad_accum_steps={config.grad_accum_steps}) does not divide over the "
-                f"{batch_divisor(self.mesh)} batch shards of the mesh (data x fsdp); use a "
-                f"batch_size that is a multiple of {batch_divisor(self.mesh) * config.grad_accum_steps}"
+                f"{shards} batch shards of the mesh (data x fsdp); use a batch_size that "
+                f"is a multiple of {shards * config.grad_accum_steps}"
             )
         self.schedule = learning_rate_schedule(
             config.learning_rate,

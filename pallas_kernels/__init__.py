@@ -1,0 +1,18 @@
+"""Fused Pallas kernels with pure-jnp references and per-backend dispatch.
+
+Public ops:
+
+* :func:`attention`: flash attention for training and prefill (``[b, s, h, d]``).
+* :func:`decode_attention`: one query token per row against a KV cache.
+* :func:`attention_reference`, :func:`decode_attention_reference`: the oracles.
+"""
+
+from pallas_kernels.dispatch import attention, decode_attention
+from pallas_kernels.reference import attention_reference, decode_attention_reference
+
+__all__ = [
+    "attention",
+    "attention_reference",
+    "decode_attention",
+    "decode_attention_reference",
+]

@@ -191,7 +191,7 @@ PRESETS: dict[str, LlamaConfig] = {
 
 
 def preset(name: str, **overrides) -> LlamaConfig:
-    """A named config (``tiny``, ``100m``, ``1b``, ``7b``, ``8b``, ``mistral-7b``) with overrides."""
+    """A named config from ``PRESETS`` (``tiny`` ... ``8b``) with field overrides."""
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides)
