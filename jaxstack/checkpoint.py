@@ -89,8 +89,8 @@ def _abstract(tree: Any) -> Any:
 def load_params(work_dir: str | Path, target: Any | None = None, step: int | None = None) -> Any:
     """Load only the parameters of a run's checkpoint (for inference): one call.
 
-    ``target`` (optional) is a params pytree of arrays or ``ShapeDtypeStruct`` giving
-    shapes/shardings to restore onto; without it the params come back as saved.
+    ``target`` (optional) is a params pytree of arrays or ``ShapeDtypeStruct`` giving the
+    shapes and shardings to restore onto; without it the params land on the first device.
     """
     directory = Path(work_dir).absolute() / "checkpoints"
     if not directory.exists():
@@ -98,23 +98,22 @@ def load_params(work_dir: str | Path, target: Any | None = None, step: int | Non
             f"no checkpoints directory at {directory}; pass the work dir of a training run"
         )
     manager = CheckpointManager(directory)
-    step = manager._resolve(step)
-    item = Path(directory) / str(step) / "state"
-    checkpointer = ocp.StandardCheckpointer()
-    if target is None:
-        metadata = checkpointer.metadata(item)
-        tree = getattr(metadata, "item_metadata", metadata)
-        params_meta = tree["params"]
-        restore_target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), params_meta)
-    else:
-        restore_target = _abstract(target)
-    full = checkpointer.restore(item, _partial_target(checkpointer, item, restore_target))
+    item = directory / str(manager._resolve(step)) / "state"
     manager.close()
-    return full["params"]
-
-
-def _partial_target(checkpointer, item, params_target):
-    """A restore target that loads ``params`` and skips every other saved entry."""
-    metadata = checkpointer.metadata(item)
-    tree = getattr(metadata, "item_metadata", metadata)
-    return {key: params_target if key == "params" else None for key in tree}
+    checkpointer = ocp.PyTreeCheckpointer()
+    if target is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        saved = checkpointer.metadata(item).item_metadata.tree["params"]
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
+        )
+    target = {"params": _abstract(target)}
+    restored = checkpointer.restore(
+        item,
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ),
+    )
+    return restored["params"]

@@ -233,7 +233,7 @@ class Trainer:
         metrics = {
             **metrics,
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": self.schedule(state.step),
         }
         return TrainState(state.step + 1, params, opt_state, rng), metrics

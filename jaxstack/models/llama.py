@@ -312,3 +312,280 @@ def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=None) -
     shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim_)
     dtype = jnp.dtype(dtype or config.dtype)
     return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# ------------------------------------------------------------------------------------------
+# Hugging Face round-trip: config conversion and the per-tensor key map (used by jaxstack.hf).
+# ------------------------------------------------------------------------------------------
+
+HF_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+"""HF ``model_type`` -> the ``architectures`` entry this family reads and writes."""
+
+
+@dataclass(frozen=True)
+class HFTensor:
+    """Where one jaxstack parameter lives in a Hugging Face checkpoint.
+
+    ``key`` is the HF tensor name, or a tuple of names stacked along a new leading axis
+    (scanned layers). ``hf_shape`` is the shape of each HF tensor. ``in_axes`` is 0 when the
+    values only need a reshape (embeddings, norms, biases), or n > 0 for an HF ``nn.Linear``
+    weight ``[out, in]`` whose jaxstack kernel is ``[*in, *out]`` with ``in`` on its first n axes.
+    """
+
+    path: tuple[str, ...]
+    key: str | tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    in_axes: int = 0
+
+
+def hf_tensors(config: LlamaConfig) -> list[HFTensor]:
+    """Every parameter of ``Llama(config)`` with its Hugging Face tensor(s) and layout."""
+    d, hd, f = config.hidden_size, config.head_dim_, config.intermediate_size
+    q, kv = config.num_heads * hd, config.num_kv_heads * hd
+    layer = [  # (path inside a block, name inside model.layers.{i}, HF shape, in_axes)
+        (("attn", "q", "kernel"), "self_attn.q_proj.weight", (q, d), 1),
+        (("attn", "k", "kernel"), "self_attn.k_proj.weight", (kv, d), 1),
+        (("attn", "v", "kernel"), "self_attn.v_proj.weight", (kv, d), 1),
+        (("attn", "o", "kernel"), "self_attn.o_proj.weight", (d, q), 2),
+        (("mlp", "gate", "kernel"), "mlp.gate_proj.weight", (f, d), 1),
+        (("mlp", "up", "kernel"), "mlp.up_proj.weight", (f, d), 1),
+        (("mlp", "down", "kernel"), "mlp.down_proj.weight", (d, f), 1),
+        (("attn_norm", "scale"), "input_layernorm.weight", (d,), 0),
+        (("mlp_norm", "scale"), "post_attention_layernorm.weight", (d,), 0),
+    ]
+    if config.qkv_bias:
+        layer += [
+            (("attn", "q", "bias"), "self_attn.q_proj.bias", (q,), 0),
+            (("attn", "k", "bias"), "self_attn.k_proj.bias", (kv,), 0),
+            (("attn", "v", "bias"), "self_attn.v_proj.bias", (kv,), 0),
+        ]
+    if config.qk_norm:
+        layer += [
+            (("attn", "q_norm", "scale"), "self_attn.q_norm.weight", (hd,), 0),
+            (("attn", "k_norm", "scale"), "self_attn.k_norm.weight", (hd,), 0),
+        ]
+    tensors = [
+        HFTensor(("embed", "embedding"), "model.embed_tokens.weight", (config.vocab_size, d)),
+        HFTensor(("final_norm", "scale"), "model.norm.weight", (d,)),
+    ]
+    if not config.tie_embeddings:
+        tensors.append(HFTensor(("lm_head", "kernel"), "lm_head.weight", (config.vocab_size, d), 1))
+    layers = range(config.num_layers)
+    for path, name, shape, in_axes in layer:
+        keys = tuple(f"model.layers.{i}.{name}" for i in layers)
+        if config.scan_layers:
+            tensors.append(HFTensor(("layers", "block", *path), keys, shape, in_axes))
+        else:
+            tensors += [HFTensor((f"layers_{i}", *path), keys[i], shape, in_axes) for i in layers]
+    return tensors
+
+
+def hf_ignored_tensor(config: LlamaConfig, key: str) -> bool:
+    """Whether an HF tensor that no parameter reads is expected (so not an error) for ``config``.
+
+    Old checkpoints store RoPE ``inv_freq`` buffers; tied models may still store ``lm_head``.
+    """
+    return key.endswith(".rotary_emb.inv_freq") or (
+        config.tie_embeddings and key == "lm_head.weight"
+    )
+
+
+def config_from_hf(hf: dict) -> LlamaConfig:
+    """The ``LlamaConfig`` of a Hugging Face ``config.json`` (Llama 2/3, Mistral, Qwen2/3).
+
+    Accepts both the transformers 4 spelling (``rope_theta`` + ``rope_scaling``) and the
+    transformers 5 one (``rope_parameters``). The HF model type, architecture and special token
+    ids are kept in ``extra`` so that ``config_to_hf`` writes the same family back.
+
+    Raises:
+        ValueError: the model type, activation, RoPE type, biases or attention layout is not
+            one this model implements, or a required key is missing.
+    """
+    model_type = hf.get("model_type")
+    if model_type not in HF_ARCHITECTURES:
+        raise ValueError(
+            f"config.json model_type={model_type!r} is not a Llama-family model; "
+            f"supported model types: {sorted(HF_ARCHITECTURES)}"
+        )
+    architecture = HF_ARCHITECTURES[model_type]
+    for name in hf.get("architectures") or [architecture]:
+        if name != architecture:
+            raise ValueError(
+                f"config.json architecture {name!r} is not supported; jaxstack loads "
+                f"{architecture} (a causal LM) for model_type {model_type!r}"
+            )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}; only 'silu' is supported")
+    if hf.get("mlp_bias"):
+        raise ValueError("config.json mlp_bias=true: MLP biases are not supported")
+    if hf.get("attention_bias") and model_type != "qwen2":
+        raise ValueError(
+            f"config.json attention_bias=true: {model_type} then has an o_proj bias, which "
+            "jaxstack's Llama does not implement"
+        )
+    rope_theta, rope_scaling = _rope_from_hf(hf)
+    num_heads = _required(hf, "num_attention_heads")
+    hidden = _required(hf, "hidden_size")
+    return LlamaConfig(
+        vocab_size=_required(hf, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=_required(hf, "num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim") or hidden // num_heads,
+        intermediate_size=_required(hf, "intermediate_size"),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        sliding_window=_sliding_window_from_hf(hf, model_type),
+        max_seq_len=hf.get("max_position_embeddings", 4096),
+        initializer_range=hf.get("initializer_range", 0.02),
+        extra={
+            "hf_model_type": model_type,
+            **{k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf},
+        },
+    )
+
+
+def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
+    """A Hugging Face ``config.json`` dict for ``config`` (tensors stored as ``dtype``).
+
+    The model type is ``config.extra["hf_model_type"]`` when set (a config read from HF),
+    otherwise the family that has the config's features: qk_norm -> qwen3, qkv_bias -> qwen2,
+    sliding_window -> mistral, else llama. RoPE is written the transformers 4 way
+    (``rope_theta`` + ``rope_scaling``), which transformers 5 also reads.
+
+    Raises:
+        ValueError: the config has a feature that HF model type cannot express.
+    """
+    model_type = config.extra.get("hf_model_type") or _infer_model_type(config)
+    if model_type not in HF_ARCHITECTURES:
+        raise ValueError(
+            f"extra['hf_model_type']={model_type!r}; choose one of {sorted(HF_ARCHITECTURES)}"
+        )
+    expected = {"qkv_bias": model_type == "qwen2", "qk_norm": model_type == "qwen3"}
+    if model_type == "llama":
+        expected["sliding_window"] = None
+    for name, value in expected.items():
+        if getattr(config, name) != value:
+            raise ValueError(
+                f"{name}={getattr(config, name)!r} cannot be written as HF model_type "
+                f"{model_type!r} (which needs {name}={value!r}); set extra['hf_model_type'] to "
+                "a family that has this feature or drop the feature"
+            )
+    scaling = config.rope_scaling
+    hf = {
+        "architectures": [HF_ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim_,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None if scaling is None else {"rope_type": "llama3", **vars(scaling)},
+        "tie_word_embeddings": config.tie_embeddings,
+        "initializer_range": config.initializer_range,
+        "torch_dtype": dtype,
+        "use_cache": True,
+    }
+    hf.update(
+        {
+            k: config.extra[k]
+            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if k in config.extra
+        }
+    )
+    if model_type in ("llama", "qwen3"):
+        hf["attention_bias"] = False
+    if model_type == "llama":
+        hf["mlp_bias"] = False
+    if model_type == "mistral":
+        hf["sliding_window"] = config.sliding_window
+    if model_type in ("qwen2", "qwen3"):
+        window = config.sliding_window
+        hf.update(
+            use_sliding_window=window is not None,
+            sliding_window=window,
+            max_window_layers=0 if window else config.num_layers,
+            layer_types=[("sliding" if window else "full") + "_attention"] * config.num_layers,
+        )
+    return hf
+
+
+def _required(hf: dict, key: str):
+    if hf.get(key) is None:
+        raise ValueError(f"config.json has no {key!r}; it is required for a Llama-family model")
+    return hf[key]
+
+
+def _rope_from_hf(hf: dict) -> tuple[float, Llama3RopeScaling | None]:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if any(isinstance(value, dict) for value in params.values()):
+        raise ValueError(
+            f"config.json has per-layer-type RoPE parameters {sorted(params)}; only one RoPE "
+            "setting for all layers is supported"
+        )
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"config.json partial_rotary_factor={partial}; only 1.0 is supported")
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind != "llama3":
+        raise ValueError(
+            f"config.json RoPE type {kind!r} is not supported; jaxstack implements 'default' "
+            "and 'llama3'"
+        )
+    scaling = Llama3RopeScaling(
+        factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", _required(hf, "max_position_embeddings"))
+        ),
+    )
+    return theta, scaling
+
+
+def _sliding_window_from_hf(hf: dict, model_type: str) -> int | None:
+    window = hf.get("sliding_window")
+    if model_type == "mistral":
+        return window
+    if model_type == "llama" or not hf.get("use_sliding_window") or window is None:
+        return None
+    num_layers = _required(hf, "num_hidden_layers")
+    first_sliding = hf.get("max_window_layers", 28)
+    layer_types = hf.get("layer_types") or [
+        "sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)
+    ]
+    if set(layer_types) == {"full_attention"}:
+        return None
+    if set(layer_types) == {"sliding_attention"}:
+        return window
+    raise ValueError(
+        f"config.json mixes sliding-window and full attention layers (layer_types="
+        f"{layer_types}); jaxstack's Llama applies one attention pattern to every layer"
+    )
+
+
+def _infer_model_type(config: LlamaConfig) -> str:
+    if config.qk_norm:
+        return "qwen3"
+    if config.qkv_bias:
+        return "qwen2"
+    return "mistral" if config.sliding_window is not None else "llama"

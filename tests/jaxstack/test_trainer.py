@@ -1,0 +1,165 @@
+"""Trainer: loss falls, exact resume, gradient accumulation, evaluation, bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxstack.checkpoint import load_params
+from jaxstack.data import ByteTokenizer, PackedDataset, lm_collate
+from jaxstack.lm import lm_functions
+from jaxstack.mesh import make_mesh
+from jaxstack.models import Llama, preset
+from jaxstack.trainer import TrainConfig, Trainer
+
+TEXT = [
+    "the quick brown fox jumps over the lazy dog. " * 6,
+    "pack my box with five dozen liquor jugs! " * 6,
+    "sphinx of black quartz, judge my vow. " * 6,
+] * 8
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return PackedDataset.from_texts(TEXT, ByteTokenizer(), seq_len=32)
+
+
+def _trainer(work_dir, dataset, **overrides):
+    model = Llama(preset("tiny", num_layers=2, hidden_size=64, intermediate_size=128))
+    loss_fn, pred_fn = lm_functions(model)
+    settings = dict(
+        work_dir=str(work_dir),
+        batch_size=16,
+        num_steps=8,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        save_every=4,
+        log_every=1,
+        progress_bar=False,
+    )
+    optimizer = overrides.pop("optimizer", None)
+    mesh = overrides.pop("mesh", None)
+    config = TrainConfig(**{**settings, **overrides})
+    return Trainer(
+        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
+        collate_fn=lm_collate,
+        loss_fn=loss_fn,
+        pred_fn=pred_fn,
+        config=config,
+        optimizer=optimizer,
+        mesh=mesh,
+        flops_per_token=model.config.flops_per_token(32),
+    )
+
+
+def test_loss_decreases_and_metrics_are_logged(tmp_path, dataset):
+    trainer = _trainer(tmp_path, dataset, num_steps=25, log_every=5)
+    records = trainer.fit(dataset, dataset)
+    trainer.close()
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [5, 10, 15, 20, 25]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "mfu", "eval_loss", "accuracy"):
+        assert key in lines[-1], key
+    assert 0 < lines[-1]["mfu"] < 1
+    assert lines[-1]["eval_loss"] < 5.0
+
+
+def test_resume_is_bit_identical(tmp_path, dataset):
+    straight = _trainer(tmp_path / "straight", dataset)
+    straight.fit(dataset)
+    straight.close()
+
+    first = _trainer(tmp_path / "resumed", dataset)
+    first.fit(dataset, stop_after=4)
+    first.close()
+    assert first.step == 4
+    second = _trainer(tmp_path / "resumed", dataset)
+    second.fit(dataset)
+    second.close()
+    assert second.step == 8
+    for a, b in zip(jax.tree.leaves(straight.state), jax.tree.leaves(second.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gradient_accumulation_matches_large_batch(tmp_path, dataset):
+    sgd = optax.sgd(0.5)
+    big = _trainer(tmp_path / "big", dataset, num_steps=1, warmup_steps=0, optimizer=sgd)
+    accum = _trainer(
+        tmp_path / "accum", dataset, num_steps=1, warmup_steps=0, grad_accum_steps=2, optimizer=sgd
+    )
+    batch = lm_collate([dataset[i] for i in range(16)])
+    m_big, m_acc = big.train_step(batch), accum.train_step(batch)
+    np.testing.assert_allclose(m_big["loss"], m_acc["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_big["grad_norm"], m_acc["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(big.params), jax.tree.leaves(accum.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
+    big.close()
+    accum.close()
+
+
+def test_schedule_counts_optimizer_updates_not_micro_batches(tmp_path, dataset):
+    trainer = _trainer(
+        tmp_path,
+        dataset,
+        batch_size=32,
+        num_steps=4,
+        grad_accum_steps=4,
+        warmup_steps=2,
+        schedule="linear",
+    )
+    records = trainer.fit(dataset)
+    trainer.close()
+    lrs = [r["lr"] for r in records]
+    assert len(lrs) == 4
+    np.testing.assert_allclose(lrs[:3], [0.0, 1.5e-3, 3e-3], rtol=1e-5)
+
+
+def test_load_params_for_inference(tmp_path, dataset):
+    trainer = _trainer(tmp_path, dataset, num_steps=2, warmup_steps=0)
+    trainer.fit(dataset)
+    trainer.close()
+    params = load_params(tmp_path)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(trainer.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_predict_returns_outputs_in_dataset_order(tmp_path, dataset):
+    trainer = _trainer(tmp_path, dataset)
+    subset = [dataset[i] for i in range(11)]  # not a multiple of the batch
+    outputs = trainer.predict(subset, batch_size=8)
+    assert outputs["loss"].shape == (11,)
+    single = trainer.predict(subset[5:6] * 8, batch_size=8)
+    np.testing.assert_allclose(outputs["loss"][5], single["loss"][0], rtol=1e-5)
+    trainer.close()
+
+
+def test_sharded_batch_over_a_mesh(tmp_path, dataset):
+    mesh = make_mesh(data=4, fsdp=2)
+    trainer = _trainer(tmp_path, dataset, mesh=mesh, num_steps=1, warmup_steps=0)
+    batch = lm_collate([dataset[i] for i in range(16)])
+    trainer.train_step(batch)
+    assert trainer.to_global(batch)["input_ids"].sharding.spec[0] == ("data", "fsdp")
+    trainer.close()
+
+
+def test_batch_that_does_not_divide_devices_is_a_clear_error(tmp_path, dataset):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _trainer(tmp_path, dataset, batch_size=12)
+    with pytest.raises(ValueError, match="not divisible by grad_accum_steps"):
+        _trainer(tmp_path, dataset, batch_size=16, grad_accum_steps=3)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoints directory"):
+        load_params(tmp_path / "nowhere")
+
+
+def test_mesh_that_does_not_match_devices_is_a_clear_error():
+    with pytest.raises(ValueError, match="multiply to 6 but there are 8 devices"):
+        make_mesh(data=3, tensor=2)
+    with pytest.raises(ValueError, match="cannot be split"):
+        make_mesh(data=-1, tensor=3)
