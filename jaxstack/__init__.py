@@ -1,1 +1,24 @@
-"""jaxstack: distributed training and inference of LLMs from three user functions."""
+"""jaxstack: distributed training and inference of LLMs from three user functions.
+
+``import jaxstack as js``: ``js.Trainer`` / ``js.TrainConfig`` run ``collate_fn``,
+``loss_fn`` and ``pred_fn``; ``js.Predictor`` runs ``pred_fn`` alone; ``js.models`` holds the
+model families; ``js.generate`` decodes with a KV cache; ``js.make_mesh`` builds meshes.
+"""
+
+from jaxstack import models
+from jaxstack.checkpoint import CheckpointManager, load_params
+from jaxstack.generate import generate
+from jaxstack.mesh import make_mesh
+from jaxstack.predictor import Predictor
+from jaxstack.trainer import TrainConfig, Trainer
+
+__all__ = [
+    "CheckpointManager",
+    "Predictor",
+    "TrainConfig",
+    "Trainer",
+    "generate",
+    "load_params",
+    "make_mesh",
+    "models",
+]

@@ -1,0 +1,181 @@
+"""The ``jaxstack`` command: demo, train, generate.
+
+Every bad input (unknown config key, a batch that does not divide over the devices, a
+missing checkpoint, ...) ends in one line ``jaxstack: error: ...`` that says how to fix it.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import absl.logging
+import jax
+
+from jaxstack.data import load_tokenizer
+from jaxstack.overrides import apply_overrides, field_names
+from jaxstack.run import RunConfig, complete, load_run, train
+from jaxstack.trainer import TrainConfig
+
+DEMO_PROMPTS = ["def ", "import ", "class ", "    return "]
+
+
+def _split_overrides(extra: list[str]) -> dict[str, str]:
+    """``["--train.batch_size", "16", "--model.dtype=bfloat16"]`` -> ``{key: text}``."""
+    overrides, items = {}, list(extra)
+    while items:
+        item = items.pop(0)
+        if not item.startswith("--"):
+            raise ValueError(
+                f"unexpected argument {item!r}; overrides look like --train.num_steps 100"
+            )
+        key, eq, value = item[2:].partition("=")
+        if not eq:
+            if not items:
+                raise ValueError(f"override --{key} needs a value")
+            value = items.pop(0)
+        overrides[key] = value
+    return overrides
+
+
+def _print_samples(prompts: list[str], samples: list[str]) -> None:
+    for prompt, sample in zip(prompts, samples, strict=True):
+        print(f"--- prompt {prompt!r}\n{prompt}{sample}\n")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Train the tiny model on this Python's stdlib sources, then sample from it."""
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="jaxstack-demo-")
+    devices = jax.device_count()
+    run = RunConfig(
+        train=TrainConfig(
+            work_dir=work_dir,
+            batch_size=max(16 // devices, 1) * devices,  # 16, or a multiple of the devices
+            num_steps=args.steps,
+            learning_rate=3e-3,
+            warmup_steps=min(20, args.steps),
+            eval_every=max(args.steps // 2, 1),
+            eval_batches=4,
+            save_every=max(args.steps // 2, 1),
+            log_every=max(args.steps // 10, 1),
+        ),
+    )
+    print(f"jaxstack demo: tiny Llama ({run.model.num_params():,} params) on stdlib sources")
+    print(f"work dir: {work_dir}")
+    start = time.perf_counter()
+    trainer, records = train(run)
+    print(f"trained {trainer.step} steps in {time.perf_counter() - start:.0f}s")
+    if len(records) >= 2:
+        first, last = records[0], records[-1]
+        verdict = "fell" if last["loss"] < first["loss"] else "DID NOT FALL"
+        print(
+            f"loss {verdict}: {first['loss']:.3f} (step {first['step']}) -> "
+            f"{last['loss']:.3f} (step {last['step']}); eval loss {last.get('eval_loss', float('nan')):.3f}"
+        )
+    _, model, params = load_run(work_dir)
+    tokenizer = load_tokenizer(run.data.tokenizer)
+    samples = complete(
+        model, params, tokenizer, DEMO_PROMPTS, max_new_tokens=120, temperature=0.7, top_k=20
+    )
+    _print_samples(DEMO_PROMPTS, samples)
+    print(f"continue it: jaxstack generate --work-dir {work_dir} --prompt 'def '")
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    """Train (or resume) a run from an optional JSON config plus --key value overrides."""
+    run = RunConfig()
+    if args.config:
+        path = Path(args.config)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} not found")
+        run = RunConfig.from_dict(_merge(run.to_dict(), json.loads(path.read_text())))
+    run = apply_overrides(run, _split_overrides(extra))
+    if args.print_config:
+        print(json.dumps(run.to_dict(), indent=2))
+        return
+    trainer, records = train(run)
+    if records:
+        print(json.dumps(records[-1]))
+    print(f"checkpoint at step {trainer.step} in {run.train.work_dir}")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if key not in base:
+            raise KeyError(f"unknown config key {key!r}; valid keys: {', '.join(base)}")
+        base[key] = _merge(base[key], value) if isinstance(value, dict) and base[key] else value
+    return base
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Complete prompts with the latest checkpoint of a run."""
+    run, model, params = load_run(args.work_dir)
+    tokenizer = load_tokenizer(run.data.tokenizer)
+    samples = complete(
+        model,
+        params,
+        tokenizer,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    _print_samples(args.prompt, samples)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree of the ``jaxstack`` command."""
+    parser = argparse.ArgumentParser(prog="jaxstack", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a tiny model on stdlib sources and sample from it")
+    demo.add_argument("--steps", type=int, default=300, help="optimizer updates (default 300)")
+    demo.add_argument("--work-dir", help="where to keep the run (default: a new temp dir)")
+
+    keys = ", ".join(field_names(RunConfig()))
+    tr = sub.add_parser(
+        "train",
+        help="train a run: --config FILE.json and/or --section.key value overrides",
+        epilog=f"override keys: {keys}",
+    )
+    tr.add_argument("--config", help="JSON file with (part of) a RunConfig")
+    tr.add_argument("--print-config", action="store_true", help="print the resolved config")
+
+    gen = sub.add_parser("generate", help="complete prompts from a run's checkpoint")
+    gen.add_argument("--work-dir", required=True, help="work dir of a train/demo run")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=100)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``jaxstack`` console script."""
+    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's info/warning chatter
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        if args.command == "demo":
+            cmd_demo(args)
+        elif args.command == "train":
+            cmd_train(args, extra)
+        else:
+            cmd_generate(args)
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as error:
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"jaxstack: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

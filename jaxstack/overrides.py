@@ -1,0 +1,67 @@
+"""``--section.key value`` overrides onto nested frozen dataclasses, checked against types."""
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+
+def field_names(config: Any, prefix: str = "") -> list[str]:
+    """Every overridable dotted key of a (nested) dataclass instance."""
+    names = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            names.extend(field_names(value, f"{prefix}{f.name}."))
+        elif f.init:
+            names.append(prefix + f.name)
+    return names
+
+
+def apply_overrides(config: Any, overrides: dict[str, str]) -> Any:
+    """A copy of ``config`` with each dotted ``key: text`` parsed to its field's type.
+
+    Raises ``KeyError`` naming an unknown key and listing the valid ones, ``ValueError`` for a
+    value that does not parse as the field's type.
+    """
+    for key, text in overrides.items():
+        config = _set(config, key.split("."), text, key, prefix="")
+    return config
+
+
+def _set(config: Any, path: list[str], text: str, key: str, prefix: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(config) if f.init}
+    name = path[0]
+    if name not in fields:
+        valid = ", ".join(field_names(config, prefix))
+        raise KeyError(f"unknown config key {key!r}; valid keys: {valid}")
+    current = getattr(config, name)
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise KeyError(f"unknown config key {key!r}: {name!r} has no sub-keys")
+        return dataclasses.replace(
+            config, **{name: _set(current, path[1:], text, key, f"{prefix}{name}.")}
+        )
+    hint = typing.get_type_hints(type(config))[name]
+    return dataclasses.replace(config, **{name: parse_value(text, hint, key)})
+
+
+def parse_value(text: str, hint: Any, key: str) -> Any:
+    """Parse ``text`` as ``hint`` (bool, int, float, str, or an Optional of those)."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if type(None) in options and text.lower() in ("none", "null"):
+        return None
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            if option is bool:
+                if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(text)
+                return text.lower() in ("true", "1", "yes")
+            if option in (int, float, str):
+                return option(text)
+        except ValueError:
+            continue
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(f"config key {key!r}: cannot read {text!r} as {names}")
