@@ -72,7 +72,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         verdict = "fell" if last["loss"] < first["loss"] else "DID NOT FALL"
         print(
             f"loss {verdict}: {first['loss']:.3f} (step {first['step']}) -> "
-            f"{last['loss']:.3f} (step {last['step']}); eval loss {last.get('eval_loss', float('nan')):.3f}"
+            f"{last['loss']:.3f} (step {last['step']})"
         )
     _, model, params = load_run(work_dir)
     tokenizer = load_tokenizer(run.data.tokenizer)
