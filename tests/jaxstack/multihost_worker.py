@@ -1,0 +1,76 @@
+"""One process of the multi-host test (run by test_multihost.py, not collected by pytest).
+
+``train`` (one of N processes, 4 CPU devices each): trains to step 3 and saves, copies the
+checkpointed work dir for the restore test, then trains step 4 and writes its loss.
+``resume`` (one process, 8 devices): restores the copied step-3 checkpoint onto its own
+mesh, trains step 4 and writes its loss.
+"""
+
+import argparse
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import multihost_utils
+
+from jaxstack.data import ByteTokenizer, PackedDataset, lm_collate
+from jaxstack.distributed import initialize
+from jaxstack.lm import lm_functions
+from jaxstack.mesh import make_mesh
+from jaxstack.models import Llama, preset
+from jaxstack.trainer import TrainConfig, Trainer
+
+TEXT = ["multi host training with jax on cpu devices and gloo. " * 8] * 40
+
+
+def build(work_dir: str) -> tuple[Trainer, PackedDataset]:
+    model = Llama(preset("tiny", num_layers=2, hidden_size=64, intermediate_size=128))
+    loss_fn, pred_fn = lm_functions(model)
+    config = TrainConfig(
+        work_dir=work_dir,
+        batch_size=16,
+        num_steps=4,
+        learning_rate=3e-3,
+        save_every=3,
+        log_every=1,
+        progress_bar=False,
+    )
+    trainer = Trainer(
+        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
+        collate_fn=lm_collate,
+        loss_fn=loss_fn,
+        pred_fn=pred_fn,
+        config=config,
+        mesh=make_mesh(data=-1, fsdp=2),
+    )
+    return trainer, PackedDataset.from_texts(TEXT, ByteTokenizer(), seq_len=32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("phase", choices=["train", "resume"])
+    parser.add_argument("--work-dir", required=True)
+    parser.add_argument("--copy-dir")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    initialize()
+    trainer, data = build(args.work_dir)
+    if args.phase == "train":
+        trainer.fit(data, stop_after=3)
+        trainer.close()
+        multihost_utils.sync_global_devices("saved step 3")
+        if jax.process_index() == 0:
+            shutil.copytree(args.work_dir, args.copy_dir)
+        multihost_utils.sync_global_devices("copied")
+        trainer, data = build(args.work_dir)
+    records = trainer.fit(data)
+    trainer.close()
+    if jax.process_index() == 0:
+        with open(args.out, "w") as f:
+            json.dump({"records": records, "processes": jax.process_count(),
+                       "devices": jax.device_count()}, f)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
