@@ -15,6 +15,7 @@ import absl.logging
 import jax
 
 from jaxstack.data import load_tokenizer
+from jaxstack.distributed import initialize
 from jaxstack.overrides import apply_overrides, field_names
 from jaxstack.run import RunConfig, complete, load_run, train
 from jaxstack.trainer import TrainConfig
@@ -95,6 +96,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     if args.print_config:
         print(json.dumps(run.to_dict(), indent=2))
         return
+    initialize()  # joins the multi-host job under SLURM / TPU pods / JAX_* env vars
     trainer, records = train(run)
     if records:
         print(json.dumps(records[-1]))
