@@ -61,3 +61,13 @@ def test_tied_embeddings_with_qkv_bias_and_qk_norm():
     assert s["layers_0/attn/q/bias"] == P("tensor", None)
     assert s["layers_0/attn/k/bias"] == P("tensor", None)
     assert s["layers_0/attn/q_norm/scale"] == P(None)
+
+
+def test_pallas_attention_kernel_keeps_the_layout():
+    """The Pallas kernel is opaque to the analysis; q, k, v still meet o through it."""
+    model = Llama(preset("tiny", attention_impl="pallas"))
+    ids = jnp.zeros((2, 128), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), ids)
+    rules = param_rules(analyze_model(model.apply, params, ids), {"tensor": 2})
+    for name, spec in BLOCK.items():
+        assert rules[f"params/layers_0/{name}"].spec == spec, name

@@ -1,11 +1,19 @@
 """Exact PartitionSpecs per parameter, for every layout the rules must handle, on several meshes."""
 
+import jax
 import jax.numpy as jnp
 import pytest
 import toy_models as tm
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from sharding_rules import ShardingRuleError, analyze_model, infer_param_specs, param_rules
+from sharding_rules import (
+    MESH_AXES,
+    ShardingRuleError,
+    analyze_model,
+    infer_param_specs,
+    param_rules,
+)
 
 IDS = jnp.zeros((2, 6), jnp.int32)
 X = jnp.zeros((2, 6, tm.D))
@@ -197,11 +205,18 @@ def test_embedding_and_untied_head(kwargs, embed, head, head_bias):
     assert s["lm_head/kernel"] == head
     assert s["lm_head/bias"] == head_bias
     assert s["mix/kernel"] == P(None, None)  # a lone residual projection has no pair
+    model = tm.EmbedLM(**kwargs)
+    rules = param_rules(analyze_model(model.apply, tm.shapes_of(model, IDS), IDS), {"tensor": 4})
+    assert "in no column/row pair" in rules["params/mix/kernel"].reason
 
 
-@pytest.mark.parametrize("vocab, embed", [(96, P("tensor", None)), (90, P(None, "tensor"))])
-def test_tied_embedding(vocab, embed):
-    assert specs(tm.EmbedLM(vocab=vocab, tied=True), IDS, {"tensor": 4})["embed"] == embed
+@pytest.mark.parametrize(
+    "vocab, embed, bias", [(96, P("tensor", None), P("tensor")), (90, P(None, "tensor"), P(None))]
+)
+def test_tied_embedding(vocab, embed, bias):
+    s = specs(tm.EmbedLM(vocab=vocab, tied=True), IDS, {"tensor": 4})
+    assert s["embed"] == embed
+    assert s["logits_bias"] == bias  # follows the vocab-parallel logits
 
 
 def test_embedding_where_neither_vocab_nor_width_divides_raises():
@@ -286,3 +301,16 @@ def test_reasons_name_the_partner():
     assert "feeds params/layers_0/o_proj/kernel" in rules["params/layers_0/q_proj/kernel"].reason
     assert "row-parallel" in rules["params/layers_0/down_proj/kernel"].reason
     assert "output head" in rules["params/lm_head/kernel"].reason
+
+
+def test_a_mesh_gives_the_same_specs_as_its_axis_sizes():
+    shape = (2, 2, 2, 1, 1)
+    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    model = tm.LlamaLike()
+    params = tm.shapes_of(model, IDS)
+    by_mesh = infer_param_specs(model.apply, params, IDS, mesh_axis_sizes=mesh)
+    by_sizes = infer_param_specs(
+        model.apply, params, IDS, mesh_axis_sizes=dict(zip(MESH_AXES, shape, strict=True))
+    )
+    assert by_mesh == by_sizes
+    assert by_mesh["params"]["layers_0"]["q_proj"]["kernel"] == P("fsdp", "tensor")

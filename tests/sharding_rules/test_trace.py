@@ -42,19 +42,52 @@ def test_pair_through_remat_custom_vjp_cond_callback_and_jit():
     assert tp2(apply, PAIR, X) == {"w1": P(None, "tensor"), "w2": P("tensor", None)}
 
 
-def test_fori_loop_over_stacked_params():
+def test_opaque_gqa_kernel_is_followed_positionally():
+    h, kvh, dh = 4, 2, 8
     params = {
-        "w1": jax.ShapeDtypeStruct((L, D, F), jnp.float32),
-        "w2": jax.ShapeDtypeStruct((L, F, D), jnp.float32),
+        "q": jax.ShapeDtypeStruct((D, h * dh), jnp.float32),
+        "k": jax.ShapeDtypeStruct((D, kvh * dh), jnp.float32),
+        "v": jax.ShapeDtypeStruct((D, kvh * dh), jnp.float32),
+        "o": jax.ShapeDtypeStruct((h * dh, D), jnp.float32),
+    }
+
+    def kernel(q, k, v):  # stands in for a Pallas attention kernel: never run here
+        return np.asarray(q)
+
+    def apply(p, x):
+        b, s, _ = x.shape
+        q = (x @ p["q"]).reshape(b, s, h, dh)
+        k = (x @ p["k"]).reshape(b, s, kvh, dh)
+        v = (x @ p["v"]).reshape(b, s, kvh, dh)
+        out = jax.pure_callback(kernel, jax.ShapeDtypeStruct(q.shape, q.dtype), q, k, v)
+        return x + out.reshape(b, s, h * dh) @ p["o"]
+
+    x = jax.ShapeDtypeStruct((2, 5, D), jnp.float32)
+    assert tp2(apply, params, x) == {
+        "q": P(None, "tensor"),
+        "k": P(None, "tensor"),
+        "v": P(None, "tensor"),
+        "o": P("tensor", None),
+    }
+
+
+def test_fori_loop_over_stacked_params():
+    layers = 64
+    params = {
+        "w1": jax.ShapeDtypeStruct((layers, D, F), jnp.float32),
+        "w2": jax.ShapeDtypeStruct((layers, F, D), jnp.float32),
     }
 
     def apply(p, x):
         def body(i, h):
             return h + jax.nn.relu(h @ p["w1"][i]) @ p["w2"][i]
 
-        return jax.lax.fori_loop(0, L, body, x)
+        return jax.lax.fori_loop(0, layers, body, x)
 
     assert tp2(apply, params, X) == {"w1": P(None, None, "tensor"), "w2": P(None, "tensor", None)}
+    # the indexed layer axis is the only one fsdp=64 divides, and it is left alone
+    rules = param_rules(analyze_model(apply, params, X), {"fsdp": layers})
+    assert [r.spec for r in rules.values()] == [P(None, None, None)] * 2
 
 
 def test_reduced_hidden_is_not_a_pair():

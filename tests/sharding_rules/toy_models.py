@@ -172,7 +172,7 @@ class Anonymous(nn.Module):
 
 
 class EmbedLM(nn.Module):
-    """embed [vocab, D] -> dense -> LM head: untied lm_head [D, vocab] or tied x @ embed.T."""
+    """embed [vocab, D] -> dense -> untied lm_head [D, vocab], or tied x @ embed.T + bias."""
 
     vocab: int = V
     tied: bool = False
@@ -187,7 +187,7 @@ class EmbedLM(nn.Module):
             x = jnp.take(table, ids, axis=0)
         x = x + nn.Dense(D, name="mix")(x)
         if self.tied:
-            return x @ table.T
+            return x @ table.T + self.param("logits_bias", nn.initializers.zeros, (self.vocab,))
         return nn.Dense(self.vocab, name="lm_head")(x)
 
 

@@ -1,0 +1,160 @@
+"""``mesh="auto"``: the (data, fsdp, tensor) shape that fits and communicates least.
+
+Every factorisation ``data * fsdp * tensor == num_devices`` is a candidate (``expert`` and
+``sequence`` stay 1). A candidate is rejected when the rules cannot shard the model over it
+(``ShardingRuleError``: e.g. tensor does not divide the heads) or when its memory plan
+(params + grads + optimizer state + activations per device) exceeds the device memory.
+Among the rest the least communication per step wins, ties going to more data parallelism.
+
+Cost model: bytes each device sends per training step, ring collectives (a collective over
+``n`` devices moves ``(n - 1) / n`` of its buffer per pass; an all-reduce is two passes):
+
+- data: all-reduce of the gradients each device holds: ``2 (d-1)/d * grad_bytes``.
+- fsdp: all-gather of the FSDP-sharded parameters in the forward pass and again in the
+  backward pass, and a reduce-scatter of their gradients: ``(f-1)/f * (2 P_f + G_f)`` with
+  ``P_f``/``G_f`` the gathered (unsharded over fsdp) bytes of those parameters / gradients.
+- tensor: all-reduce of activations: ``2 (t-1)/t * num_layers * A / (d * f)`` where ``A`` is
+  the caller's ``tensor_allreduce_bytes_per_layer`` for the whole global batch (Megatron:
+  4 x batch x seq x d_model x dtype bytes, two all-reduces forward and two backward), split
+  over the ``d * f`` batch shards.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sharding_rules.logical import MESH_AXES
+from sharding_rules.plan import MemoryPlan, format_bytes, make_plan
+from sharding_rules.rules import ShardingRuleError, divisors
+
+
+@dataclass(frozen=True)
+class MeshCandidate:
+    """One factorisation and its verdict (``plan`` is None when the rules rejected it)."""
+
+    axis_sizes: dict[str, int]
+    plan: MemoryPlan | None
+    comm_bytes: float
+    rejected: str | None
+
+
+@dataclass(frozen=True)
+class AutoMeshResult:
+    """The chosen mesh axis sizes, its plan and cost, and every candidate considered."""
+
+    axis_sizes: dict[str, int]
+    plan: MemoryPlan
+    comm_bytes: float
+    candidates: tuple[MeshCandidate, ...]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Axis sizes in ``MESH_AXES`` order, for ``jax.make_mesh(shape, MESH_AXES)``."""
+        return tuple(self.axis_sizes[a] for a in MESH_AXES)
+
+
+def communication_bytes(
+    plan: MemoryPlan,
+    *,
+    tensor_allreduce_bytes_per_layer: int,
+    num_layers: int,
+    grad_dtype: Any = None,
+) -> float:
+    """Bytes each device sends per training step under the module's cost model."""
+    sizes = plan.mesh_axis_sizes
+    d, f, t = sizes["data"], sizes["fsdp"], sizes["tensor"]
+    cost = 2 * (d - 1) / d * plan.grad_bytes
+    for e in plan.entries:
+        if any(s == "fsdp" or (isinstance(s, tuple) and "fsdp" in s) for s in e.spec):
+            gathered = e.bytes_per_device * f
+            grads = gathered // e.dtype.itemsize * np.dtype(grad_dtype or e.dtype).itemsize
+            cost += (f - 1) / f * (2 * gathered + grads)
+    cost += 2 * (t - 1) / t * num_layers * tensor_allreduce_bytes_per_layer / (d * f)
+    return cost
+
+
+def auto_mesh(
+    num_devices: int,
+    device_memory_bytes: int,
+    spec_fn: Callable[[dict[str, int]], Any],
+    params: Any,
+    *,
+    tensor_allreduce_bytes_per_layer: int,
+    num_layers: int,
+    opt_state: Any = None,
+    grad_dtype: Any = None,
+    activation_bytes_fn: Callable[[dict[str, int]], int] | None = None,
+) -> AutoMeshResult:
+    """Pick the mesh axis sizes for ``num_devices`` devices of ``device_memory_bytes`` each.
+
+    Args:
+      num_devices: devices in the mesh.
+      device_memory_bytes: usable memory per device.
+      spec_fn: axis sizes -> param specs pytree, e.g.
+        ``lambda s: infer_param_specs(model.apply, params, x, mesh_axis_sizes=s)`` (or
+        ``param_rules`` on one ``analyze_model`` result, to trace once).
+      params: parameter shapes.
+      tensor_allreduce_bytes_per_layer, num_layers: tensor-parallel traffic (module doc);
+        required because with zero traffic tensor parallelism would look free.
+      opt_state: optimizer state shapes (``jax.eval_shape(tx.init, params)``).
+      grad_dtype: gradient dtype (default: each parameter's).
+      activation_bytes_fn: axis sizes -> per-device activation bytes (default 0).
+
+    Returns:
+      The cheapest fitting candidate.
+
+    Raises:
+      ValueError: num_devices or device_memory_bytes is not positive.
+      ShardingRuleError: no candidate fits; the message says what the smallest plan needs.
+    """
+    if num_devices < 1 or device_memory_bytes <= 0:
+        raise ValueError(
+            f"num_devices ({num_devices}) and device_memory_bytes ({device_memory_bytes}) "
+            "must be positive"
+        )
+    candidates = []
+    for t in divisors(num_devices):
+        for f in divisors(num_devices // t):
+            sizes = {a: 1 for a in MESH_AXES}
+            sizes.update(data=num_devices // (t * f), fsdp=f, tensor=t)
+            try:
+                specs = spec_fn(dict(sizes))
+            except ShardingRuleError as err:
+                candidates.append(MeshCandidate(sizes, None, float("inf"), str(err)))
+                continue
+            act = activation_bytes_fn(dict(sizes)) if activation_bytes_fn else 0
+            plan = make_plan(
+                params,
+                specs,
+                sizes,
+                opt_state=opt_state,
+                grad_dtype=grad_dtype,
+                activation_bytes=act,
+            )
+            cost = communication_bytes(
+                plan,
+                grad_dtype=grad_dtype,
+                tensor_allreduce_bytes_per_layer=tensor_allreduce_bytes_per_layer,
+                num_layers=num_layers,
+            )
+            over = plan.total_bytes > device_memory_bytes
+            why = f"needs {format_bytes(plan.total_bytes)} per device" if over else None
+            candidates.append(MeshCandidate(sizes, plan, cost, why))
+    fitting = [c for c in candidates if c.rejected is None]
+    if not fitting:
+        planned = [c for c in candidates if c.plan is not None]
+        if not planned:
+            reasons = "; ".join(f"{c.axis_sizes}: {c.rejected}" for c in candidates)
+            raise ShardingRuleError(f"the rules reject every mesh of {num_devices}: {reasons}")
+        best = min(planned, key=lambda c: c.plan.total_bytes)
+        raise ShardingRuleError(
+            f"no mesh of {num_devices} devices fits {format_bytes(device_memory_bytes)} per "
+            f"device: the smallest plan (data={best.axis_sizes['data']}, "
+            f"fsdp={best.axis_sizes['fsdp']}, tensor={best.axis_sizes['tensor']}) needs "
+            f"{format_bytes(best.plan.total_bytes)} per device. Use more devices, a smaller "
+            "batch or more rematerialisation, or a smaller optimizer state."
+        )
+    best = min(fitting, key=lambda c: (c.comm_bytes, -c.axis_sizes["data"], -c.axis_sizes["fsdp"]))
+    return AutoMeshResult(best.axis_sizes, best.plan, best.comm_bytes, tuple(candidates))
