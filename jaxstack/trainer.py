@@ -34,6 +34,7 @@ from jaxstack.metrics import MetricsLogger
 from jaxstack.optim import adamw, learning_rate_schedule
 from jaxstack.perf import peak_flops
 from jaxstack.predictor import Predictor
+from sharding_rules import MemoryPlan, infer_param_specs, make_plan, optimizer_state_specs
 
 Params = Any
 LossFn = Callable[[Params, dict, jax.Array], jax.Array | tuple[jax.Array, dict]]
@@ -107,7 +108,7 @@ class TrainState:
 
 
 def replicated_specs(params: Params, mesh: Mesh) -> Params:
-    """Default parameter placement: replicate everything (pure data parallelism)."""
+    """Placement for pure data parallelism: every parameter replicated."""
     return jax.tree.map(lambda _: PartitionSpec(), params)
 
 
@@ -116,7 +117,10 @@ class Trainer:
 
     ``params`` is a pytree or an init function ``rng -> params`` (then parameters are created
     directly in their sharded placement, never whole on one device). ``param_specs_fn`` maps
-    abstract params and the mesh to PartitionSpecs (default: replicated).
+    abstract params and the mesh to PartitionSpecs; by default ``sharding_rules`` derives them
+    from the computation of ``loss_fn`` on the first batch's shapes (tensor pairs, FSDP,
+    experts), with ``sharding_overrides`` (``{path_regex: PartitionSpec}``) taking precedence.
+    The train state is created on the first batch (or by ``init(example_batch)``).
     """
 
     def __init__(
@@ -129,7 +133,8 @@ class Trainer:
         config: TrainConfig = TrainConfig(),
         mesh: Mesh | None = None,
         optimizer: optax.GradientTransformation | None = None,
-        param_specs_fn: ParamSpecsFn = replicated_specs,
+        param_specs_fn: ParamSpecsFn | None = None,
+        sharding_overrides: dict[str, PartitionSpec] | None = None,
         flops_per_token: float | None = None,
     ):
         self.config = config
@@ -158,7 +163,10 @@ class Trainer:
             b2=config.b2,
             grad_clip=config.grad_clip,
         )
-        self.state = self._init_state(params, param_specs_fn)
+        self._init_fn = params if callable(params) else (lambda _: params)
+        self._param_specs_fn = param_specs_fn
+        self.sharding_overrides = sharding_overrides
+        self._state: TrainState | None = None
         self._step_fn = jax.jit(self._train_step, donate_argnums=0)
         self.checkpoints = CheckpointManager(
             Path(config.work_dir) / "checkpoints",
@@ -167,38 +175,76 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------- state
-    def _init_state(self, params, param_specs_fn: ParamSpecsFn) -> TrainState:
-        init_fn = params if callable(params) else (lambda _: params)
-        rng = jax.random.PRNGKey(self.config.seed)
+    @property
+    def state(self) -> TrainState:
+        """The train state (step, params, optimizer state, RNG)."""
+        if self._state is None:
+            raise RuntimeError(
+                "the Trainer has no state yet: call fit(), train_step(batch) or "
+                "init(example_batch) first"
+            )
+        return self._state
 
-        def make_state(rng):
-            init_rng, state_rng = jax.random.split(rng)
-            p = init_fn(init_rng)
-            return TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(p), state_rng)
+    @state.setter
+    def state(self, value: TrainState) -> None:
+        self._state = value
 
-        abstract = jax.eval_shape(make_state, rng)
-        specs = param_specs_fn(abstract.params, self.mesh)
-        self.state_shardings = self._state_shardings(abstract, specs)
-        with jax.set_mesh(self.mesh):
-            return jax.jit(make_state, out_shardings=self.state_shardings)(rng)
+    def _make_state(self, rng: jax.Array) -> TrainState:
+        init_rng, state_rng = jax.random.split(rng)
+        params = self._init_fn(init_rng)
+        return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(params), state_rng)
 
-    def _state_shardings(self, abstract: TrainState, param_specs) -> TrainState:
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-        param_shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), param_specs)
-        params_def = jax.tree.structure(abstract.params)
+    def _abstract_state(self) -> TrainState:
+        return jax.eval_shape(self._make_state, jax.random.PRNGKey(self.config.seed))
 
-        def opt_sharding(subtree):
-            # optimizer moments mirror the params pytree: they follow their parameter
-            if jax.tree.structure(subtree) == params_def:
-                return param_shardings
-            return jax.tree.map(lambda _: replicated, subtree)
-
-        opt_shardings = jax.tree.map(
-            opt_sharding,
-            abstract.opt_state,
-            is_leaf=lambda x: jax.tree.structure(x) == params_def,
+    def param_specs(self, example_batch: dict[str, np.ndarray]) -> Params:
+        """PartitionSpec of every parameter, for batches shaped like ``example_batch``."""
+        abstract_params = self._abstract_state().params
+        if self._param_specs_fn is not None:
+            return self._param_specs_fn(abstract_params, self.mesh)
+        micro = self.config.batch_size // self.config.grad_accum_steps
+        micro_batch = {
+            name: jax.ShapeDtypeStruct((micro, *np.shape(v)[1:]), np.asarray(v).dtype)
+            for name, v in example_batch.items()
+        }
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        return infer_param_specs(
+            self.loss_fn,
+            abstract_params,
+            micro_batch,
+            rng,
+            mesh_axis_sizes=self.mesh,
+            overrides=self.sharding_overrides,
         )
-        return TrainState(replicated, param_shardings, opt_shardings, replicated)
+
+    def plan(self, example_batch: dict[str, np.ndarray], activation_bytes: int = 0) -> MemoryPlan:
+        """Per-device memory plan (params, grads, optimizer state, activations); allocates
+        nothing. ``activation_bytes`` is the caller's per-device activation estimate."""
+        abstract = self._abstract_state()
+        specs = self.param_specs(example_batch)
+        return make_plan(
+            abstract.params,
+            specs,
+            self.mesh,
+            opt_state=abstract.opt_state,
+            opt_state_specs=optimizer_state_specs(abstract.opt_state, abstract.params, specs),
+            activation_bytes=activation_bytes,
+        )
+
+    def init(self, example_batch: dict[str, np.ndarray]) -> None:
+        """Create the train state in its sharded placement (no-op if it exists)."""
+        if self._state is not None:
+            return
+        abstract = self._abstract_state()
+        specs = self.param_specs(example_batch)
+        opt_specs = optimizer_state_specs(abstract.opt_state, abstract.params, specs)
+        named = lambda tree: jax.tree.map(lambda s: NamedSharding(self.mesh, s), tree)  # noqa: E731
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.state_shardings = TrainState(replicated, named(specs), named(opt_specs), replicated)
+        with jax.set_mesh(self.mesh):
+            self._state = jax.jit(self._make_state, out_shardings=self.state_shardings)(
+                jax.random.PRNGKey(self.config.seed)
+            )
 
     # ------------------------------------------------------------------ step
     def _loss_and_metrics(self, params, batch, rng):
@@ -240,6 +286,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """One optimizer update on a host-local batch; returns the step's metrics."""
+        self.init(batch)
         with jax.set_mesh(self.mesh):
             self.state, metrics = self._step_fn(self.state, self.to_global(batch))
         return metrics
@@ -280,6 +327,7 @@ class Trainer:
         """
         cfg = self.config
         loader = self.loader(train_dataset, shuffle=cfg.shuffle)
+        self.init(self.collate_fn([train_dataset[i] for i in range(loader.local_batch_size)]))
         self.restore_latest(loader)
         last = min(cfg.num_steps, stop_after or cfg.num_steps)
         logger = MetricsLogger(cfg.work_dir, cfg.num_steps, self.step, show=cfg.progress_bar)

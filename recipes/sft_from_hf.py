@@ -56,16 +56,16 @@ def make_tiny_model(directory: str) -> Path:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>"]
+    specials = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
     trainer = trainers.BpeTrainer(
         vocab_size=320,
-        special_tokens=specials,
+        special_tokens=list(specials.values()),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     corpus = [e["prompt"] + e["response"] for e in toy_examples()]
     tokenizer.train_from_iterator(corpus, trainer)
     tokenizer.save(str(directory / "tokenizer.json"))
-    names = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"}
+    names = {f"{kind}_token": token for kind, token in specials.items()}
     (directory / "tokenizer_config.json").write_text(json.dumps(names, indent=2))
     config = js.models.LlamaConfig(
         vocab_size=tokenizer.get_vocab_size(),
@@ -77,10 +77,7 @@ def make_tiny_model(directory: str) -> Path:
         max_seq_len=128,
         extra={
             "hf_model_type": "llama",
-            **{
-                f"{kind}_token_id": tokenizer.token_to_id(f"<{name}>")
-                for kind, name in (("pad", "pad"), ("bos", "s"), ("eos", "/s"))
-            },
+            **{f"{kind}_token_id": tokenizer.token_to_id(t) for kind, t in specials.items()},
         },
     )
     model = js.models.Llama(config)

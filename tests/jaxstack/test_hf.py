@@ -323,6 +323,19 @@ def test_unexpected_tensor_is_named(single_file_dir):
         hf.load(single_file_dir)
 
 
+def test_tied_lm_head_and_rope_buffers_in_files_are_tolerated(build, tmp_path, ids):
+    _, reference, _, config, params = build("llama3")  # tied embeddings
+    directory = hf.save(tmp_path / "extra", config, params)
+    stale = {
+        "lm_head.weight": np.zeros((VOCAB, 64), np.float32),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(16, np.float32),
+    }
+    rewrite_tensors(directory, lambda t: t.update(stale))
+    model, _, loaded = hf.load(directory)
+    expected = torch_logits(reference, ids)
+    np.testing.assert_allclose(jax_logits(model, loaded, ids), expected, atol=1e-4)
+
+
 def test_shape_mismatch_names_tensor_and_shapes(single_file_dir):
     rewrite_config(single_file_dir, intermediate_size=80)
     with pytest.raises(ValueError, match=r"gate_proj\.weight.*\[96, 64\].*\[80, 64\]"):
@@ -358,9 +371,10 @@ def test_unsupported_architecture_is_named(single_file_dir):
 
 
 def test_directory_without_weights_is_explained(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SIZES}))
+    config = {"model_type": "llama", "num_attention_heads": 4, **SIZES}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
-        hf.read_params(tmp_path, LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_heads=4))
+        hf.load(tmp_path)
 
 
 def test_bad_overrides_and_specs_are_explained(single_file_dir):

@@ -130,6 +130,9 @@ def test_load_params_for_inference(tmp_path, dataset):
 def test_predict_returns_outputs_in_dataset_order(tmp_path, dataset):
     trainer = _trainer(tmp_path, dataset)
     subset = [dataset[i] for i in range(11)]  # not a multiple of the batch
+    with pytest.raises(RuntimeError, match="no state yet"):
+        trainer.predict(subset, batch_size=8)
+    trainer.init(lm_collate(subset[:8]))
     outputs = trainer.predict(subset, batch_size=8)
     assert outputs["loss"].shape == (11,)
     single = trainer.predict(subset[5:6] * 8, batch_size=8)
