@@ -5,12 +5,15 @@ returns ``loss_fn`` and ``pred_fn`` for a model, written only against the public
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from jaxstack.models.llama import Llama
+from sharding_rules import infer_param_specs
 
 
 def lm_functions(model: Llama) -> tuple[Callable, Callable]:
@@ -46,3 +49,24 @@ def lm_functions(model: Llama) -> tuple[Callable, Callable]:
         }
 
     return loss_fn, pred_fn
+
+
+def lm_param_specs(
+    model: Llama, seq_len: int, overrides: dict | None = None
+) -> Callable[[Any, Mesh], Any]:
+    """A Trainer ``param_specs_fn`` that derives specs from the model's forward pass.
+
+    Tracing the forward (ids -> logits) rather than the loss lets the rules see the LM head's
+    logits as the model output, so the head is column-parallel over vocab.
+    """
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+
+    def forward(params, input_ids):
+        return model.apply({"params": params}, input_ids)
+
+    def specs(abstract_params, mesh: Mesh):
+        return infer_param_specs(
+            forward, abstract_params, ids, mesh_axis_sizes=mesh, overrides=overrides
+        )
+
+    return specs

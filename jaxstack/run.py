@@ -20,7 +20,7 @@ from jaxstack.data.text import resolve_paths
 from jaxstack.data.tokenizers import Tokenizer
 from jaxstack.generate import generate
 from jaxstack.layers.rope import Llama3RopeScaling
-from jaxstack.lm import lm_functions
+from jaxstack.lm import lm_functions, lm_param_specs
 from jaxstack.mesh import make_mesh
 from jaxstack.models.llama import Llama, LlamaConfig, preset
 from jaxstack.trainer import TrainConfig, Trainer
@@ -145,6 +145,7 @@ def make_trainer(run: RunConfig, tokenizer: Tokenizer) -> Trainer:
         pred_fn=pred_fn,
         config=run.train,
         mesh=make_mesh(**parse_mesh(run.mesh)),
+        param_specs_fn=lm_param_specs(model, run.data.seq_len),
         flops_per_token=run.model.flops_per_token(run.data.seq_len),
     )
 

@@ -1,0 +1,136 @@
+"""Automatic sharding in the pipeline: every mesh trains like one device, really sharded."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxstack.data import ByteTokenizer, PackedDataset, lm_collate
+from jaxstack.lm import lm_functions, lm_param_specs
+from jaxstack.mesh import make_mesh
+from jaxstack.models import Llama, preset
+from jaxstack.trainer import TrainConfig, Trainer
+
+CONFIG = preset(
+    "tiny", vocab_size=264, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=8,
+    intermediate_size=128,
+)  # fmt: skip
+MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4), (4, 1, 2)]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    data = PackedDataset.from_texts(["sharded training on eight devices. " * 20] * 8,
+                                    ByteTokenizer(), seq_len=32)  # fmt: skip
+    return lm_collate([data[i] for i in range(8)])
+
+
+def _trainer(tmp_path, mesh, scan_layers=False):
+    model = Llama(CONFIG.replace(scan_layers=scan_layers))
+    loss_fn, _ = lm_functions(model)
+    return Trainer(
+        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
+        collate_fn=lm_collate,
+        loss_fn=loss_fn,
+        config=TrainConfig(work_dir=str(tmp_path), batch_size=8, num_steps=1, grad_clip=None),
+        mesh=mesh,
+        optimizer=optax.sgd(1.0),  # params move by exactly -grad: comparing params compares grads
+        param_specs_fn=lm_param_specs(model, 32),
+    )
+
+
+@pytest.fixture(scope="module")
+def single_device_step(tmp_path_factory, batch):
+    trainer = _trainer(tmp_path_factory.mktemp("one"), make_mesh(devices=jax.devices()[:1]))
+    metrics = trainer.train_step(batch)
+    return float(metrics["loss"]), jax.device_get(trainer.params)
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_mesh_step_equals_single_device(tmp_path, batch, single_device_step, shape):
+    data, fsdp, tensor = shape
+    mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+    trainer = _trainer(tmp_path, mesh)
+    plan = trainer.plan(batch)
+    metrics = trainer.train_step(batch)
+    loss, params = single_device_step
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(trainer.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, atol=2e-6)
+
+    # every parameter's local shard has the shape and bytes the plan promised
+    entries = {entry.path: entry for entry in plan.entries}
+    flat = jax.tree_util.tree_flatten_with_path(trainer.params)[0]
+    assert len(flat) == len(entries)
+    sharded = 0
+    for path, array in flat:
+        entry = entries["/".join(str(getattr(k, "key", k)) for k in path)]
+        expected = tuple(
+            dim // math.prod(mesh.shape[a] for a in _axes(part))
+            for dim, part in zip(entry.shape, _padded(entry.spec, len(entry.shape)), strict=True)
+        )
+        assert array.addressable_shards[0].data.shape == expected, entry.path
+        assert array.addressable_shards[0].data.nbytes == entry.bytes_per_device
+        sharded += expected != entry.shape
+    if fsdp * tensor > 1:
+        assert sharded > len(flat) // 2  # most parameters really are split
+    else:
+        assert sharded == 0  # pure data parallelism replicates
+
+
+def _padded(spec, ndim):
+    return tuple(spec) + (None,) * (ndim - len(spec))
+
+
+def _axes(part):
+    return () if part is None else (part,) if isinstance(part, str) else tuple(part)
+
+
+def test_megatron_layout_in_the_pipeline(tmp_path, batch):
+    trainer = _trainer(tmp_path, make_mesh(data=2, fsdp=2, tensor=2), scan_layers=True)
+    trainer.init(batch)
+    block = trainer.params["layers"]["block"]
+    spec = lambda x: tuple(x.sharding.spec)  # noqa: E731
+    assert spec(block["attn"]["q"]["kernel"])[2] == "tensor"  # heads, after the layer axis
+    assert spec(block["attn"]["o"]["kernel"])[1] == "tensor"
+    assert spec(block["mlp"]["up"]["kernel"])[2] == "tensor"
+    assert spec(block["mlp"]["down"]["kernel"])[1] == "tensor"
+    assert spec(block["attn"]["q"]["kernel"])[0] is None  # never the layer axis
+    assert "tensor" in spec(trainer.params["lm_head"]["kernel"])
+
+
+def test_default_rules_follow_loss_fn(tmp_path, batch):
+    """Without param_specs_fn the Trainer traces loss_fn: still tensor-parallel."""
+    model = Llama(CONFIG)
+    loss_fn, _ = lm_functions(model)
+    trainer = Trainer(
+        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
+        collate_fn=lm_collate,
+        loss_fn=loss_fn,
+        config=TrainConfig(work_dir=str(tmp_path), batch_size=8, num_steps=1),
+        mesh=make_mesh(data=4, tensor=2),
+    )
+    trainer.init(batch)
+    layer = trainer.params["layers_0"]
+    assert tuple(layer["attn"]["q"]["kernel"].sharding.spec)[1] == "tensor"
+    assert tuple(layer["mlp"]["down"]["kernel"].sharding.spec)[0] == "tensor"
+    opt_mu = trainer.state.opt_state[1][0].mu["layers_0"]["attn"]["q"]["kernel"]
+    assert opt_mu.sharding.spec == layer["attn"]["q"]["kernel"].sharding.spec
+
+
+def test_mesh_that_does_not_divide_heads_is_a_clear_error(tmp_path, batch):
+    model = Llama(CONFIG.replace(num_heads=4, num_kv_heads=4, head_dim=16))
+    loss_fn, _ = lm_functions(model)
+    trainer = Trainer(
+        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
+        collate_fn=lm_collate,
+        loss_fn=loss_fn,
+        config=TrainConfig(work_dir=str(tmp_path), batch_size=8, num_steps=1),
+        mesh=make_mesh(data=1, tensor=8),
+        param_specs_fn=lm_param_specs(model, 32),
+    )
+    with pytest.raises(ValueError, match="tensor"):
+        trainer.init(batch)
