@@ -2,8 +2,8 @@
 
 ``train`` (one of N processes, 4 CPU devices each): trains to step 3 and saves, copies the
 checkpointed work dir for the restore test, then trains step 4 and writes its loss.
-``resume`` (one process, 8 devices): restores the copied step-3 checkpoint onto its own
-mesh, trains step 4 and writes its loss.
+``resume`` (one process, 8 devices): restores the copied step-3 checkpoint onto a different
+mesh (tensor-parallel instead of FSDP), trains step 4 and writes its loss.
 """
 
 import argparse
@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 from jaxstack.data import ByteTokenizer, PackedDataset, lm_collate
 from jaxstack.distributed import initialize
-from jaxstack.lm import lm_functions
+from jaxstack.lm import lm_functions, lm_param_specs
 from jaxstack.mesh import make_mesh
 from jaxstack.models import Llama, preset
 from jaxstack.trainer import TrainConfig, Trainer
@@ -24,7 +24,7 @@ from jaxstack.trainer import TrainConfig, Trainer
 TEXT = ["multi host training with jax on cpu devices and gloo. " * 8] * 40
 
 
-def build(work_dir: str) -> tuple[Trainer, PackedDataset]:
+def build(work_dir: str, mesh_axes: dict) -> tuple[Trainer, PackedDataset]:
     model = Llama(preset("tiny", num_layers=2, hidden_size=64, intermediate_size=128))
     loss_fn, pred_fn = lm_functions(model)
     config = TrainConfig(
@@ -42,7 +42,8 @@ def build(work_dir: str) -> tuple[Trainer, PackedDataset]:
         loss_fn=loss_fn,
         pred_fn=pred_fn,
         config=config,
-        mesh=make_mesh(data=-1, fsdp=2),
+        mesh=make_mesh(**mesh_axes),
+        param_specs_fn=lm_param_specs(model, 32),
     )
     return trainer, PackedDataset.from_texts(TEXT, ByteTokenizer(), seq_len=32)
 
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     initialize()
-    trainer, data = build(args.work_dir)
+    # the restore lands on a different mesh (and process count) than the save
+    mesh_axes = dict(data=4, fsdp=2) if args.phase == "train" else dict(data=4, tensor=2)
+    trainer, data = build(args.work_dir, mesh_axes)
     if args.phase == "train":
         trainer.fit(data, stop_after=3)
         trainer.close()
@@ -63,7 +66,7 @@ def main() -> None:
         if jax.process_index() == 0:
             shutil.copytree(args.work_dir, args.copy_dir)
         multihost_utils.sync_global_devices("copied")
-        trainer, data = build(args.work_dir)
+        trainer, data = build(args.work_dir, mesh_axes)
     records = trainer.fit(data)
     trainer.close()
     if jax.process_index() == 0:
