@@ -5,6 +5,7 @@ missing checkpoint, ...) ends in one line ``jaxstack: error: ...`` that says how
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -17,8 +18,10 @@ import jax
 from jaxstack.data import load_tokenizer
 from jaxstack.distributed import initialize
 from jaxstack.overrides import apply_overrides, field_names
+from jaxstack.planning import choose_mesh, plan_run
 from jaxstack.run import RunConfig, complete, load_run, train
 from jaxstack.trainer import TrainConfig
+from sharding_rules import format_plan
 
 DEMO_PROMPTS = ["def ", "import ", "class ", "    return "]
 
@@ -84,15 +87,23 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"continue it: jaxstack generate --work-dir {work_dir} --prompt 'def '")
 
 
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
-    """Train (or resume) a run from an optional JSON config plus --key value overrides."""
+def _run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     run = RunConfig()
     if args.config:
         path = Path(args.config)
         if not path.exists():
             raise FileNotFoundError(f"config file {path} not found")
-        run = RunConfig.from_dict(_merge(run.to_dict(), json.loads(path.read_text())))
-    run = apply_overrides(run, _split_overrides(extra))
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"config file {path} is not valid JSON: {error}") from None
+        run = RunConfig.from_dict(_merge(run.to_dict(), raw))
+    return apply_overrides(run, _split_overrides(extra))
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
+    """Train (or resume) a run from an optional JSON config plus --key value overrides."""
+    run = _run_config(args, extra)
     if args.print_config:
         print(json.dumps(run.to_dict(), indent=2))
         return
@@ -101,6 +112,24 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     if records:
         print(json.dumps(records[-1]))
     print(f"checkpoint at step {trainer.step} in {run.train.work_dir}")
+
+
+def cmd_plan(args: argparse.Namespace, extra: list[str]) -> None:
+    """Print the sharding and memory plan of a run (nothing is allocated)."""
+    run = _run_config(args, extra)
+    devices = args.devices or jax.device_count()
+    if run.mesh == "auto":
+        memory = int(args.device_memory_gb * 2**30) if args.device_memory_gb else None
+        choice = choose_mesh(run, devices, memory)
+        print(f"mesh=auto over {devices} devices: candidates (data, fsdp, tensor):")
+        for c in choice.candidates:
+            verdict = (c.rejected or "fits").split(". ")[0]
+            sizes = (c.axis_sizes["data"], c.axis_sizes["fsdp"], c.axis_sizes["tensor"])
+            print(f"  {sizes}: {verdict}; comm {c.comm_bytes / 2**30:.3g} GiB/step")
+        run = dataclasses.replace(
+            run, mesh=",".join(f"{a}={n}" for a, n in choice.axis_sizes.items())
+        )
+    print(format_plan(plan_run(run, devices)))
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -147,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", help="JSON file with (part of) a RunConfig")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config")
 
+    pl = sub.add_parser(
+        "plan",
+        help="print each parameter's sharding and the memory per device, allocating nothing",
+        epilog=f"override keys: {keys}",
+    )
+    pl.add_argument("--config", help="JSON file with (part of) a RunConfig")
+    pl.add_argument("--devices", type=int, help="plan for this many devices (default: local)")
+    pl.add_argument("--device-memory-gb", type=float, help="memory per device for mesh=auto")
+
     gen = sub.add_parser("generate", help="complete prompts from a run's checkpoint")
     gen.add_argument("--work-dir", required=True, help="work dir of a train/demo run")
     gen.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
@@ -163,13 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's info/warning chatter
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train":
+    if extra and args.command not in ("train", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "demo":
             cmd_demo(args)
         elif args.command == "train":
             cmd_train(args, extra)
+        elif args.command == "plan":
+            cmd_plan(args, extra)
         else:
             cmd_generate(args)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as error:

@@ -61,3 +61,20 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
     """How many ways the global batch is split (product of the batch axes)."""
     return math.prod(mesh.shape[name] for name in BATCH_AXES)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"data=2,tensor=4"`` -> ``{"data": 2, "tensor": 4}`` (keywords of ``make_mesh``)."""
+    sizes = {}
+    for part in filter(None, text.split(",")):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh {text!r}: unknown axis {name!r}; axes are {MESH_AXES}")
+        try:
+            sizes[name] = int(value)
+        except ValueError:
+            raise ValueError(
+                f"mesh {text!r}: write axes as name=size, e.g. data=2,tensor=4"
+            ) from None
+    return sizes

@@ -23,6 +23,7 @@ from jaxstack.layers.rope import Llama3RopeScaling
 from jaxstack.lm import lm_functions, lm_param_specs
 from jaxstack.mesh import make_mesh
 from jaxstack.models.llama import Llama, LlamaConfig, preset
+from jaxstack.planning import mesh_axis_sizes
 from jaxstack.trainer import TrainConfig, Trainer
 
 RUN_FILE = "run.json"
@@ -53,7 +54,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: str = "data=-1"
-    """Mesh axis sizes, e.g. ``data=2,tensor=4`` (one axis may be -1: the rest of devices)."""
+    """Mesh axis sizes, e.g. ``data=2,tensor=4`` (one axis may be -1: the rest of devices),
+    or ``auto``: the fitting (data, fsdp, tensor) shape with the least communication."""
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the inverse of ``from_dict``)."""
@@ -71,20 +73,6 @@ class RunConfig:
             train=TrainConfig(**raw["train"]),
             mesh=raw["mesh"],
         )
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """``"data=2,tensor=4"`` -> ``{"data": 2, "tensor": 4}`` for ``make_mesh``."""
-    sizes = {}
-    for part in filter(None, text.split(",")):
-        name, _, value = part.partition("=")
-        try:
-            sizes[name.strip()] = int(value)
-        except ValueError:
-            raise ValueError(
-                f"mesh {text!r}: write axes as name=size, e.g. data=2,tensor=4"
-            ) from None
-    return sizes
 
 
 def _source_files(data: DataConfig) -> list[str]:
@@ -144,7 +132,7 @@ def make_trainer(run: RunConfig, tokenizer: Tokenizer) -> Trainer:
         loss_fn=loss_fn,
         pred_fn=pred_fn,
         config=run.train,
-        mesh=make_mesh(**parse_mesh(run.mesh)),
+        mesh=make_mesh(**mesh_axis_sizes(run)),
         param_specs_fn=lm_param_specs(model, run.data.seq_len),
         flops_per_token=run.model.flops_per_token(run.data.seq_len),
     )

@@ -14,6 +14,7 @@ evaluation, metrics, and checkpoints that resume at the exact step, data positio
 """
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -97,6 +98,28 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
 
 
+def schedule_for(config: TrainConfig) -> optax.Schedule:
+    """The learning-rate schedule of ``config`` (counting optimizer updates)."""
+    return learning_rate_schedule(
+        config.learning_rate,
+        config.num_steps,
+        config.warmup_steps,
+        config.schedule,
+        config.min_lr_ratio,
+    )
+
+
+def optimizer_for(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with clipping and the schedule of ``config``."""
+    return adamw(
+        schedule_for(config),
+        weight_decay=config.weight_decay,
+        b1=config.b1,
+        b2=config.b2,
+        grad_clip=config.grad_clip,
+    )
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything a step changes: saved whole in every checkpoint."""
@@ -149,29 +172,21 @@ class Trainer:
                 f"{shards} batch shards of the mesh (data x fsdp); use a batch_size that "
                 f"is a multiple of {shards * config.grad_accum_steps}"
             )
-        self.schedule = learning_rate_schedule(
-            config.learning_rate,
-            config.num_steps,
-            config.warmup_steps,
-            config.schedule,
-            config.min_lr_ratio,
-        )
-        self.optimizer = optimizer or adamw(
-            self.schedule,
-            weight_decay=config.weight_decay,
-            b1=config.b1,
-            b2=config.b2,
-            grad_clip=config.grad_clip,
-        )
+        self.schedule = schedule_for(config)
+        self.optimizer = optimizer or optimizer_for(config)
         self._init_fn = params if callable(params) else (lambda _: params)
         self._param_specs_fn = param_specs_fn
         self.sharding_overrides = sharding_overrides
         self._state: TrainState | None = None
         self._step_fn = jax.jit(self._train_step, donate_argnums=0)
-        self.checkpoints = CheckpointManager(
-            Path(config.work_dir) / "checkpoints",
-            save_every=config.save_every,
-            keep=config.keep_checkpoints,
+
+    @functools.cached_property
+    def checkpoints(self) -> CheckpointManager:
+        """The run's checkpoint manager (created on first use, in ``work_dir/checkpoints``)."""
+        return CheckpointManager(
+            Path(self.config.work_dir) / "checkpoints",
+            save_every=self.config.save_every,
+            keep=self.config.keep_checkpoints,
         )
 
     # ----------------------------------------------------------------- state
@@ -417,7 +432,8 @@ class Trainer:
 
     def close(self) -> None:
         """Wait for pending checkpoint saves and release resources."""
-        self.checkpoints.close()
+        if "checkpoints" in self.__dict__:
+            self.checkpoints.close()
 
 
 def _split_micro_batches(x: jax.Array, accum: int) -> jax.Array:

@@ -21,7 +21,7 @@ def _error(capsys, argv):
 
 def test_train_then_generate(tmp_path, capsys):
     work_dir = str(tmp_path / "run")
-    assert main(["train", "--train.work_dir", work_dir, *SMALL]) == 0
+    assert main(["train", "--train.work_dir", work_dir, "--mesh", "auto", *SMALL]) == 0
     out = capsys.readouterr().out
     assert "checkpoint at step 4" in out
     saved = json.loads((tmp_path / "run" / "run.json").read_text())

@@ -1,0 +1,146 @@
+"""Plan a run before allocating anything: memory per device for a mesh, and ``mesh="auto"``.
+
+Parameter, gradient and optimizer-state bytes come from the real shapes (``jax.eval_shape``)
+and the automatic sharding rules; activations are an estimate from the model config.
+"""
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+
+from jaxstack.lm import lm_param_specs
+from jaxstack.mesh import parse_mesh
+from jaxstack.models.llama import Llama, LlamaConfig
+from jaxstack.trainer import optimizer_for
+from sharding_rules import (
+    MESH_AXES,
+    MemoryPlan,
+    ShardingRuleError,
+    analyze_model,
+    auto_mesh,
+    make_plan,
+    optimizer_state_specs,
+    param_rules,
+)
+
+if TYPE_CHECKING:
+    from jaxstack.run import RunConfig
+
+
+def activation_bytes(
+    config: LlamaConfig, micro_batch: int, seq_len: int, axis_sizes: dict[str, int]
+) -> int:
+    """Estimated activation bytes per device kept for the backward pass of one micro-batch.
+
+    Per token and layer, without remat: the residual and normed inputs (4 x width), q/k/v and
+    the attention output, the three SwiGLU hidden tensors, in the compute dtype; with XLA
+    attention also the float32 score matrix. ``full`` remat keeps only each layer's input
+    (plus one layer recomputed at a time); ``dots`` policies keep the matmul outputs. The
+    float32 logits and their gradient are added once. Tensor-parallel parts divide by
+    ``tensor``; tokens divide over ``data x fsdp``.
+    """
+    itemsize = jnp.dtype(config.dtype).itemsize
+    tensor = axis_sizes.get("tensor", 1)
+    tokens = math.ceil(micro_batch / (axis_sizes.get("data", 1) * axis_sizes.get("fsdp", 1)))
+    tokens *= seq_len
+    d, hd, f = config.hidden_size, config.head_dim_, config.intermediate_size
+    qkvo = (2 * config.num_heads + 2 * config.num_kv_heads) * hd / tensor
+    scores = seq_len * config.num_heads / tensor * 4 if config.attention_impl == "xla" else 0
+    full_layer = tokens * (itemsize * (4 * d + qkvo + 3 * f / tensor) + scores)
+    kept = {
+        "none": full_layer,
+        "full": tokens * itemsize * d,
+        "dots": tokens * itemsize * (d + qkvo + 2 * f / tensor),
+        "dots_no_batch": tokens * itemsize * (d + qkvo + 2 * f / tensor),
+    }[config.remat]
+    recompute = 0 if config.remat == "none" else full_layer
+    logits = 2 * tokens * config.vocab_size / tensor * 4
+    return int(config.num_layers * kept + recompute + logits)
+
+
+def device_memory_bytes() -> int:
+    """Usable memory of one local device (host RAM split over CPU devices)."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // jax.local_device_count()
+
+
+def _abstract(run: "RunConfig"):
+    model = Llama(run.model)
+    params = jax.eval_shape(
+        lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
+        jax.random.PRNGKey(0),
+    )
+    opt_state = jax.eval_shape(optimizer_for(run.train).init, params)
+    return model, params, opt_state
+
+
+def _spec_fn(run: "RunConfig", model: Llama, params):
+    specs_of = lm_param_specs(model, run.data.seq_len)
+    micro = run.train.batch_size // run.train.grad_accum_steps
+
+    def spec_fn(sizes: dict[str, int]):
+        shards = sizes.get("data", 1) * sizes.get("fsdp", 1)
+        if micro % shards:
+            raise ShardingRuleError(
+                f"micro-batch of {micro} does not divide over data x fsdp = {shards}"
+            )
+        return specs_of(params, sizes)
+
+    return spec_fn
+
+
+def mesh_axis_sizes(run: "RunConfig", num_devices: int | None = None) -> dict[str, int]:
+    """The run's mesh as axis sizes: parsed from ``run.mesh`` or chosen by ``auto``."""
+    num_devices = num_devices or jax.device_count()
+    if run.mesh != "auto":
+        sizes = {a: 1 for a in MESH_AXES} | parse_mesh(run.mesh)
+        free = [a for a, n in sizes.items() if n == -1]
+        if free:
+            sizes[free[0]] = num_devices // -math.prod(sizes.values())
+        return sizes
+    return choose_mesh(run, num_devices).axis_sizes
+
+
+def choose_mesh(run: "RunConfig", num_devices: int, memory_bytes: int | None = None):
+    """``mesh="auto"``: the fitting (data, fsdp, tensor) shape with the least communication."""
+    model, params, opt_state = _abstract(run)
+    cfg = run.model
+    micro = run.train.batch_size // run.train.grad_accum_steps
+    allreduce = 4 * micro * run.data.seq_len * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
+    return auto_mesh(
+        num_devices,
+        memory_bytes or device_memory_bytes(),
+        _spec_fn(run, model, params),
+        params,
+        tensor_allreduce_bytes_per_layer=allreduce,
+        num_layers=cfg.num_layers,
+        opt_state=opt_state,
+        activation_bytes_fn=lambda sizes: activation_bytes(cfg, micro, run.data.seq_len, sizes),
+    )
+
+
+def plan_run(run: "RunConfig", num_devices: int | None = None) -> MemoryPlan:
+    """The memory plan of ``run`` on its mesh (``auto`` included) for ``num_devices``."""
+    sizes = mesh_axis_sizes(run, num_devices)
+    model, params, opt_state = _abstract(run)
+    specs = _spec_fn(run, model, params)(sizes)
+    micro = run.train.batch_size // run.train.grad_accum_steps
+    forward = lambda p, ids: model.apply({"params": p}, ids)  # noqa: E731
+    ids = jax.ShapeDtypeStruct((1, run.data.seq_len), jnp.int32)
+    rules = param_rules(analyze_model(forward, params, ids), sizes)
+    return make_plan(
+        params,
+        specs,
+        sizes,
+        opt_state=opt_state,
+        opt_state_specs=optimizer_state_specs(opt_state, params, specs),
+        activation_bytes=activation_bytes(run.model, micro, run.data.seq_len, sizes),
+        reasons={path: rule.reason for path, rule in rules.items()},
+    )
