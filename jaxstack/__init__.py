@@ -2,10 +2,11 @@
 
 ``import jaxstack as js``: ``js.Trainer`` / ``js.TrainConfig`` run ``collate_fn``,
 ``loss_fn`` and ``pred_fn``; ``js.Predictor`` runs ``pred_fn`` alone; ``js.models`` holds the
-model families; ``js.generate`` decodes with a KV cache; ``js.make_mesh`` builds meshes.
+model families; ``js.generate`` decodes with a KV cache; ``js.hf`` loads and exports Hugging Face
+checkpoints; ``js.make_mesh`` builds meshes.
 """
 
-from jaxstack import models
+from jaxstack import hf, models
 from jaxstack.checkpoint import CheckpointManager, load_params
 from jaxstack.generate import generate
 from jaxstack.mesh import make_mesh
@@ -18,6 +19,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "generate",
+    "hf",
     "load_params",
     "make_mesh",
     "models",

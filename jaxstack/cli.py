@@ -1,4 +1,4 @@
-"""The ``jaxstack`` command: demo, train, generate.
+"""The ``jaxstack`` command: demo, train, plan, generate, convert.
 
 Every bad input (unknown config key, a batch that does not divide over the devices, a
 missing checkpoint, ...) ends in one line ``jaxstack: error: ...`` that says how to fix it.
@@ -15,11 +15,13 @@ from pathlib import Path
 import absl.logging
 import jax
 
+from jaxstack import hf
 from jaxstack.data import load_tokenizer
 from jaxstack.distributed import initialize
+from jaxstack.generate import complete
 from jaxstack.overrides import apply_overrides, field_names
 from jaxstack.planning import choose_mesh, plan_run
-from jaxstack.run import RunConfig, complete, load_run, train
+from jaxstack.run import RUN_FILE, RunConfig, load_run, train
 from jaxstack.trainer import TrainConfig
 from sharding_rules import format_plan
 
@@ -141,21 +143,32 @@ def _merge(base: dict, update: dict) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    """Complete prompts with the latest checkpoint of a run."""
-    run, model, params = load_run(args.work_dir)
-    tokenizer = load_tokenizer(run.data.tokenizer)
-    samples = complete(
-        model,
-        params,
-        tokenizer,
-        args.prompt,
+    """Complete prompts with a run's latest checkpoint or a Hugging Face directory."""
+    options = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
     )
+    if args.hf:
+        samples = hf.generate_text(args.hf, args.prompt, **options)
+    else:
+        run, model, params = load_run(args.work_dir)
+        tokenizer = load_tokenizer(run.data.tokenizer)
+        samples = complete(model, params, tokenizer, args.prompt, **options)
     _print_samples(args.prompt, samples)
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    """Hugging Face directory <-> jaxstack checkpoint."""
+    if args.to == "jaxstack":
+        hf.convert_to_checkpoint(args.source, args.dest)
+    else:
+        saved = Path(args.source) / RUN_FILE
+        config = load_run(args.source)[0].model if saved.exists() else None
+        hf.convert_to_hf(args.source, args.dest, config, dtype=args.dtype)
+    print(f"wrote {args.dest}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,13 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--device-memory-gb", type=float, help="memory per device for mesh=auto")
 
     gen = sub.add_parser("generate", help="complete prompts from a run's checkpoint")
-    gen.add_argument("--work-dir", required=True, help="work dir of a train/demo run")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--work-dir", help="work dir of a train/demo run")
+    source.add_argument("--hf", help="a local Hugging Face model directory")
     gen.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=100)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
+
+    conv = sub.add_parser("convert", help="Hugging Face directory <-> jaxstack checkpoint")
+    conv.add_argument("--to", choices=["jaxstack", "hf"], required=True, help="target format")
+    conv.add_argument("source", help="HF directory (--to jaxstack) or run work dir (--to hf)")
+    conv.add_argument("dest", help="work dir to create (--to jaxstack) or HF directory (--to hf)")
+    conv.add_argument("--dtype", help="tensor dtype of an HF export (default float32)")
     return parser
 
 
@@ -210,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_train(args, extra)
         elif args.command == "plan":
             cmd_plan(args, extra)
+        elif args.command == "convert":
+            cmd_convert(args)
         else:
             cmd_generate(args)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as error:

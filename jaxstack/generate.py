@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxstack.data.tokenizers import Tokenizer
 from jaxstack.models.llama import Llama, init_cache
 
 
@@ -85,6 +86,36 @@ def generate(
     )
     tokens, counts = np.asarray(tokens), np.asarray(counts)
     return [tokens[row, : counts[row]].tolist() for row in range(len(prompts))]
+
+
+def complete(
+    model: Llama,
+    params,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 100,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    eos_id: int | None = None,
+) -> list[str]:
+    """Text completions of ``prompts`` (the new text only), stopping at the tokenizer's EOS
+    (or ``eos_id``); prompts start with BOS when the tokenizer has one."""
+    ids = [tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) for p in prompts]
+    out = generate(
+        model,
+        params,
+        ids,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_id=tokenizer.eos_id if eos_id is None else eos_id,
+        rng=jax.random.PRNGKey(seed),
+    )
+    return [tokenizer.decode(tokens) for tokens in out]
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "eos_id"))

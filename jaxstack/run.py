@@ -18,7 +18,6 @@ from jaxstack.checkpoint import load_params
 from jaxstack.data import PackedDataset, lm_collate, load_tokenizer
 from jaxstack.data.text import resolve_paths
 from jaxstack.data.tokenizers import Tokenizer
-from jaxstack.generate import generate
 from jaxstack.layers.rope import Llama3RopeScaling
 from jaxstack.lm import lm_functions, lm_param_specs
 from jaxstack.mesh import make_mesh
@@ -166,31 +165,3 @@ def load_run(work_dir: str | Path) -> tuple[RunConfig, Llama, dict]:
         )
     run = RunConfig.from_dict(json.loads(saved.read_text()))
     return run, Llama(run.model), load_params(work_dir)
-
-
-def complete(
-    model: Llama,
-    params,
-    tokenizer: Tokenizer,
-    prompts: list[str],
-    *,
-    max_new_tokens: int = 100,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int = 0,
-) -> list[str]:
-    """Text completions of ``prompts`` (the new text only)."""
-    ids = [tokenizer.encode(p, add_bos=tokenizer.bos_id is not None) for p in prompts]
-    out = generate(
-        model,
-        params,
-        ids,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        eos_id=tokenizer.eos_id,
-        rng=jax.random.PRNGKey(seed),
-    )
-    return [tokenizer.decode(tokens) for tokens in out]

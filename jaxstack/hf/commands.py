@@ -1,5 +1,6 @@
 """Plain functions behind the ``jaxstack generate --hf DIR`` and ``jaxstack convert`` commands."""
 
+import contextlib
 import os
 from typing import Any
 
@@ -7,7 +8,7 @@ import jax
 from jax.sharding import Mesh
 
 from jaxstack.data import load_tokenizer
-from jaxstack.generate import generate
+from jaxstack.generate import complete
 from jaxstack.hf.loading import ParamSpecs, load
 
 
@@ -34,15 +35,10 @@ def generate_text(
     """
     tokenizer = load_tokenizer(hf_dir)
     model, config, params = load(hf_dir, mesh=mesh, param_specs=param_specs, **config_overrides)
-    ids = [tokenizer.encode(prompt, add_bos=tokenizer.bos_id is not None) for prompt in prompts]
     eos_id = tokenizer.eos_id
     if eos_id is None and isinstance(config.extra.get("eos_token_id"), int):
         eos_id = config.extra["eos_token_id"]
     options = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k)
-    options.update(top_p=top_p, eos_id=eos_id, rng=jax.random.PRNGKey(seed))
-    if mesh is None:
-        outputs = generate(model, params, ids, **options)
-    else:
-        with jax.set_mesh(mesh):
-            outputs = generate(model, params, ids, **options)
-    return [tokenizer.decode(tokens) for tokens in outputs]
+    options.update(top_p=top_p, seed=seed, eos_id=eos_id)
+    with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+        return complete(model, params, tokenizer, prompts, **options)

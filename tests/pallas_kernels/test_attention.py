@@ -63,8 +63,14 @@ def _naive_attention(q, k, v, *, causal, q_seg, kv_seg, window, sinks, cap, scal
 
 
 def _vjp(fn, q, k, v, do):
-    out, pullback = jax.vjp(fn, q, k, v)
-    return (out, *pullback(do))
+    """Output and (dq, dk, dv), in one jit (interpret mode is far slower eagerly)."""
+
+    @jax.jit
+    def run(q, k, v, do):
+        out, pullback = jax.vjp(fn, q, k, v)
+        return (out, *pullback(do))
+
+    return run(q, k, v, do)
 
 
 def _assert_close(actual, expected, dtype, names=("out", "dq", "dk", "dv")):
@@ -173,10 +179,8 @@ CASES = {
     "causal-mha-d64-aligned": Case(128, 128, 2, 2, 64),
     "noncausal-gqa4-d64-ragged": Case(100, 100, 4, 1, 64, causal=False),
     "causal-gqa8-d128-ragged-bf16": Case(72, 72, 8, 1, 128, jnp.bfloat16),
-    "noncausal-gqa4-d128-bf16": Case(64, 64, 4, 1, 128, jnp.bfloat16, causal=False),
     "segments-gqa4-ragged": Case(100, 100, 4, 1, 64, segments=True, b=2),
     "segments-noncausal-bf16": Case(96, 96, 2, 2, 64, jnp.bfloat16, causal=False, segments=True),
-    "window-gqa4": Case(150, 150, 4, 1, 64, window=24),
     "window-sinks-d128-bf16": Case(150, 150, 4, 2, 128, jnp.bfloat16, window=40, sinks=4),
     "window-sinks-segments": Case(130, 130, 2, 1, 64, window=33, sinks=3, segments=True),
     "softcap-window-scale": Case(100, 100, 2, 1, 64, window=50, cap=5.0, scale=0.2),
@@ -313,22 +317,28 @@ def test_auto_on_cpu_is_the_xla_reference():
     np.testing.assert_array_equal(attention(q, k, v), attention_reference(q, k, v))
 
 
-def test_xla_under_jit_grad_and_batch_sharding():
-    mesh = jax.make_mesh((8,), ("data",))
-    q, k, v, _ = _qkv(8, 16, 16, 4, 2, 8, jnp.float32)
-    seg = jnp.broadcast_to(jnp.arange(16) // 5, (8, 16)).astype(jnp.int32)
+def test_jit_grad_with_batch_sharded_inputs():
+    """XLA keeps the batch sharding; the Pallas kernel (interpret) gives the same gradients."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    q, k, v, _ = _qkv(8, 40, 40, 4, 2, 16, jnp.float32)
+    seg = jnp.broadcast_to(jnp.arange(40) // 13, (8, 40)).astype(jnp.int32)
     sharded = [jax.device_put(x, NamedSharding(mesh, P("data"))) for x in (q, k, v, seg)]
 
-    @jax.jit
-    def loss(q, k, v, seg):
-        out = attention(q, k, v, q_segment_ids=seg, sliding_window=4, implementation="xla")
-        return jnp.sum(out**2)
+    def loss(implementation):
+        def fn(q, k, v, seg):
+            out = attention(
+                q, k, v, q_segment_ids=seg, sliding_window=9, implementation=implementation
+            )
+            return jnp.sum(out**2)
 
-    grads = jax.grad(loss, argnums=(0, 1, 2))(*sharded)
-    expected = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, seg)
-    for g, e in zip(grads, expected, strict=True):
+        return jax.jit(jax.grad(fn, argnums=(0, 1, 2)))
+
+    grads = loss("xla")(*sharded)
+    for g, e in zip(grads, loss("xla")(q, k, v, seg), strict=True):
         assert g.sharding.spec == P("data")
         np.testing.assert_allclose(g, e, atol=1e-5)
+    for g, e in zip(loss("pallas")(*sharded), grads, strict=True):
+        np.testing.assert_allclose(g, e, atol=2e-5)
 
 
 def _bad(**overrides):
