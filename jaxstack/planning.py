@@ -37,10 +37,10 @@ def activation_bytes(
 
     Per token and layer, without remat: the residual and normed inputs (4 x width), q/k/v and
     the attention output, the three SwiGLU hidden tensors, in the compute dtype; with XLA
-    attention also the float32 score matrix. ``full`` remat keeps only each layer's input
-    (plus one layer recomputed at a time); ``dots`` policies keep the matmul outputs. The
-    float32 logits and their gradient are added once. Tensor-parallel parts divide by
-    ``tensor``; tokens divide over ``data x fsdp``.
+    attention (``xla``, or ``auto`` on CPU) also the float32 score matrix. ``full`` remat
+    keeps only each layer's input (plus one layer recomputed at a time); ``dots`` policies
+    keep the matmul outputs. The float32 logits and their gradient are added once.
+    Tensor-parallel parts divide by ``tensor``; tokens divide over ``data x fsdp``.
     """
     itemsize = jnp.dtype(config.dtype).itemsize
     tensor = axis_sizes.get("tensor", 1)
@@ -48,7 +48,10 @@ def activation_bytes(
     tokens *= seq_len
     d, hd, f = config.hidden_size, config.head_dim_, config.intermediate_size
     qkvo = (2 * config.num_heads + 2 * config.num_kv_heads) * hd / tensor
-    scores = seq_len * config.num_heads / tensor * 4 if config.attention_impl == "xla" else 0
+    xla = config.attention_impl == "xla" or (
+        config.attention_impl == "auto" and jax.default_backend() == "cpu"
+    )
+    scores = seq_len * config.num_heads / tensor * 4 if xla else 0
     full_layer = tokens * (itemsize * (4 * d + qkvo + 3 * f / tensor) + scores)
     kept = {
         "none": full_layer,

@@ -1,7 +1,13 @@
 """Automatic sharding rules: params + mesh -> PartitionSpecs, and the logical axis table."""
 
 from sharding_rules.auto_mesh import AutoMeshResult, MeshCandidate, auto_mesh, communication_bytes
-from sharding_rules.logical import LOGICAL_AXIS_RULES, MESH_AXES, constrain, logical_to_spec
+from sharding_rules.logical import (
+    LOGICAL_AXIS_RULES,
+    MESH_AXES,
+    constrain,
+    fitting_spec,
+    logical_to_spec,
+)
 from sharding_rules.optimizer import optimizer_state_specs
 from sharding_rules.plan import MemoryPlan, ParamEntry, format_plan, make_plan
 from sharding_rules.rules import (
@@ -26,6 +32,7 @@ __all__ = [
     "auto_mesh",
     "communication_bytes",
     "constrain",
+    "fitting_spec",
     "format_plan",
     "infer_param_specs",
     "logical_to_spec",

@@ -5,6 +5,7 @@ this table decides which mesh axes shard them. Mesh axes of size 1, or missing f
 current mesh, drop out, so the same annotations run on one device and on a pod.
 """
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -35,11 +36,20 @@ def logical_to_spec(
             raise KeyError(
                 f"unknown logical axis {name!r}; known axes: {sorted(LOGICAL_AXIS_RULES)}"
             )
-        axes = tuple(
-            a for a in LOGICAL_AXIS_RULES.get(name, ()) if mesh_axis_sizes.get(a, 1) > 1
-        )
+        axes = tuple(a for a in LOGICAL_AXIS_RULES.get(name, ()) if mesh_axis_sizes.get(a, 1) > 1)
         spec.append(axes[0] if len(axes) == 1 else (axes or None))
     return PartitionSpec(*spec)
+
+
+def fitting_spec(
+    shape: Sequence[int], logical_axes: Sequence[str | None], mesh_axis_sizes: dict[str, int]
+) -> PartitionSpec:
+    """``logical_to_spec`` with every dimension its mesh axes do not divide left unsharded."""
+    parts = []
+    for dim, part in zip(shape, logical_to_spec(logical_axes, mesh_axis_sizes), strict=True):
+        names = (part,) if isinstance(part, str) else (part or ())
+        parts.append(part if dim % math.prod(mesh_axis_sizes[n] for n in names) == 0 else None)
+    return PartitionSpec(*parts)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -53,13 +63,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         return x
     if len(logical_axes) != x.ndim:
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {x.shape}")
-    sizes = dict(mesh.shape)
-    spec = logical_to_spec(logical_axes, sizes)
-    parts = []
-    for dim, part in zip(x.shape, spec, strict=True):
-        names = (part,) if isinstance(part, str) else (part or ())
-        total = 1
-        for name in names:
-            total *= sizes[name]
-        parts.append(part if dim % total == 0 else None)
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*parts))
+    return jax.lax.with_sharding_constraint(
+        x, fitting_spec(x.shape, logical_axes, dict(mesh.shape))
+    )

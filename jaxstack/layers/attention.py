@@ -14,7 +14,38 @@ import jax.numpy as jnp
 from jaxstack.layers.norms import RMSNorm
 from jaxstack.layers.rope import Llama3RopeScaling, apply_rope, inverse_frequencies
 from pallas_kernels import attention, decode_attention
-from sharding_rules import constrain
+from sharding_rules import constrain, fitting_spec, logical_to_spec
+
+
+def per_shard(fn, *args: jax.Array | None, logical_axes, out_axes):
+    """Run ``fn`` on each device's shard of ``args`` under the current mesh (``shard_map``).
+
+    Attention is independent per batch row and per head, so a kernel XLA cannot partition
+    (Pallas) runs locally instead of on gathered inputs. Heads shard over ``tensor`` only when
+    every head count (query and key/value) divides it; ``None`` args pass through as None.
+    Outside a mesh ``fn`` is called directly.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return fn(*args)
+    sizes = dict(mesh.shape)
+    tensor = sizes.get("tensor", 1)
+    head_dims = [x.shape[a.index("heads")] for x, a in zip(args, logical_axes, strict=True)
+                 if x is not None and "heads" in a]  # fmt: skip
+    heads_fit = all(n % tensor == 0 for n in head_dims)
+    axes = [tuple(n if n != "heads" or heads_fit else None for n in a) for a in logical_axes]
+    present = [i for i, x in enumerate(args) if x is not None]
+    specs = tuple(fitting_spec(args[i].shape, axes[i], sizes) for i in present)
+    out_spec = logical_to_spec([n if n != "heads" or heads_fit else None for n in out_axes], sizes)
+
+    def local(*shards):
+        full = [None] * len(args)
+        for i, shard in zip(present, shards, strict=True):
+            full[i] = shard
+        return fn(*full)
+
+    mapped = jax.shard_map(local, in_specs=specs, out_specs=out_spec, check_vma=False)
+    return mapped(*(args[i] for i in present))
 
 
 class LayerCache(NamedTuple):
@@ -75,6 +106,8 @@ class Attention(nn.Module):
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         masks = dict(sliding_window=self.sliding_window, implementation=self.implementation)
+        local = self.implementation != "xla"  # kernels run per shard; XLA partitions itself
+        bhd, bshd = ("batch", "heads", None), ("batch", None, "heads", None)
 
         if decode_index is not None:
             if cache is None or x.shape[1] != 1:
@@ -84,10 +117,21 @@ class Attention(nn.Module):
                 cache.k.at[rows, decode_index].set(k[:, 0].astype(cache.k.dtype)),
                 cache.v.at[rows, decode_index].set(v[:, 0].astype(cache.v.dtype)),
             )
-            out = decode_attention(q[:, 0], cache.k, cache.v, decode_index + 1, **masks)
+            decode = lambda q, k, v, n: decode_attention(q, k, v, n, **masks)  # noqa: E731
+            args = (q[:, 0], cache.k, cache.v, decode_index + 1)
+            if local:
+                out = per_shard(decode, *args, logical_axes=(bhd, bshd, bshd, ("batch",)),
+                                out_axes=bhd)  # fmt: skip
+            else:
+                out = decode(*args)
             out = out[:, None].astype(self.dtype)
         else:
-            out = attention(q, k, v, causal=True, q_segment_ids=segment_ids, **masks)
+            prefill = lambda q, k, v, seg: attention(q, k, v, q_segment_ids=seg, **masks)  # noqa: E731
+            if local:
+                axes = (bshd, bshd, bshd, ("batch", None))
+                out = per_shard(prefill, q, k, v, segment_ids, logical_axes=axes, out_axes=bshd)
+            else:
+                out = prefill(q, k, v, segment_ids)
             if cache is not None:
                 cache = LayerCache(
                     jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), 0, 1),

@@ -66,8 +66,9 @@ class LlamaConfig:
     """Rematerialisation policy per layer: one of ``REMAT_POLICIES``."""
     dtype: str = "float32"
     """Compute dtype (``bfloat16`` for mixed precision); parameters stay float32."""
-    attention_impl: str = "xla"
-    """``pallas_kernels.attention`` implementation: auto, pallas, cudnn or xla."""
+    attention_impl: str = "auto"
+    """``pallas_kernels.attention`` implementation: auto (Pallas on TPU, the fastest on GPU,
+    XLA on CPU), pallas, cudnn or xla."""
     initializer_range: float = 0.02
     """Std of the normal initialiser of weights."""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -87,6 +88,10 @@ class LlamaConfig:
             raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}; choose float32, bfloat16 or float16")
+        if self.attention_impl not in ("auto", "pallas", "cudnn", "xla"):
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r}; choose auto, pallas, cudnn or xla"
+            )
         if self.head_dim_ % 2:
             raise ValueError(f"head_dim={self.head_dim_} must be even for RoPE")
 
