@@ -1,8 +1,16 @@
-"""The jaxstack command: train with overrides, generate, demo, and one-line errors."""
+"""The jaxstack command: train with overrides, generate, convert, demo, one-line errors."""
 
+import importlib.util
 import json
+from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxstack import hf
 from jaxstack.cli import main
+from jaxstack.run import load_run
 
 SMALL = [
     "--data.max_files", "8", "--data.seq_len", "64", "--data.eval_examples", "8",
@@ -68,3 +76,44 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert "trained 6 steps" in out
     assert "loss fell" in out
     assert "--- prompt 'def '" in out
+
+
+def _tiny_hf_model(directory):
+    recipe = Path(__file__).parents[2] / "recipes" / "sft_from_hf.py"
+    spec = importlib.util.spec_from_file_location("sft_from_hf", recipe)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_tiny_model(str(directory))
+
+
+def test_generate_hf_and_convert_both_ways(tmp_path, capsys):
+    hf_dir = _tiny_hf_model(tmp_path / "hf")
+    argv = ["generate", "--hf", str(hf_dir), "--prompt", "hello", "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    from_hf = capsys.readouterr().out
+    assert "--- prompt 'hello'" in from_hf
+    work_dir, back = tmp_path / "converted", tmp_path / "back"
+    assert main(["convert", "--to", "jaxstack", str(hf_dir), str(work_dir)]) == 0
+    assert main(["convert", "--to", "hf", str(work_dir), str(back)]) == 0
+    original, exported = (
+        hf.read_params(hf_dir, _config(hf_dir)),
+        hf.read_params(back, _config(back)),
+    )
+    for a, b in zip(jax.tree.leaves(original), jax.tree.leaves(exported), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_trained_run_exports_to_hf(tmp_path, capsys):
+    work_dir, out = tmp_path / "run", tmp_path / "hf"
+    assert main(["train", "--train.work_dir", str(work_dir), *SMALL]) == 0
+    assert main(["convert", "--to", "hf", str(work_dir), str(out)]) == 0
+    _, model, params = load_run(work_dir)
+    model_hf, _, params_hf = hf.load(out)
+    ids = jnp.arange(10)[None] + 3
+    np.testing.assert_allclose(
+        model.apply({"params": params}, ids), model_hf.apply({"params": params_hf}, ids), atol=1e-5
+    )
+
+
+def _config(directory):
+    return hf.config_from_hf(json.loads((Path(directory) / "config.json").read_text()))
