@@ -10,11 +10,12 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from jaxstack.layers.norms import RMSNorm
 from jaxstack.layers.rope import Llama3RopeScaling, apply_rope, inverse_frequencies
 from pallas_kernels import attention, decode_attention
-from sharding_rules import constrain, fitting_spec, logical_to_spec
+from sharding_rules import constrain, fitting_spec
 
 
 def per_shard(fn, *args: jax.Array | None, logical_axes, out_axes):
@@ -36,7 +37,9 @@ def per_shard(fn, *args: jax.Array | None, logical_axes, out_axes):
     axes = [tuple(n if n != "heads" or heads_fit else None for n in a) for a in logical_axes]
     present = [i for i, x in enumerate(args) if x is not None]
     specs = tuple(fitting_spec(args[i].shape, axes[i], sizes) for i in present)
-    out_spec = logical_to_spec([n if n != "heads" or heads_fit else None for n in out_axes], sizes)
+    # the output follows the first argument's placement, axis name by axis name
+    placed = dict(zip(axes[present[0]], specs[0], strict=True))
+    out_spec = PartitionSpec(*(placed.get(name) for name in out_axes))
 
     def local(*shards):
         full = [None] * len(args)

@@ -28,8 +28,10 @@ def batch():
     return lm_collate([data[i] for i in range(8)])
 
 
-def _trainer(tmp_path, mesh, scan_layers=False):
-    model = Llama(CONFIG.replace(scan_layers=scan_layers))
+def _trainer(tmp_path, mesh, config=CONFIG, forward_rules=True, **trainer_options):
+    """A Trainer with the LM functions; rules from the forward pass unless forward_rules=False
+    (then the Trainer's default: traced from loss_fn)."""
+    model = Llama(config)
     loss_fn, _ = lm_functions(model)
     return Trainer(
         params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
@@ -37,14 +39,19 @@ def _trainer(tmp_path, mesh, scan_layers=False):
         loss_fn=loss_fn,
         config=TrainConfig(work_dir=str(tmp_path), batch_size=8, num_steps=1, grad_clip=None),
         mesh=mesh,
-        optimizer=optax.sgd(1.0),  # params move by exactly -grad: comparing params compares grads
-        param_specs_fn=lm_param_specs(model, 32),
+        param_specs_fn=lm_param_specs(model, 32) if forward_rules else None,
+        **trainer_options,
     )
+
+
+def _sgd_trainer(tmp_path, mesh, config=CONFIG):
+    # params move by exactly -grad: comparing params after one step compares gradients
+    return _trainer(tmp_path, mesh, config, optimizer=optax.sgd(1.0))
 
 
 @pytest.fixture(scope="module")
 def single_device_step(tmp_path_factory, batch):
-    trainer = _trainer(tmp_path_factory.mktemp("one"), make_mesh(devices=jax.devices()[:1]))
+    trainer = _sgd_trainer(tmp_path_factory.mktemp("one"), make_mesh(devices=jax.devices()[:1]))
     metrics = trainer.train_step(batch)
     return float(metrics["loss"]), jax.device_get(trainer.params)
 
@@ -53,7 +60,7 @@ def single_device_step(tmp_path_factory, batch):
 def test_mesh_step_equals_single_device(tmp_path, batch, single_device_step, shape):
     data, fsdp, tensor = shape
     mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor)
-    trainer = _trainer(tmp_path, mesh)
+    trainer = _sgd_trainer(tmp_path, mesh)
     plan = trainer.plan(batch)
     metrics = trainer.train_step(batch)
     loss, params = single_device_step
@@ -90,7 +97,8 @@ def _axes(part):
 
 
 def test_megatron_layout_in_the_pipeline(tmp_path, batch):
-    trainer = _trainer(tmp_path, make_mesh(data=2, fsdp=2, tensor=2), scan_layers=True)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    trainer = _sgd_trainer(tmp_path, mesh, CONFIG.replace(scan_layers=True))
     trainer.init(batch)
     block = trainer.params["layers"]["block"]
     spec = lambda x: tuple(x.sharding.spec)  # noqa: E731
@@ -104,33 +112,17 @@ def test_megatron_layout_in_the_pipeline(tmp_path, batch):
 
 def test_default_rules_follow_loss_fn(tmp_path, batch):
     """Without param_specs_fn the Trainer traces loss_fn: still tensor-parallel."""
-    model = Llama(CONFIG)
-    loss_fn, _ = lm_functions(model)
-    trainer = Trainer(
-        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
-        collate_fn=lm_collate,
-        loss_fn=loss_fn,
-        config=TrainConfig(work_dir=str(tmp_path), batch_size=8, num_steps=1),
-        mesh=make_mesh(data=4, tensor=2),
-    )
+    trainer = _trainer(tmp_path, make_mesh(data=4, tensor=2), forward_rules=False)
     trainer.init(batch)
     layer = trainer.params["layers_0"]
     assert tuple(layer["attn"]["q"]["kernel"].sharding.spec)[1] == "tensor"
     assert tuple(layer["mlp"]["down"]["kernel"].sharding.spec)[0] == "tensor"
-    opt_mu = trainer.state.opt_state[1][0].mu["layers_0"]["attn"]["q"]["kernel"]
+    opt_mu = trainer.state.opt_state[0][0].mu["layers_0"]["attn"]["q"]["kernel"]
     assert opt_mu.sharding.spec == layer["attn"]["q"]["kernel"].sharding.spec
 
 
 def test_mesh_that_does_not_divide_heads_is_a_clear_error(tmp_path, batch):
-    model = Llama(CONFIG.replace(num_heads=4, num_kv_heads=4, head_dim=16))
-    loss_fn, _ = lm_functions(model)
-    trainer = Trainer(
-        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
-        collate_fn=lm_collate,
-        loss_fn=loss_fn,
-        config=TrainConfig(work_dir=str(tmp_path), batch_size=8, num_steps=1),
-        mesh=make_mesh(data=1, tensor=8),
-        param_specs_fn=lm_param_specs(model, 32),
-    )
+    config = CONFIG.replace(num_heads=4, num_kv_heads=4, head_dim=16)
+    trainer = _trainer(tmp_path, make_mesh(data=1, tensor=8), config)
     with pytest.raises(ValueError, match="tensor"):
         trainer.init(batch)
