@@ -7,6 +7,7 @@ from sharding_rules.logical import (
     constrain,
     fitting_spec,
     logical_to_spec,
+    uses_our_axes,
 )
 from sharding_rules.optimizer import optimizer_state_specs
 from sharding_rules.plan import MemoryPlan, ParamEntry, format_plan, make_plan
@@ -39,4 +40,5 @@ __all__ = [
     "make_plan",
     "optimizer_state_specs",
     "param_rules",
+    "uses_our_axes",
 ]

@@ -41,6 +41,11 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def uses_our_axes(mesh: jax.sharding.AbstractMesh) -> bool:
+    """True when ``mesh`` is non-empty and names at least one of ``MESH_AXES``."""
+    return not mesh.empty and any(name in MESH_AXES for name in mesh.axis_names)
+
+
 def fitting_spec(
     shape: Sequence[int], logical_axes: Sequence[str | None], mesh_axis_sizes: dict[str, int]
 ) -> PartitionSpec:
@@ -53,13 +58,14 @@ def fitting_spec(
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Constrain an activation's sharding by logical axis names; a no-op outside a mesh.
+    """Constrain an activation's sharding by logical axis names; a no-op outside a mesh
+    (or under a mesh without any of ``MESH_AXES``, such as another framework's).
 
     A dimension whose mesh axes do not divide it is left unconstrained (XLA decides),
     so odd activation shapes (a decode step of one token) never fail here.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if not uses_our_axes(mesh):
         return x
     if len(logical_axes) != x.ndim:
         raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {x.shape}")

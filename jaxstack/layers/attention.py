@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec
 from jaxstack.layers.norms import RMSNorm
 from jaxstack.layers.rope import Llama3RopeScaling, apply_rope, inverse_frequencies
 from pallas_kernels import attention, decode_attention
-from sharding_rules import constrain, fitting_spec
+from sharding_rules import constrain, fitting_spec, uses_our_axes
 
 
 def per_shard(fn, *args: jax.Array | None, logical_axes, out_axes):
@@ -24,10 +24,10 @@ def per_shard(fn, *args: jax.Array | None, logical_axes, out_axes):
     Attention is independent per batch row and per head, so a kernel XLA cannot partition
     (Pallas) runs locally instead of on gathered inputs. Heads shard over ``tensor`` only when
     every head count (query and key/value) divides it; ``None`` args pass through as None.
-    Outside a mesh ``fn`` is called directly.
+    Outside a mesh of ``MESH_AXES`` ``fn`` is called directly.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    if not uses_our_axes(mesh) or mesh.size == 1:
         return fn(*args)
     sizes = dict(mesh.shape)
     tensor = sizes.get("tensor", 1)
