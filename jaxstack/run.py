@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxstack.checkpoint import load_params
-from jaxstack.data import PackedDataset, lm_collate, load_tokenizer
+from jaxstack.data import PackedDataset, Prefix, lm_collate, load_tokenizer
 from jaxstack.data.text import resolve_paths
 from jaxstack.data.tokenizers import Tokenizer
 from jaxstack.layers.rope import Llama3RopeScaling
@@ -97,23 +97,7 @@ def build_datasets(data: DataConfig, tokenizer: Tokenizer) -> tuple[Sequence, li
         )
     train_size = len(full) - data.eval_examples
     eval_set = [full[i] for i in range(train_size, len(full))]
-    return _Head(full, train_size), eval_set
-
-
-@dataclasses.dataclass
-class _Head:
-    """The first ``length`` examples of a dataset (the rest is held out)."""
-
-    dataset: PackedDataset
-    length: int
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.length:
-            raise IndexError(index)
-        return self.dataset[index]
+    return Prefix(full, train_size), eval_set
 
 
 def make_trainer(run: RunConfig, tokenizer: Tokenizer) -> Trainer:

@@ -13,7 +13,6 @@ jitted step with buffer donation, gradient accumulation, the optimizer and sched
 evaluation, metrics, and checkpoints that resume at the exact step, data position and RNG.
 """
 
-import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +28,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxstack.checkpoint import CheckpointManager
-from jaxstack.data import DataLoader
+from jaxstack.data import DataLoader, Prefix
 from jaxstack.mesh import batch_divisor, batch_sharding, make_mesh
 from jaxstack.metrics import MetricsLogger
 from jaxstack.optim import adamw, learning_rate_schedule
@@ -422,7 +421,7 @@ class Trainer:
         limit = None
         if self.config.eval_batches is not None:
             limit = min(len(dataset), self.config.eval_batches * batch_size)
-        subset = dataset if limit is None else _Prefix(dataset, limit)
+        subset = dataset if limit is None else Prefix(dataset, limit)
         outputs = self.predictor().predict(self.params, subset, batch_size=batch_size)
         return {
             f"eval_{name}": float(np.mean(value))
@@ -454,19 +453,3 @@ def _global_tokens(batch: dict[str, np.ndarray]) -> int:
     local = np.asarray(batch[key])
     count = local.size if key == "input_ids" else local.shape[0]
     return count * jax.process_count()
-
-
-@dataclasses.dataclass
-class _Prefix(Sequence):
-    """The first ``length`` examples of a dataset."""
-
-    dataset: Sequence
-    length: int
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index):
-        if index >= self.length:
-            raise IndexError(index)
-        return self.dataset[index]

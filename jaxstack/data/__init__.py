@@ -8,6 +8,7 @@ from jaxstack.data.memmap import (
     write_token_memmap,
 )
 from jaxstack.data.packing import pack_documents, packed_example
+from jaxstack.data.prefix import Prefix
 from jaxstack.data.text import PackedDataset, lm_collate, read_jsonl, read_text_files
 from jaxstack.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -16,6 +17,7 @@ __all__ = [
     "DataLoader",
     "HFTokenizer",
     "PackedDataset",
+    "Prefix",
     "TokenMemmapInfo",
     "Tokenizer",
     "lm_collate",

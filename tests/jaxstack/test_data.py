@@ -12,6 +12,7 @@ from jaxstack.data import (
     DataLoader,
     HFTokenizer,
     PackedDataset,
+    Prefix,
     Tokenizer,
     lm_collate,
     load_tokenizer,
@@ -490,3 +491,12 @@ def test_loader_errors():
         DataLoader(iter(data), batch_size=4, **kw)
     with pytest.raises(TypeError, match="collate_fn must be callable"):
         DataLoader(data, batch_size=4, collate_fn=None)
+
+
+def test_prefix_views_the_first_examples():
+    head = Prefix(list(range(10)), 4)
+    assert len(head) == 4 and list(head) == [0, 1, 2, 3] and head[-1] == 3
+    with pytest.raises(IndexError):
+        head[4]
+    with pytest.raises(ValueError, match="prefix of 11 examples from a dataset of 10"):
+        Prefix(list(range(10)), 11)
