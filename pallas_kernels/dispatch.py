@@ -2,8 +2,9 @@
 
 ``implementation``:
 
-* ``"xla"``: the pure ``jax.numpy`` reference (:mod:`pallas_kernels.reference`);
-  runs under jit, grad and sharding on every backend.
+* ``"xla"``: plain ``jax.numpy`` attention computed one query block at a time, skipping
+  key blocks the mask hides (:mod:`pallas_kernels.xla_attention`, built on the reference's
+  core); runs under jit, grad and sharding on every backend.
 * ``"pallas"``: our fused kernels: Triton on GPU (:mod:`flash_gpu`,
   :mod:`decode_gpu`), Mosaic on TPU (:mod:`flash_tpu`, :mod:`decode_tpu`). On CPU
   the GPU kernels run in Pallas interpret mode (slow, for tests).
@@ -22,10 +23,13 @@ import jax.numpy as jnp
 
 from pallas_kernels import decode_gpu, decode_tpu, flash_gpu, flash_tpu
 from pallas_kernels.masks import MaskSpec
-from pallas_kernels.reference import attention_reference, decode_attention_reference
+from pallas_kernels.reference import decode_attention_reference
 from pallas_kernels.validation import check_attention_inputs, check_decode_inputs
+from pallas_kernels.xla_attention import blocked_attention
 
 IMPLEMENTATIONS = ("auto", "pallas", "cudnn", "xla")
+XLA_BLOCK_Q = 128
+"""Query block of the ``"xla"`` implementation (``block_q`` overrides it)."""
 
 
 def _check_implementation(implementation: str) -> None:
@@ -136,18 +140,26 @@ def attention(
         implementation = {"tpu": "pallas", "gpu": "pallas" if reason else "cudnn"}.get(
             backend, "xla"
         )
+    spec = MaskSpec.for_attention(
+        q.shape[1],
+        k.shape[1],
+        causal=causal,
+        sliding_window=sliding_window,
+        num_sink_tokens=num_sink_tokens,
+    )
+    if q_segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = q_segment_ids
     if implementation == "xla":
-        return attention_reference(
+        return blocked_attention(
             q,
             k,
             v,
-            causal=causal,
-            q_segment_ids=q_segment_ids,
-            kv_segment_ids=kv_segment_ids,
-            sliding_window=sliding_window,
-            num_sink_tokens=num_sink_tokens,
-            logit_soft_cap=logit_soft_cap,
+            spec,
+            q_segment_ids,
+            kv_segment_ids,
             scale=scale,
+            logit_soft_cap=logit_soft_cap,
+            block_q=block_q or XLA_BLOCK_Q,
         )
     if implementation == "cudnn":
         if reason is not None:
@@ -162,15 +174,6 @@ def attention(
             implementation="cudnn",
         )
     d = q.shape[-1]
-    spec = MaskSpec.for_attention(
-        q.shape[1],
-        k.shape[1],
-        causal=causal,
-        sliding_window=sliding_window,
-        num_sink_tokens=num_sink_tokens,
-    )
-    if q_segment_ids is not None and kv_segment_ids is None:
-        kv_segment_ids = q_segment_ids
     kernel = flash_tpu.flash_attention if backend == "tpu" else flash_gpu.flash_attention
     return kernel(
         q,

@@ -62,23 +62,47 @@ def attention_reference(
         q, k, v, q_segment_ids, kv_segment_ids, sliding_window, num_sink_tokens,
         logit_soft_cap, scale,
     )  # fmt: skip
-    b, sq, hq, d = q.shape
-    skv, hkv = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
     spec = MaskSpec.for_attention(
-        sq, skv, causal=causal, sliding_window=sliding_window, num_sink_tokens=num_sink_tokens
-    )
-    q_bsHgd = q.reshape(b, sq, hkv, hq // hkv, d).astype(jnp.float32)
+        q.shape[1], k.shape[1], causal=causal, sliding_window=sliding_window,
+        num_sink_tokens=num_sink_tokens,
+    )  # fmt: skip
+    kv_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+    return attend(
+        q, k, v, spec, jnp.arange(q.shape[1]), jnp.arange(k.shape[1]), q_segment_ids, kv_ids,
+        scale=scale, logit_soft_cap=logit_soft_cap,
+    )  # fmt: skip
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    spec: MaskSpec,
+    q_index: jax.Array,
+    kv_index: jax.Array,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    *,
+    scale: float | None,
+    logit_soft_cap: float | None,
+) -> jax.Array:
+    """Attention of the queries at sequence indices ``q_index`` ([tq]) to the keys at
+    ``kv_index`` ([tk]) of one ``attention`` call; q: ``[b, tq, hq, d]``, k, v:
+    ``[b, tk, hkv, d]``, segment ids ``[b, tq]`` / ``[b, tk]`` (or None). The full call is
+    ``q_index = arange(sq)``, ``kv_index = arange(skv)``; a block of it gives those rows."""
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q_bsHgd = q.reshape(b, tq, hkv, hq // hkv, d).astype(jnp.float32)
     logits = jnp.einsum("bqhgd,bkhd->bhgqk", q_bsHgd, k.astype(jnp.float32), precision=_HIGHEST)
     logits = soft_cap(logits * scale, logit_soft_cap)
-    q_pos = jnp.arange(sq)[:, None] + spec.q_offset
-    mask = spec.visible(q_pos, jnp.arange(skv)[None, :], skv)  # [sq, skv]
+    q_pos = q_index[:, None] + spec.q_offset
+    mask = spec.visible(q_pos, kv_index[None, :], jnp.inf)  # [tq, tk]
     if q_segment_ids is not None:
-        kv_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
-        mask = mask & segment_visible(q_segment_ids, kv_ids)[:, None, None]  # [b, 1, 1, sq, skv]
+        mask = mask & segment_visible(q_segment_ids, kv_segment_ids)[:, None, None]
     p = masked_softmax(logits, mask)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32), precision=_HIGHEST)
-    return out.reshape(b, sq, hq, d).astype(q.dtype)
+    return out.reshape(b, tq, hq, d).astype(q.dtype)
 
 
 def decode_attention_reference(
