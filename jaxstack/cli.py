@@ -166,7 +166,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
         hf.convert_to_checkpoint(args.source, args.dest)
     else:
         saved = Path(args.source) / RUN_FILE
-        config = load_run(args.source)[0].model if saved.exists() else None
+        config = RunConfig.load(args.source).model if saved.exists() else None
         hf.convert_to_hf(args.source, args.dest, config, dtype=args.dtype)
     print(f"wrote {args.dest}")
 

@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxstack.models.llama import Llama
-from sharding_rules import infer_param_specs
+from sharding_rules import ModelAnalysis, analyze_model, param_rules, specs_tree
 
 
 def lm_functions(model: Llama) -> tuple[Callable, Callable]:
@@ -61,14 +61,15 @@ def lm_param_specs(
     Tracing the forward (ids -> logits) rather than the loss lets the rules see the LM head's
     logits as the model output, so the head is column-parallel over vocab.
     """
-    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-
-    def forward(params, input_ids):
-        return model.apply({"params": params}, input_ids)
 
     def specs(abstract_params, mesh: Mesh):
-        return infer_param_specs(
-            forward, abstract_params, ids, mesh_axis_sizes=mesh, overrides=overrides
-        )
+        analysis = lm_analysis(model, seq_len, abstract_params)
+        return specs_tree(analysis, param_rules(analysis, mesh, overrides))
 
     return specs
+
+
+def lm_analysis(model: Llama, seq_len: int, abstract_params: Any) -> ModelAnalysis:
+    """The sharding rules' trace of the model's forward pass (ids -> logits), done once."""
+    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return analyze_model(lambda p, x: model.apply({"params": p}, x), abstract_params, ids)

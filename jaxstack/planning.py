@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from jaxstack.lm import lm_param_specs
+from jaxstack.lm import lm_analysis
 from jaxstack.mesh import parse_mesh
 from jaxstack.models.llama import Llama, LlamaConfig
 from jaxstack.trainer import optimizer_for
@@ -19,11 +19,11 @@ from sharding_rules import (
     MESH_AXES,
     MemoryPlan,
     ShardingRuleError,
-    analyze_model,
     auto_mesh,
     make_plan,
     optimizer_state_specs,
     param_rules,
+    specs_tree,
 )
 
 if TYPE_CHECKING:
@@ -84,19 +84,20 @@ def _abstract(run: "RunConfig"):
     return model, params, opt_state
 
 
-def _spec_fn(run: "RunConfig", model: Llama, params):
-    specs_of = lm_param_specs(model, run.data.seq_len)
+def _rules_fn(run: "RunConfig", model: Llama, params):
+    """axis sizes -> ``param_rules``, from one trace of the forward pass."""
+    analysis = lm_analysis(model, run.data.seq_len, params)
     micro = run.train.batch_size // run.train.grad_accum_steps
 
-    def spec_fn(sizes: dict[str, int]):
+    def rules_fn(sizes: dict[str, int]):
         shards = sizes.get("data", 1) * sizes.get("fsdp", 1)
         if micro % shards:
             raise ShardingRuleError(
                 f"micro-batch of {micro} does not divide over data x fsdp = {shards}"
             )
-        return specs_of(params, sizes)
+        return param_rules(analysis, sizes)
 
-    return spec_fn
+    return analysis, rules_fn
 
 
 def mesh_axis_sizes(run: "RunConfig", num_devices: int | None = None) -> dict[str, int]:
@@ -117,10 +118,11 @@ def choose_mesh(run: "RunConfig", num_devices: int, memory_bytes: int | None = N
     cfg = run.model
     micro = run.train.batch_size // run.train.grad_accum_steps
     allreduce = 4 * micro * run.data.seq_len * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
+    analysis, rules_fn = _rules_fn(run, model, params)
     return auto_mesh(
         num_devices,
         memory_bytes or device_memory_bytes(),
-        _spec_fn(run, model, params),
+        lambda sizes: specs_tree(analysis, rules_fn(sizes)),
         params,
         tensor_allreduce_bytes_per_layer=allreduce,
         num_layers=cfg.num_layers,
@@ -133,11 +135,10 @@ def plan_run(run: "RunConfig", num_devices: int | None = None) -> MemoryPlan:
     """The memory plan of ``run`` on its mesh (``auto`` included) for ``num_devices``."""
     sizes = mesh_axis_sizes(run, num_devices)
     model, params, opt_state = _abstract(run)
-    specs = _spec_fn(run, model, params)(sizes)
+    analysis, rules_fn = _rules_fn(run, model, params)
+    rules = rules_fn(sizes)
+    specs = specs_tree(analysis, rules)
     micro = run.train.batch_size // run.train.grad_accum_steps
-    forward = lambda p, ids: model.apply({"params": p}, ids)  # noqa: E731
-    ids = jax.ShapeDtypeStruct((1, run.data.seq_len), jnp.int32)
-    rules = param_rules(analyze_model(forward, params, ids), sizes)
     return make_plan(
         params,
         specs,

@@ -61,6 +61,16 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
+    def load(cls, work_dir: str | Path) -> "RunConfig":
+        """The config saved in a run's work dir (``run.json``)."""
+        saved = Path(work_dir) / RUN_FILE
+        if not saved.exists():
+            raise FileNotFoundError(
+                f"{saved} not found; pass the --work-dir of a jaxstack train/demo run"
+            )
+        return cls.from_dict(json.loads(saved.read_text()))
+
+    @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
         """Rebuild a RunConfig from ``to_dict`` output (as saved in ``run.json``)."""
         model = dict(raw["model"])
@@ -125,7 +135,7 @@ def train(run: RunConfig) -> tuple[Trainer, list[dict]]:
     """Train (or resume) the run in ``run.train.work_dir``; saves ``run.json`` beside it."""
     work_dir = Path(run.train.work_dir)
     saved = work_dir / RUN_FILE
-    if saved.exists() and RunConfig.from_dict(json.loads(saved.read_text())).model != run.model:
+    if saved.exists() and RunConfig.load(work_dir).model != run.model:
         raise ValueError(
             f"{work_dir} holds a run with a different model config; use a new --train.work_dir"
         )
@@ -142,10 +152,5 @@ def train(run: RunConfig) -> tuple[Trainer, list[dict]]:
 
 def load_run(work_dir: str | Path) -> tuple[RunConfig, Llama, dict]:
     """The config, model and latest params of a training run's work dir."""
-    saved = Path(work_dir) / RUN_FILE
-    if not saved.exists():
-        raise FileNotFoundError(
-            f"{saved} not found; pass the --work-dir of a jaxstack train/demo run"
-        )
-    run = RunConfig.from_dict(json.loads(saved.read_text()))
+    run = RunConfig.load(work_dir)
     return run, Llama(run.model), load_params(work_dir)

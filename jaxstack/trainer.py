@@ -213,35 +213,40 @@ class Trainer:
 
     def param_specs(self, example_batch: dict[str, np.ndarray]) -> Params:
         """PartitionSpec of every parameter, for batches shaped like ``example_batch``."""
-        abstract_params = self._abstract_state().params
+        return self._placement(example_batch)[1]
+
+    def _placement(self, example_batch: dict[str, np.ndarray]):
+        """(abstract state, param specs, optimizer-state specs), allocating nothing."""
+        abstract = self._abstract_state()
         if self._param_specs_fn is not None:
-            return self._param_specs_fn(abstract_params, self.mesh)
-        micro = self.config.batch_size // self.config.grad_accum_steps
-        micro_batch = {
-            name: jax.ShapeDtypeStruct((micro, *np.shape(v)[1:]), np.asarray(v).dtype)
-            for name, v in example_batch.items()
-        }
-        rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
-        return infer_param_specs(
-            self.loss_fn,
-            abstract_params,
-            micro_batch,
-            rng,
-            mesh_axis_sizes=self.mesh,
-            overrides=self.sharding_overrides,
-        )
+            specs = self._param_specs_fn(abstract.params, self.mesh)
+        else:
+            micro = self.config.batch_size // self.config.grad_accum_steps
+            micro_batch = {
+                name: jax.ShapeDtypeStruct((micro, *np.shape(v)[1:]), np.asarray(v).dtype)
+                for name, v in example_batch.items()
+            }
+            specs = infer_param_specs(
+                self.loss_fn,
+                abstract.params,
+                micro_batch,
+                jax.ShapeDtypeStruct((2,), jnp.uint32),
+                mesh_axis_sizes=self.mesh,
+                overrides=self.sharding_overrides,
+            )
+        opt_specs = optimizer_state_specs(abstract.opt_state, abstract.params, specs)
+        return abstract, specs, opt_specs
 
     def plan(self, example_batch: dict[str, np.ndarray], activation_bytes: int = 0) -> MemoryPlan:
         """Per-device memory plan (params, grads, optimizer state, activations); allocates
         nothing. ``activation_bytes`` is the caller's per-device activation estimate."""
-        abstract = self._abstract_state()
-        specs = self.param_specs(example_batch)
+        abstract, specs, opt_specs = self._placement(example_batch)
         return make_plan(
             abstract.params,
             specs,
             self.mesh,
             opt_state=abstract.opt_state,
-            opt_state_specs=optimizer_state_specs(abstract.opt_state, abstract.params, specs),
+            opt_state_specs=opt_specs,
             activation_bytes=activation_bytes,
         )
 
@@ -249,14 +254,12 @@ class Trainer:
         """Create the train state in its sharded placement (no-op if it exists)."""
         if self._state is not None:
             return
-        abstract = self._abstract_state()
-        specs = self.param_specs(example_batch)
-        opt_specs = optimizer_state_specs(abstract.opt_state, abstract.params, specs)
+        _, specs, opt_specs = self._placement(example_batch)
         named = lambda tree: jax.tree.map(lambda s: NamedSharding(self.mesh, s), tree)  # noqa: E731
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.state_shardings = TrainState(replicated, named(specs), named(opt_specs), replicated)
+        shardings = TrainState(replicated, named(specs), named(opt_specs), replicated)
         with jax.set_mesh(self.mesh):
-            self._state = jax.jit(self._make_state, out_shardings=self.state_shardings)(
+            self._state = jax.jit(self._make_state, out_shardings=shardings)(
                 jax.random.PRNGKey(self.config.seed)
             )
 
@@ -348,11 +351,12 @@ class Trainer:
         records, batches = [], _forever(loader)
         peak = peak_flops(self.mesh.devices.flatten().tolist()) if self.flops_per_token else None
         window_start, window_tokens = time.perf_counter(), 0
+        step = self.step  # counted on the host from here: reading the device step would block
         try:
-            while self.step < last:
+            while step < last:
                 batch = next(batches)
                 metrics = self.train_step(batch)
-                step = self.step
+                step += 1
                 window_tokens += _global_tokens(batch)
                 self.checkpoints.save(step, self.state, loader.get_state())
                 eval_due = cfg.eval_every and step % cfg.eval_every == 0
@@ -369,8 +373,8 @@ class Trainer:
                     window_start, window_tokens = time.perf_counter(), 0
                 else:
                     logger.advance(step)
-            if self.checkpoints.latest_step() != self.step:
-                self.checkpoints.save(self.step, self.state, loader.get_state(), force=True)
+            if self.checkpoints.latest_step() != step:
+                self.checkpoints.save(step, self.state, loader.get_state(), force=True)
             self.checkpoints.wait()
         finally:
             logger.close()
@@ -390,19 +394,15 @@ class Trainer:
         """Resume state (and the loader's position) from the newest checkpoint, if any."""
         if self.checkpoints.latest_step() is None:
             return False
-        target = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            self.state,
-            self.state_shardings,
-        )
-        self.state, data_state = self.checkpoints.restore(target)
+        self.state, data_state = self.checkpoints.restore(self.state)
         if loader is not None:
             loader.set_state(data_state)
         return True
 
     # ------------------------------------------------------------- inference
+    @functools.cached_property
     def predictor(self) -> Predictor:
-        """A Predictor running ``pred_fn`` on this trainer's mesh and current params."""
+        """The Predictor running ``pred_fn`` on this trainer's mesh (compiled once)."""
         if self.pred_fn is None:
             raise ValueError("this Trainer has no pred_fn; pass pred_fn=... to predict/evaluate")
         return Predictor(
@@ -411,7 +411,7 @@ class Trainer:
 
     def predict(self, dataset: Sequence, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """``pred_fn`` outputs for every example of ``dataset``, in order."""
-        return self.predictor().predict(
+        return self.predictor.predict(
             self.params, dataset, batch_size=batch_size or self.config.batch_size
         )
 
@@ -422,7 +422,7 @@ class Trainer:
         if self.config.eval_batches is not None:
             limit = min(len(dataset), self.config.eval_batches * batch_size)
         subset = dataset if limit is None else Prefix(dataset, limit)
-        outputs = self.predictor().predict(self.params, subset, batch_size=batch_size)
+        outputs = self.predictor.predict(self.params, subset, batch_size=batch_size)
         return {
             f"eval_{name}": float(np.mean(value))
             for name, value in outputs.items()

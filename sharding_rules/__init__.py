@@ -16,6 +16,7 @@ from sharding_rules.rules import (
     ShardingRuleError,
     infer_param_specs,
     param_rules,
+    specs_tree,
 )
 from sharding_rules.trace import ModelAnalysis, analyze_model
 
@@ -40,5 +41,6 @@ __all__ = [
     "make_plan",
     "optimizer_state_specs",
     "param_rules",
+    "specs_tree",
     "uses_our_axes",
 ]

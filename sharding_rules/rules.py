@@ -500,5 +500,10 @@ def infer_param_specs(
         or an override / mesh is malformed.
     """
     analysis = analyze_model(apply_fn, params, *example_args)
-    rules = param_rules(analysis, mesh_axis_sizes, overrides)
+    return specs_tree(analysis, param_rules(analysis, mesh_axis_sizes, overrides))
+
+
+def specs_tree(analysis: ModelAnalysis, rules: Mapping[str, ParamRule]) -> Any:
+    """The specs of ``param_rules(analysis, ...)`` as a pytree shaped like the params, so one
+    analysis can be turned into specs for many meshes without tracing again."""
     return jax.tree.unflatten(analysis.treedef, [r.spec for r in rules.values()])

@@ -225,7 +225,8 @@ def test_mesh_1_2_4_gives_single_device_logits(family, ids):
         assert array.sharding.is_equivalent_to(NamedSharding(mesh, spec), array.ndim)
     assert any(not a.sharding.is_fully_replicated for a in jax.tree.leaves(sharded))
     single = jax_logits(model, params, ids)
-    np.testing.assert_allclose(jax_logits(model, sharded, ids, mesh), single, atol=1e-5)
+    # sharded matmuls sum in another order: float32 rounding, not a layout error (that is O(1))
+    np.testing.assert_allclose(jax_logits(model, sharded, ids, mesh), single, rtol=1e-5, atol=5e-5)
 
 
 def test_bfloat16_logits_as_accurate_as_transformers_bfloat16(family, ids):
