@@ -1,9 +1,30 @@
-"""Tiling helpers shared by the kernels: sequence padding and split-softmax merging."""
+"""Tiling helpers shared by the kernels: sequence padding, split-softmax merging and the
+key of the Triton tile tables."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+TRITON_MAX_HEAD_DIM = 256
+"""Largest head_dim the Triton tile tables (``flash_gpu``, ``decode_gpu``) have rows for."""
+
+
+def triton_table_key(head_dim: int, dtype: jnp.dtype) -> tuple[int, int]:
+    """Row of a Triton tile table: ``head_dim`` padded to a power of two (at least 64), and
+    2 or 4 bytes per element (the 4-byte rows also serve wider dtypes).
+
+    Raises:
+      ValueError: ``head_dim > TRITON_MAX_HEAD_DIM``: no row holds tiles that fit it.
+    """
+    if head_dim > TRITON_MAX_HEAD_DIM:
+        raise ValueError(
+            f"the Triton kernels have tiles for head_dim <= {TRITON_MAX_HEAD_DIM}, got "
+            f"{head_dim}; use implementation='xla', or add a measured row to "
+            "flash_gpu.TILE_TABLE / decode_gpu.DECODE_BLOCK_KV."
+        )
+    padded = max(64, 1 << (head_dim - 1).bit_length())
+    return padded, 2 if jnp.dtype(dtype).itemsize <= 2 else 4
 
 
 def round_up(x: int, multiple: int) -> int:

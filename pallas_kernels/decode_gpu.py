@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import combine_partials
+from pallas_kernels.blocks import combine_partials, triton_table_key
 from pallas_kernels.masks import MASK_VALUE, MaskSpec, soft_cap
 
 _LOG2E = math.log2(math.e)
@@ -54,12 +54,32 @@ class _Config:
     interpret: bool
 
 
-def default_block_kv(cache_len: int, dtype: jnp.dtype) -> int:
-    """Largest power-of-two tile <= 128 (64 for 4-byte dtypes) that divides ``cache_len``.
+# (padded head_dim, bytes per element) -> KV tile of the decode kernel, which runs with
+# num_warps=4, num_stages=2 (jax's Pallas Triton decode defaults). 128 where it fits (jax's
+# default block_k), halved as head_dim or element size grow so the two pipelined K/V
+# buffers stay near 128 KiB; see docs/kernels.md ("Triton tile table") and
+# tests/pallas_kernels/test_tiles.py (shared-memory estimate per entry).
+DECODE_BLOCK_KV: dict[tuple[int, int], int] = {
+    (64, 2): 128,
+    (128, 2): 128,
+    (256, 2): 64,
+    (64, 4): 128,
+    (128, 4): 64,
+    (256, 4): 32,
+}
+NUM_WARPS, NUM_STAGES = 4, 2
+
+
+def default_block_kv(cache_len: int, head_dim: int, dtype: jnp.dtype) -> int:
+    """``DECODE_BLOCK_KV``'s tile for ``head_dim`` / ``dtype``, halved until it divides
+    ``cache_len``.
 
     Returns 0 when no tile >= 16 divides it (the cache is then padded).
+
+    Raises:
+      ValueError: ``head_dim > 256`` (:func:`blocks.triton_table_key`).
     """
-    block = 128 if jnp.dtype(dtype).itemsize < 4 else 64
+    block = DECODE_BLOCK_KV[triton_table_key(head_dim, dtype)]
     while block >= _MIN_BLOCK and cache_len % block:
         block //= 2
     return block if block >= _MIN_BLOCK else 0
@@ -149,7 +169,8 @@ def decode_attention(
     s_len, hkv = k_cache.shape[1], k_cache.shape[2]
     if block_kv is not None and (block_kv < _MIN_BLOCK or block_kv & (block_kv - 1)):
         raise ValueError(f"block_kv must be a power of two >= {_MIN_BLOCK}, got {block_kv}.")
-    bk = block_kv or default_block_kv(s_len, q.dtype) or 64
+    table_block = DECODE_BLOCK_KV[triton_table_key(d, q.dtype)]  # raises for d > 256
+    bk = block_kv or default_block_kv(s_len, d, q.dtype) or table_block
     if s_len % bk:
         pad = [(0, 0), (0, pl.cdiv(s_len, bk) * bk - s_len), (0, 0), (0, 0)]
         k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
@@ -186,7 +207,7 @@ def decode_attention(
             jax.ShapeDtypeStruct((splits, b, hkv, gp), jnp.float32),
             jax.ShapeDtypeStruct((splits, b, hkv, gp), jnp.float32),
         ],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
         name="decode_attention",
     )(lengths, q.reshape(b, hkv, groups, d), k_cache, v_cache)

@@ -11,15 +11,21 @@
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")``, GPU only,
   and only for masks cuDNN expresses exactly (see :func:`cudnn_unsupported_reason`).
 * ``"auto"``: TPU -> pallas; GPU -> cudnn where it expresses the call, else pallas;
-  CPU -> xla.
+  CPU -> xla (:func:`auto_route`). On GPU, a call cuDNN expresses but for its segment ids
+  picks at run time, inside one compiled program: cuDNN without segment ids when every
+  row of the batch is a single segment, the Pallas kernel with them otherwise
+  (:func:`by_segment_count`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels import decode_gpu, decode_tpu, flash_gpu, flash_tpu
 from pallas_kernels.masks import MaskSpec
@@ -30,6 +36,9 @@ from pallas_kernels.xla_attention import blocked_attention
 IMPLEMENTATIONS = ("auto", "pallas", "cudnn", "xla")
 XLA_BLOCK_Q = 128
 """Query block of the ``"xla"`` implementation (``block_q`` overrides it)."""
+CUDNN_OR_PALLAS = "cudnn-or-pallas"
+""":func:`auto_route`'s answer when only segment ids keep cuDNN out: the route is picked
+per batch on device by :func:`by_segment_count`."""
 
 
 def _check_implementation(implementation: str) -> None:
@@ -55,8 +64,8 @@ def cudnn_unsupported_reason(
     routed to cuDNN together with ``is_causal=True``: without it, this jax
     version silently lets a windowed cuDNN call attend to future tokens.
     """
-    if jax.default_backend() != "gpu":
-        return f"cuDNN attention needs a GPU backend, this is {jax.default_backend()!r}"
+    if _backend() != "gpu":
+        return f"cuDNN attention needs a GPU backend, this is {_backend()!r}"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype}"
     if q.shape[-1] % 8 or q.shape[-1] > 128:
@@ -74,8 +83,143 @@ def cudnn_unsupported_reason(
     return None
 
 
+def auto_route(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    causal: bool,
+    q_segment_ids: jax.Array | None,
+    sliding_window: int | None,
+    num_sink_tokens: int,
+    logit_soft_cap: float | None,
+) -> str:
+    """What ``implementation="auto"`` runs for this call (decided at trace time).
+
+    ``"xla"`` on CPU, ``"pallas"`` on TPU. On GPU: ``"cudnn"`` when cuDNN expresses the
+    call; :data:`CUDNN_OR_PALLAS` when only the segment ids stand in its way (training
+    always passes them, though most rows of long documents hold a single one); else
+    ``"pallas"``.
+    """
+    backend = _backend()
+    if backend != "gpu":
+        return "pallas" if backend == "tpu" else "xla"
+    reason = cudnn_unsupported_reason(
+        q,
+        k,
+        causal=causal,
+        q_segment_ids=None,
+        sliding_window=sliding_window,
+        num_sink_tokens=num_sink_tokens,
+        logit_soft_cap=logit_soft_cap,
+    )
+    if reason is not None:
+        return "pallas"
+    return "cudnn" if q_segment_ids is None else CUDNN_OR_PALLAS
+
+
+def single_segment_rows(q_segment_ids: jax.Array, kv_segment_ids: jax.Array) -> jax.Array:
+    """Scalar bool: in every row, all query and key ids equal the row's first query id.
+
+    Then the segment ids hide nothing and attention without them is the same. A row of one
+    document followed by padding under a pad id of its own (``jaxstack.data`` leaves 0 for
+    padding) holds two segments, so it does not count as single.
+
+    Args:
+      q_segment_ids: ``[b, sq]`` int; kv_segment_ids: ``[b, skv]`` int.
+    """
+    first = q_segment_ids[:, :1]
+    return jnp.all(q_segment_ids == first) & jnp.all(kv_segment_ids == first)
+
+
+def by_segment_count(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    *,
+    single: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    several: Callable[..., jax.Array],
+) -> jax.Array:
+    """``single(q, k, v)`` when every row is one segment (:func:`single_segment_rows`),
+    else ``several(q, k, v, q_segment_ids, kv_segment_ids)``.
+
+    A ``lax.cond``: both branches are compiled once into the same program and the branch
+    is picked on device per batch, so batches with and without packed documents never
+    recompile; gradients flow through the branch that ran. Under ``shard_map`` every
+    shard decides for its own rows. Both branches must return the same shape and dtype.
+    """
+    return lax.cond(
+        single_segment_rows(q_segment_ids, kv_segment_ids),
+        lambda q, k, v, q_seg, kv_seg: single(q, k, v),
+        several,
+        q,
+        k,
+        v,
+        q_segment_ids,
+        kv_segment_ids,
+    )
+
+
+def _backend() -> str:
+    """The backend kernels are picked for (one function, so tests can stand in a GPU)."""
+    return jax.default_backend()
+
+
 def _interpret(interpret: bool | None) -> bool:
-    return jax.default_backend() == "cpu" if interpret is None else interpret
+    return _backend() == "cpu" if interpret is None else interpret
+
+
+def _cudnn_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    sliding_window: int | None,
+    scale: float | None,
+) -> jax.Array:
+    """cuDNN flash attention through ``jax.nn`` (no segment ids, no cap, no sinks)."""
+    return jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        scale=scale,
+        is_causal=causal,
+        local_window_size=None if sliding_window is None else (sliding_window - 1, 0),
+        implementation="cudnn",
+    )
+
+
+def _pallas_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    *,
+    spec: MaskSpec,
+    scale: float | None,
+    logit_soft_cap: float | None,
+    block_q: int | None,
+    block_kv: int | None,
+    interpret: bool,
+) -> jax.Array:
+    """Our flash kernels: Mosaic on TPU, Triton elsewhere (interpret mode on CPU)."""
+    kernel = flash_tpu.flash_attention if _backend() == "tpu" else flash_gpu.flash_attention
+    return kernel(
+        q,
+        k,
+        v,
+        q_segment_ids,
+        kv_segment_ids,
+        mask=spec,
+        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+        logit_soft_cap=logit_soft_cap,
+        block_q=block_q,
+        block_kv=block_kv,
+        interpret=interpret,
+    )
 
 
 def attention(
@@ -126,20 +270,18 @@ def attention(
         q, k, v, q_segment_ids, kv_segment_ids, sliding_window, num_sink_tokens,
         logit_soft_cap, scale,
     )  # fmt: skip
-    backend = jax.default_backend()
-    reason = cudnn_unsupported_reason(
-        q,
-        k,
+    masks = dict(
         causal=causal,
-        q_segment_ids=q_segment_ids,
         sliding_window=sliding_window,
         num_sink_tokens=num_sink_tokens,
         logit_soft_cap=logit_soft_cap,
     )
     if implementation == "auto":
-        implementation = {"tpu": "pallas", "gpu": "pallas" if reason else "cudnn"}.get(
-            backend, "xla"
-        )
+        implementation = auto_route(q, k, q_segment_ids=q_segment_ids, **masks)
+    elif implementation == "cudnn":
+        reason = cudnn_unsupported_reason(q, k, q_segment_ids=q_segment_ids, **masks)
+        if reason is not None:
+            raise ValueError(f"implementation='cudnn' cannot run this call: {reason}.")
     spec = MaskSpec.for_attention(
         q.shape[1],
         k.shape[1],
@@ -161,33 +303,25 @@ def attention(
             logit_soft_cap=logit_soft_cap,
             block_q=block_q or XLA_BLOCK_Q,
         )
+    cudnn = functools.partial(
+        _cudnn_attention, causal=causal, sliding_window=sliding_window, scale=scale
+    )
     if implementation == "cudnn":
-        if reason is not None:
-            raise ValueError(f"implementation='cudnn' cannot run this call: {reason}.")
-        return jax.nn.dot_product_attention(
-            q,
-            k,
-            v,
-            scale=scale,
-            is_causal=causal,
-            local_window_size=None if sliding_window is None else (sliding_window - 1, 0),
-            implementation="cudnn",
-        )
-    d = q.shape[-1]
-    kernel = flash_tpu.flash_attention if backend == "tpu" else flash_gpu.flash_attention
-    return kernel(
-        q,
-        k,
-        v,
-        q_segment_ids,
-        kv_segment_ids,
-        mask=spec,
-        scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+        return cudnn(q, k, v)
+    pallas = functools.partial(
+        _pallas_attention,
+        spec=spec,
+        scale=scale,
         logit_soft_cap=logit_soft_cap,
         block_q=block_q,
         block_kv=block_kv,
         interpret=_interpret(interpret),
     )
+    if implementation == CUDNN_OR_PALLAS:
+        return by_segment_count(
+            q, k, v, q_segment_ids, kv_segment_ids, single=cudnn, several=pallas
+        )
+    return pallas(q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def decode_attention(
@@ -223,7 +357,7 @@ def decode_attention(
     check_decode_inputs(
         q, k_cache, v_cache, lengths, sliding_window, num_sink_tokens, logit_soft_cap, scale
     )
-    backend = jax.default_backend()
+    backend = _backend()
     if implementation == "cudnn":
         raise ValueError(
             "implementation='cudnn' has no decode kernel (per-row lengths with the query at "

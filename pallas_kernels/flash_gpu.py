@@ -28,6 +28,9 @@ Fully masked blocks are never visited: structural masks bound the loops, and
 with segment ids a block whose tile mask is all False skips both matmuls.
 Blocks every row sees entirely (``masks.full_kv_block_range``) run in a loop of
 their own without computing a mask; only the boundary blocks pay for it.
+
+Tiles, warps and pipeline stages of the three kernels come from ``TILE_TABLE``, by
+head_dim and element size (:func:`block_sizes`; ``block_q`` / ``block_kv`` override).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import pad_seq, round_up
+from pallas_kernels.blocks import pad_seq, round_up, triton_table_key
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 
 _LOG2E = math.log2(math.e)
@@ -84,26 +87,60 @@ class _Config:
         return self.kv_len % max(self.fwd.block_kv, self.dkv.block_kv, self.dq.block_kv) != 0
 
 
+# (padded head_dim, bytes per element) -> (forward, dK/dV, dQ) launch parameters.
+# Not measured on hardware: the values follow public tunings (jax's Pallas Triton `mha`,
+# Triton's fused-attention tutorial, FlashAttention-2's per-head_dim launch templates) and
+# are sized so every entry fits H100 (and A100) shared memory. docs/kernels.md ("Triton
+# tile table") names the sources; tests/pallas_kernels/test_tiles.py states each entry's
+# shared-memory estimate and fails if one exceeds the budget.
+TILE_TABLE: dict[tuple[int, int], tuple[BlockSizes, BlockSizes, BlockSizes]] = {
+    # bfloat16 / float16
+    (64, 2): (BlockSizes(128, 64, 4, 3), BlockSizes(32, 128, 4, 3), BlockSizes(128, 32, 4, 3)),
+    (128, 2): (BlockSizes(128, 64, 8, 2), BlockSizes(32, 128, 8, 2), BlockSizes(128, 32, 8, 2)),
+    (256, 2): (BlockSizes(64, 32, 8, 2), BlockSizes(32, 64, 8, 2), BlockSizes(64, 32, 8, 2)),
+    # float32 (and wider)
+    (64, 4): (BlockSizes(64, 64, 4, 2), BlockSizes(32, 64, 4, 2), BlockSizes(64, 32, 4, 2)),
+    (128, 4): (BlockSizes(64, 32, 8, 2), BlockSizes(32, 64, 8, 2), BlockSizes(64, 32, 8, 2)),
+    (256, 4): (BlockSizes(64, 16, 8, 2), BlockSizes(16, 32, 8, 2), BlockSizes(32, 16, 4, 2)),
+}
+
+
 def default_block_sizes(
     head_dim: int, dtype: jnp.dtype
 ) -> tuple[BlockSizes, BlockSizes, BlockSizes]:
-    """(forward, dK/dV, dQ) tiles for Hopper/Ampere-class GPUs (FlashAttention-2 Triton).
+    """(forward, dK/dV, dQ) launch parameters of ``TILE_TABLE`` for ``head_dim`` and ``dtype``.
 
-    4-byte dtypes and head_dim > 128 get half-size tiles so the pipelined K/V
-    stages still fit in shared memory.
+    Raises:
+      ValueError: ``head_dim > 256`` (:func:`blocks.triton_table_key`).
     """
-    wide = jnp.dtype(dtype).itemsize >= 4 or head_dim > 128
-    warps = 4 if head_dim <= 64 else 8
-    if wide:
-        return (
-            BlockSizes(64, 32, 4, 2),
-            BlockSizes(32, 64, 4, 2),
-            BlockSizes(64, 32, 4, 2),
+    return TILE_TABLE[triton_table_key(head_dim, dtype)]
+
+
+def block_sizes(
+    head_dim: int,
+    dtype: jnp.dtype,
+    seq_q: int,
+    seq_kv: int,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+) -> tuple[BlockSizes, BlockSizes, BlockSizes]:
+    """The (forward, dK/dV, dQ) launch parameters one call runs with.
+
+    ``block_q`` / ``block_kv`` replace the table's tiles in all three kernels (warps and
+    stages stay the table's); every tile then shrinks to the power-of-two rounded sequence.
+
+    Raises:
+      ValueError: an override that is not a power of two >= 16, or ``head_dim > 256``.
+    """
+    _check_block("block_q", block_q)
+    _check_block("block_kv", block_kv)
+    return tuple(
+        dataclasses.replace(
+            t,
+            block_q=_fit(block_q or t.block_q, seq_q),
+            block_kv=_fit(block_kv or t.block_kv, seq_kv),
         )
-    return (
-        BlockSizes(128, 64, warps, 3),
-        BlockSizes(32, 128, 4, 3),
-        BlockSizes(128, 32, warps, 3),
+        for t in default_block_sizes(head_dim, dtype)
     )
 
 
@@ -468,24 +505,14 @@ def flash_attention(
       mask: structural mask (causal / window / sinks, query offset).
       scale: logit scale; logit_soft_cap: cap or None.
       block_q, block_kv: one tile for all three kernels (powers of two >= 16);
-        None = :func:`default_block_sizes`.
+        None = ``TILE_TABLE`` (:func:`block_sizes`).
       interpret: run the kernels in Pallas interpret mode (CPU testing).
 
     Returns:
       ``[b, sq, hq, d]`` in ``q.dtype``.
     """
-    _check_block("block_q", block_q)
-    _check_block("block_kv", block_kv)
     sq, skv = q.shape[1], k.shape[1]
-    tiles = default_block_sizes(q.shape[-1], q.dtype)
-    tiles = tuple(
-        dataclasses.replace(
-            t,
-            block_q=_fit(block_q or t.block_q, sq),
-            block_kv=_fit(block_kv or t.block_kv, skv),
-        )
-        for t in tiles
-    )
+    tiles = block_sizes(q.shape[-1], q.dtype, sq, skv, block_q, block_kv)
     cfg = _Config(
         mask=mask,
         scale=scale,

@@ -62,15 +62,15 @@ def _naive_attention(q, k, v, *, causal, q_seg, kv_seg, window, sinks, cap, scal
     return out
 
 
+def _out_and_grads(fn, q, k, v, do):
+    """Output and (dq, dk, dv) of ``fn(q, k, v)`` for the cotangent ``do``."""
+    out, pullback = jax.vjp(fn, q, k, v)
+    return (out, *pullback(do))
+
+
 def _vjp(fn, q, k, v, do):
-    """Output and (dq, dk, dv), in one jit (interpret mode is far slower eagerly)."""
-
-    @jax.jit
-    def run(q, k, v, do):
-        out, pullback = jax.vjp(fn, q, k, v)
-        return (out, *pullback(do))
-
-    return run(q, k, v, do)
+    """:func:`_out_and_grads` in one jit (interpret mode is far slower eagerly)."""
+    return jax.jit(lambda *args: _out_and_grads(fn, *args))(q, k, v, do)
 
 
 def _assert_close(actual, expected, dtype, names=("out", "dq", "dk", "dv")):
@@ -278,7 +278,7 @@ def test_mosaic_kernel_matches_reference(name):
 
 
 def test_unequal_forward_and_backward_tiles():
-    """Default tiles differ per kernel (fwd 64x32, dK/dV 32x64, dQ 64x32 for f32)."""
+    """Table tiles differ per kernel (f32, head_dim 64: fwd 64x64, dK/dV 32x64, dQ 64x32)."""
     case = Case(200, 200, 4, 2, 64, window=70, sinks=2)
     kernel = lambda q, k, v: attention(
         q, k, v, sliding_window=70, num_sink_tokens=2, implementation="pallas"
@@ -397,3 +397,117 @@ def test_cudnn_never_gets_a_window_without_causal(monkeypatch):
     assert "soft-capping" in reason(q, k, causal=True, **{**base, "logit_soft_cap": 5.0})
     assert "bfloat16" in reason(q.astype(jnp.float32), k, causal=True, **base)
     assert "aligns the ends" in reason(q, k[:, :4], causal=True, **base)
+
+
+# ---------------------------------------------------------------------------
+# GPU "auto": cuDNN without segment ids when every row is one segment, else Pallas.
+# ---------------------------------------------------------------------------
+
+
+def _ids(rows):
+    return jnp.asarray(rows, jnp.int32)
+
+
+@pytest.mark.parametrize(
+    ("q_seg", "kv_seg", "single"),
+    [
+        ([[1, 1, 1], [2, 2, 2]], None, True),
+        ([[0, 0, 0], [5, 5, 5]], None, True),  # an all-padding row is one segment
+        ([[1, 1, 2], [3, 3, 3]], None, False),
+        ([[1, 1, 0], [1, 1, 1]], None, False),  # document + padding (pad id 0): two segments
+        ([[1, 1, 1]], [[2, 2, 2]], False),  # queries see no key at all
+        ([[4, 4]], [[4, 4, 4, 4]], True),
+    ],
+)
+def test_single_segment_rows(q_seg, kv_seg, single):
+    q_seg = _ids(q_seg)
+    kv_seg = q_seg if kv_seg is None else _ids(kv_seg)
+    assert bool(dispatch.single_segment_rows(q_seg, kv_seg)) is single
+
+
+def test_by_segment_count_runs_one_branch_and_differentiates_through_it():
+    q = jnp.arange(6.0).reshape(1, 3, 1, 2)
+    grad = jax.jit(
+        jax.grad(
+            lambda q, seg: jnp.sum(
+                dispatch.by_segment_count(
+                    q, q, q, seg, seg,
+                    single=lambda q, k, v: 2.0 * q,
+                    several=lambda q, k, v, q_seg, kv_seg: 3.0 * q,
+                )
+            )
+        )
+    )  # fmt: skip
+    np.testing.assert_array_equal(grad(q, _ids([[7, 7, 7]])), 2.0)
+    np.testing.assert_array_equal(grad(q, _ids([[7, 7, 8]])), 3.0)
+
+
+def test_auto_route(monkeypatch):
+    q, k, _, _ = _qkv(1, 8, 8, 4, 2, 64, jnp.bfloat16)
+    seg = jnp.zeros((1, 8), jnp.int32)
+    base = dict(causal=True, q_segment_ids=None, sliding_window=None, num_sink_tokens=0,
+                logit_soft_cap=None)  # fmt: skip
+    route = lambda q=q, k=k, **kw: dispatch.auto_route(q, k, **{**base, **kw})
+    for backend, expected in (("cpu", "xla"), ("tpu", "pallas")):
+        monkeypatch.setattr(dispatch, "_backend", lambda b=backend: b)
+        assert route(q_segment_ids=seg) == expected
+    monkeypatch.setattr(dispatch, "_backend", lambda: "gpu")
+    assert route() == "cudnn"
+    assert route(q_segment_ids=seg) == dispatch.CUDNN_OR_PALLAS
+    assert route(q_segment_ids=seg, sliding_window=4) == dispatch.CUDNN_OR_PALLAS
+    # Whatever else cuDNN cannot express keeps the kernel for every batch.
+    assert route(q_segment_ids=seg, logit_soft_cap=5.0) == "pallas"
+    assert route(q_segment_ids=seg, sliding_window=4, num_sink_tokens=2) == "pallas"
+    assert route(q=q.astype(jnp.float32), q_segment_ids=seg) == "pallas"
+    assert route(k=k[:, :4], q_segment_ids=seg) == "pallas"
+
+
+def test_auto_on_gpu_picks_cudnn_per_batch_in_one_compiled_program(monkeypatch):
+    """A stand-in GPU: cuDNN replaced by the reference without segment ids, the Triton
+    kernel in interpret mode; each records (on device, at run time) that it ran."""
+    ran = []
+
+    def fake_cudnn(q, k, v, *, causal, sliding_window, scale):
+        jax.debug.callback(lambda: ran.append("cudnn"))
+        return attention_reference(q, k, v, causal=causal, sliding_window=sliding_window,
+                                   scale=scale)  # fmt: skip
+
+    pallas = dispatch._pallas_attention
+
+    def recording_pallas(*args, **kwargs):
+        jax.debug.callback(lambda: ran.append("pallas"))
+        return pallas(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "_backend", lambda: "gpu")
+    monkeypatch.setattr(dispatch, "_cudnn_attention", fake_cudnn)
+    monkeypatch.setattr(dispatch, "_pallas_attention", recording_pallas)
+    traces = []
+
+    @jax.jit
+    def run(q, k, v, do, seg):
+        traces.append(1)
+        fn = lambda q, k, v: attention(q, k, v, q_segment_ids=seg, sliding_window=40,
+                                       interpret=True)  # fmt: skip
+        return _out_and_grads(fn, q, k, v, do)
+
+    @jax.jit
+    def reference(q, k, v, do, seg):
+        fn = lambda q, k, v: attention_reference(q, k, v, q_segment_ids=seg, sliding_window=40)
+        return _out_and_grads(fn, q, k, v, do)
+
+    q, k, v, do = _qkv(2, 64, 64, 2, 1, 64, jnp.bfloat16)
+    pos = jnp.arange(64)
+    batches = [
+        ("cudnn", [jnp.full(64, 1), jnp.full(64, 2)]),  # one document per row
+        ("pallas", [1 + (pos >= 20), jnp.full(64, 3)]),  # a row packs two documents
+        ("pallas", [jnp.where(pos < 50, 1, 0), jnp.full(64, 1)]),  # document + padding (id 0)
+    ]
+    f32 = lambda x: x.astype(jnp.float32)
+    for branch, rows in batches:
+        seg = jnp.stack(rows).astype(jnp.int32)
+        ran.clear()
+        got = run(q, k, v, do, seg)
+        jax.effects_barrier()
+        assert ran == [branch]
+        _assert_close(got, reference(f32(q), f32(k), f32(v), f32(do), seg), jnp.bfloat16)
+    assert len(traces) == 1
