@@ -9,45 +9,68 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh
 
+from jaxstack.losses import (
+    DEFAULT_CHUNK_SIZE,
+    CrossEntropyOutput,
+    chunk_layout,
+    fused_cross_entropy,
+)
 from jaxstack.models.llama import Llama
 from sharding_rules import ModelAnalysis, analyze_model, param_rules, specs_tree
 
 
-def lm_functions(model: Llama) -> tuple[Callable, Callable]:
+def lm_functions(
+    model: Llama, *, chunk_size: int = DEFAULT_CHUNK_SIZE, z_loss: float = 0.0
+) -> tuple[Callable, Callable]:
     """``(loss_fn, pred_fn)`` for next-token prediction on packed batches.
 
     Batches hold ``input_ids``, ``targets``, ``segment_ids``, ``positions`` and ``loss_mask``,
-    each ``[batch, seq]``. ``loss_fn`` returns the mean cross-entropy over unmasked tokens and
-    the token accuracy; ``pred_fn`` returns per-example ``loss`` and ``accuracy``.
-    """
+    each ``[batch, seq]``. The loss is ``jaxstack.losses.fused_cross_entropy`` over the
+    model's final hidden states and head: ``chunk_size`` positions of every row at a time, so
+    the float32 ``[tokens, vocab]`` logits never exist at once; ``z_loss`` weights PaLM's
+    ``logsumexp**2`` term.
 
-    def token_losses(params, batch):
-        logits = model.apply(
+    ``loss_fn`` returns the mean loss over unmasked tokens and the metrics ``accuracy`` (the
+    target is a top prediction) and ``num_tokens`` (the token count the mean divides by, so
+    that micro-batches can be weighted by it); ``pred_fn`` returns per-example ``loss`` and
+    ``accuracy``.
+
+    Raises:
+      ValueError: ``chunk_size`` is not a positive int.
+    """
+    chunk_layout(1, chunk_size)  # a bad chunk_size fails here, where it enters
+
+    def token_stats(params, batch) -> CrossEntropyOutput:
+        hidden = model.apply(
             {"params": params},
             batch["input_ids"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
+            return_hidden=True,
         )
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        # the target is the top prediction (ties count): cheaper than an argmax over vocab
-        target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-        correct = (target_logit >= logits.max(-1)).astype(jnp.float32)
-        return losses, correct, batch["loss_mask"].astype(jnp.float32)
+        return fused_cross_entropy(
+            hidden,
+            model.head_kernel(params),
+            batch["targets"],
+            batch["loss_mask"],
+            chunk_size=chunk_size,
+            z_loss=z_loss,
+        )
 
     def loss_fn(params, batch, rng: jax.Array):
-        losses, correct, mask = token_losses(params, batch)
-        denom = jnp.maximum(mask.sum(), 1.0)
-        return (losses * mask).sum() / denom, {"accuracy": (correct * mask).sum() / denom}
+        out = token_stats(params, batch)
+        denom = jnp.maximum(out.num_tokens, 1.0)
+        metrics = {"accuracy": out.num_correct / denom, "num_tokens": out.num_tokens}
+        return out.loss_sum / denom, metrics
 
     def pred_fn(params, batch, rng: jax.Array):
-        losses, correct, mask = token_losses(params, batch)
-        denom = jnp.maximum(mask.sum(-1), 1.0)
+        out = token_stats(params, batch)
+        denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(-1), 1.0)
         return {
-            "loss": (losses * mask).sum(-1) / denom,
-            "accuracy": (correct * mask).sum(-1) / denom,
+            "loss": out.token_loss.sum(-1) / denom,
+            "accuracy": out.token_correct.sum(-1) / denom,
         }
 
     return loss_fn, pred_fn
@@ -58,8 +81,9 @@ def lm_param_specs(
 ) -> Callable[[Any, Mesh], Any]:
     """A Trainer ``param_specs_fn`` that derives specs from the model's forward pass.
 
-    Tracing the forward (ids -> logits) rather than the loss lets the rules see the LM head's
-    logits as the model output, so the head is column-parallel over vocab.
+    It needs only ``seq_len``, not a batch (plans, ``mesh="auto"``). The Trainer's default,
+    tracing ``loss_fn``, reaches the same layout: the rules see the cross-entropy reduce the
+    head's logits over the vocabulary, so either way the head is column-parallel over vocab.
     """
 
     def specs(abstract_params, mesh: Mesh):

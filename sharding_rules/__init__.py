@@ -1,6 +1,12 @@
 """Automatic sharding rules: params + mesh -> PartitionSpecs, and the logical axis table."""
 
-from sharding_rules.auto_mesh import AutoMeshResult, MeshCandidate, auto_mesh, communication_bytes
+from sharding_rules.auto_mesh import (
+    AutoMeshResult,
+    MeshCandidate,
+    auto_mesh,
+    communication_bytes,
+    tensor_allreduce_bytes,
+)
 from sharding_rules.logical import (
     LOGICAL_AXIS_RULES,
     MESH_AXES,
@@ -42,5 +48,6 @@ __all__ = [
     "optimizer_state_specs",
     "param_rules",
     "specs_tree",
+    "tensor_allreduce_bytes",
     "uses_our_axes",
 ]

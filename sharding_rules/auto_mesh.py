@@ -13,21 +13,26 @@ Cost model: bytes each device sends per training step, ring collectives (a colle
 - fsdp: all-gather of the FSDP-sharded parameters in the forward pass and again in the
   backward pass, and a reduce-scatter of their gradients: ``(f-1)/f * (2 P_f + G_f)`` with
   ``P_f``/``G_f`` the gathered (unsharded over fsdp) bytes of those parameters / gradients.
-- tensor: all-reduce of activations: ``2 (t-1)/t * num_layers * A / (d * f)`` where ``A`` is
-  the caller's ``tensor_allreduce_bytes_per_layer`` for the whole global batch (Megatron:
-  4 x batch x seq x d_model x dtype bytes, two all-reduces forward and two backward), split
-  over the ``d * f`` batch shards.
+- tensor: all-reduce of activations: ``2 (t-1)/t * A / (d * f)`` where ``A`` is the
+  activation bytes all-reduced over ``tensor`` per step for the whole global batch, split
+  over the ``d * f`` batch shards. ``tensor_allreduce_bytes`` derives ``A`` from a traced
+  ``ModelAnalysis`` and the candidate's specs, for any model (Megatron: 4 x tokens x d_model
+  x dtype bytes per layer: two all-reduces forward and two backward).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import jax
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from sharding_rules.logical import MESH_AXES
 from sharding_rules.plan import MemoryPlan, format_bytes, make_plan
 from sharding_rules.rules import ShardingRuleError, divisors
+from sharding_rules.trace import CONTRACT, FREE, LAYER, VOCAB, WIDTH, ModelAnalysis, ParamLabel
 
 
 @dataclass(frozen=True)
@@ -55,23 +60,78 @@ class AutoMeshResult:
         return tuple(self.axis_sizes[a] for a in MESH_AXES)
 
 
+def _mentions(part: Any, axis: str) -> bool:
+    return part == axis or (isinstance(part, tuple) and axis in part)
+
+
+def tensor_allreduce_bytes(
+    analysis: ModelAnalysis, specs: Any, itemsize: int, *, training: bool = True
+) -> float:
+    """Activation bytes all-reduced over ``tensor`` by one run of the traced computation
+    (one micro-batch of the traced shapes) under the layout ``specs``.
+
+    Read from the dataflow, for any model: a weight sharded over ``tensor`` on a contracted
+    dimension (row-parallel) all-reduces its output, ``rows x output features``, in the
+    forward pass and the same amount for the input gradient of its column-parallel partner in
+    the backward pass; an output head sharded on its output (vocab-parallel, not feeding a
+    row-parallel weight) all-reduces its input gradient; an embedding sharded over vocab or
+    width all-reduces (gathers) its looked-up rows. A scanned stack counts every layer.
+    ``rows`` are ``analysis.rows``; ``itemsize`` is the activation dtype's.
+    ``training=False`` counts the forward pass alone.
+    """
+    flat = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    passes = 2 if training else 1
+    total = 0.0
+    for leaf, (spec, shape) in enumerate(zip(flat, analysis.shapes, strict=True)):
+        sharded = [d for d, part in enumerate(spec) if _mentions(part, "tensor")]
+        if not sharded or leaf not in analysis.rows:
+            continue
+        roles = [analysis.roles.get((leaf, d), frozenset()) for d in range(len(shape))]
+        rows = analysis.rows[leaf] * _size_with(LAYER, shape, roles)
+        if any(CONTRACT in roles[d] for d in sharded):
+            total += passes * rows * _size_with(FREE, shape, roles)
+        elif any(roles[d] & {VOCAB, WIDTH} for d in sharded):
+            total += rows * _size_with(WIDTH, shape, roles)
+        elif training and any(
+            FREE in roles[d] and not _feeds_row_parallel(analysis, flat, leaf, d) for d in sharded
+        ):
+            total += rows * _size_with(CONTRACT, shape, roles)
+    return total * itemsize
+
+
+def _size_with(role: str, shape: tuple[int, ...], roles: list[frozenset[str]]) -> int:
+    """Product of the dims of ``shape`` that have ``role``."""
+    return math.prod(n for n, dim_roles in zip(shape, roles, strict=True) if role in dim_roles)
+
+
+def _feeds_row_parallel(analysis: ModelAnalysis, flat: list, leaf: int, dim: int) -> bool:
+    """Whether output ``dim`` of ``leaf`` is contracted by a weight sharded there over tensor."""
+    for kind, consumer in analysis.sinks.get(ParamLabel(leaf, dim), ()):
+        if kind == "row" and consumer is not None:
+            spec = flat[consumer.leaf]
+            if consumer.dim < len(spec) and _mentions(spec[consumer.dim], "tensor"):
+                return True
+    return False
+
+
 def communication_bytes(
     plan: MemoryPlan,
     *,
-    tensor_allreduce_bytes_per_layer: int,
-    num_layers: int,
+    tensor_allreduce_bytes: float,
     grad_dtype: Any = None,
+    training: bool = True,
 ) -> float:
-    """Bytes each device sends per training step under the module's cost model."""
+    """Bytes each device sends per step under the module's cost model (``training=False``:
+    a forward pass, with no gradients to all-reduce and one all-gather of fsdp params)."""
     sizes = plan.mesh_axis_sizes
     d, f, t = sizes["data"], sizes["fsdp"], sizes["tensor"]
-    cost = 2 * (d - 1) / d * plan.grad_bytes
+    cost = 2 * (d - 1) / d * plan.grad_bytes if training else 0.0
     for e in plan.entries:
-        if any(s == "fsdp" or (isinstance(s, tuple) and "fsdp" in s) for s in e.spec):
+        if any(_mentions(s, "fsdp") for s in e.spec):
             gathered = e.bytes_per_device * f
             grads = gathered // e.dtype.itemsize * np.dtype(grad_dtype or e.dtype).itemsize
-            cost += (f - 1) / f * (2 * gathered + grads)
-    cost += 2 * (t - 1) / t * num_layers * tensor_allreduce_bytes_per_layer / (d * f)
+            cost += (f - 1) / f * ((2 * gathered + grads) if training else gathered)
+    cost += 2 * (t - 1) / t * tensor_allreduce_bytes / (d * f)
     return cost
 
 
@@ -81,11 +141,11 @@ def auto_mesh(
     spec_fn: Callable[[dict[str, int]], Any],
     params: Any,
     *,
-    tensor_allreduce_bytes_per_layer: int,
-    num_layers: int,
+    tensor_allreduce_bytes: float | Callable[[Any], float],
     opt_state: Any = None,
     grad_dtype: Any = None,
     activation_bytes_fn: Callable[[dict[str, int]], int] | None = None,
+    training: bool = True,
 ) -> AutoMeshResult:
     """Pick the mesh axis sizes for ``num_devices`` devices of ``device_memory_bytes`` each.
 
@@ -96,11 +156,14 @@ def auto_mesh(
         ``lambda s: infer_param_specs(model.apply, params, x, mesh_axis_sizes=s)`` (or
         ``param_rules`` on one ``analyze_model`` result, to trace once).
       params: parameter shapes.
-      tensor_allreduce_bytes_per_layer, num_layers: tensor-parallel traffic (module doc);
+      tensor_allreduce_bytes: activation bytes all-reduced over ``tensor`` per step for the
+        global batch (module doc), or ``specs -> bytes`` (e.g. from
+        ``tensor_allreduce_bytes(analysis, specs, itemsize)``) when it depends on the layout;
         required because with zero traffic tensor parallelism would look free.
       opt_state: optimizer state shapes (``jax.eval_shape(tx.init, params)``).
       grad_dtype: gradient dtype (default: each parameter's).
       activation_bytes_fn: axis sizes -> per-device activation bytes (default 0).
+      training: plan gradients and count training traffic (False: inference).
 
     Returns:
       The cheapest fitting candidate.
@@ -132,12 +195,13 @@ def auto_mesh(
                 opt_state=opt_state,
                 grad_dtype=grad_dtype,
                 activation_bytes=act,
+                gradients=training,
             )
+            traffic = tensor_allreduce_bytes
+            if callable(traffic):
+                traffic = traffic(specs) if sizes["tensor"] > 1 else 0.0
             cost = communication_bytes(
-                plan,
-                grad_dtype=grad_dtype,
-                tensor_allreduce_bytes_per_layer=tensor_allreduce_bytes_per_layer,
-                num_layers=num_layers,
+                plan, grad_dtype=grad_dtype, tensor_allreduce_bytes=traffic, training=training
             )
             over = plan.total_bytes > device_memory_bytes
             why = f"needs {format_bytes(plan.total_bytes)} per device" if over else None

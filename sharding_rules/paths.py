@@ -1,7 +1,10 @@
 """Pytree paths as strings: ``{"params": {"mlp": {"kernel": x}}}`` -> ``"params/mlp/kernel"``.
 
 Every module in this package names a leaf by this one string, so overrides, plans and
-optimizer-state matching all agree on it.
+optimizer-state matching all agree on it. A ``flax.nnx`` state wraps each array in a
+``Variable`` whose path ends with the attribute ``.value``; that last step is dropped, so an
+NNX parameter reads ``"layers/attn/q/kernel"`` like its linen twin and an override written
+for one (``"q/kernel$"``) matches the other.
 """
 
 from typing import Any
@@ -24,7 +27,9 @@ def key_str(key: Any) -> str:
 
 
 def path_keys(key_path: tuple[Any, ...]) -> tuple[str, ...]:
-    """A jax key path as a tuple of strings."""
+    """A jax key path as a tuple of strings, without an NNX ``Variable``'s final ``.value``."""
+    if key_path and isinstance(key_path[-1], GetAttrKey) and key_path[-1].name == "value":
+        key_path = key_path[:-1]
     return tuple(key_str(k) for k in key_path)
 
 

@@ -85,6 +85,7 @@ def make_plan(
     grad_dtype: Any = None,
     activation_bytes: int = 0,
     reasons: Mapping[str, str] | None = None,
+    gradients: bool = True,
 ) -> MemoryPlan:
     """Predict per-device memory for ``params`` placed with ``param_specs`` on a mesh.
 
@@ -98,6 +99,7 @@ def make_plan(
       activation_bytes: the caller's per-device activation estimate (the model knows its
         batch, sequence length and remat policy).
       reasons: ``{path: why}`` shown in the table, e.g. from ``param_rules``.
+      gradients: count a gradient per parameter (False: inference).
 
     Raises:
       ValueError: if a spec tree does not match its pytree, or activation_bytes < 0.
@@ -111,7 +113,8 @@ def make_plan(
     for path, leaf, spec in zip(paths, leaves, specs, strict=True):
         shape, dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
         nbytes = bytes_per_device(shape, dtype, spec, sizes)
-        grad_bytes += bytes_per_device(shape, grad_dtype or dtype, spec, sizes)
+        if gradients:
+            grad_bytes += bytes_per_device(shape, grad_dtype or dtype, spec, sizes)
         reason = (reasons or {}).get(path, "")
         entries.append(ParamEntry(path, shape, dtype, spec, nbytes, reason))
     opt_bytes = 0

@@ -14,8 +14,14 @@ Order of decisions for each parameter:
      o) are chosen first, then program order; a weight joins at most one group.
    - *Embeddings* (read by ``gather`` or a one-hot matmul; a tied output head included):
      vocab over ``tensor`` when it divides, else the width.
-   - *Output heads* (a weight output that reaches the model output only, e.g. the LM
-     head): column-parallel on that output; if it does not divide, the contracting width.
+   - *Output heads*: column-parallel on the output; if it does not divide, the contracting
+     width. A weight is one when its output factor only reaches the model output (a forward
+     pass returning logits) or is only *reduced over* (see ``sharding_rules.trace``): the max,
+     logsumexp, target-logit pick and argmax of a softmax cross-entropy and its accuracy, so
+     the LM head is vocab-parallel when the trace is the loss. A reduced output must be at
+     least as wide as the weight's input (vocab >= width): sharding it then saves more than
+     the all-reduce of the reduced values costs, while a narrow one (a 4-expert router, a
+     3-class classifier) stays replicated.
 3. Experts (``expert`` > 1): a weight dimension that is a ``dot_general`` batch dimension
    against an activation (``einsum('ecd,edf->ecf')``, ``ragged_dot`` groups).
 4. Followers: an unmatched parameter dimension (bias, scale) merged into the same factor as
@@ -52,6 +58,9 @@ from sharding_rules.trace import (
     analyze_model,
 )
 
+_OUTPUT = ("output", None)
+_REDUCE = ("reduce", None)
+
 
 class ShardingRuleError(ValueError):
     """A requested mesh axis cannot shard a parameter, or an override/mesh is malformed."""
@@ -81,7 +90,7 @@ class TensorGroup:
 class _Structure:
     groups: tuple[TensorGroup, ...]
     embeddings: dict[int, tuple[int, tuple[int, ...]]]  # leaf -> (vocab dim, width dims)
-    heads: dict[int, tuple[int, int | None]]  # leaf -> (output dim, contracting dim)
+    heads: dict[int, tuple[int, int | None, str]]  # leaf -> (output dim, contracting dim, why)
     experts: tuple[tuple[int, int], ...]
     layers: frozenset[tuple[int, int]]
 
@@ -200,15 +209,16 @@ def _structure(an: ModelAnalysis) -> _Structure:
     )
     groups = _groups(pruned, is_producer)
     taken = {leaf for g in groups for leaf, _ in (*g.columns, *g.rows)}
-    heads: dict[int, tuple[int, int | None]] = {}
+    heads: dict[int, tuple[int, int | None, str]] = {}
     for lab, sinks in sorted(an.sinks.items(), key=lambda kv: (kv[0].leaf, kv[0].dim)):
-        if is_producer(lab) and sinks == {("output", None)} and lab.leaf not in taken | set(heads):
-            contracting = [
-                d
-                for d in range(len(an.shapes[lab.leaf]))
-                if CONTRACT in an.roles.get((lab.leaf, d), ())
-            ]
-            heads[lab.leaf] = (lab.dim, contracting[0] if contracting else None)
+        if not (is_producer(lab) and sinks <= {_OUTPUT, _REDUCE}) or lab.leaf in taken | set(heads):
+            continue
+        shape = an.shapes[lab.leaf]
+        contracting = [d for d in range(len(shape)) if CONTRACT in an.roles.get((lab.leaf, d), ())]
+        if _REDUCE in sinks and shape[lab.dim] < math.prod(shape[d] for d in contracting):
+            continue  # narrower than its input (router, classifier): replicated is cheaper
+        why = "reaches the output" if _REDUCE not in sinks else "only reduced over (softmax/CE)"
+        heads[lab.leaf] = (lab.dim, contracting[0] if contracting else None, why)
     experts: dict[int, int] = {}  # leaf -> its first expert-stacked dim
     for (leaf, dim), roles in sorted(an.roles.items()):
         if BATCH in roles and LAYER not in roles:
@@ -373,14 +383,15 @@ def _tensor(st: _Structure, asg: _Assignment, t: int) -> None:
                 + f"; its width dims {widths} do not divide either"
             )
         asg.put(leaf, width, "tensor", f"embedding, width (vocab {shape[vocab]} does not divide)")
-    for leaf, (out, contracting) in st.heads.items():
+    for leaf, (out, contracting, why) in st.heads.items():
         if not asg.free(leaf):
             continue
         shape = an.shapes[leaf]
         if shape[out] % t == 0:
-            asg.put(leaf, out, "tensor", f"output head, column-parallel dim {out}", True)
+            asg.put(leaf, out, "tensor", f"output head ({why}), column-parallel dim {out}", True)
         elif contracting is not None and shape[contracting] % t == 0:
-            asg.put(leaf, contracting, "tensor", f"output head, input dim ({shape[out]} outputs)")
+            note = f"output head ({why}), input dim ({shape[out]} outputs)"
+            asg.put(leaf, contracting, "tensor", note)
         else:
             raise ShardingRuleError(_no_divide(an, leaf, out, "tensor", t, "output head"))
     for leaf, shape in enumerate(an.shapes):

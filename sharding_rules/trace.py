@@ -26,9 +26,18 @@ activation-activation ``dot_general`` batch dimensions (attention heads). The wa
 - ``contractions``: each weight factor contracted against an activation factor, with the
   labels the activation factor carried (which weight outputs feed which weight inputs).
 - ``sinks``: where each ``outer == 1`` parameter label ends: contracted by a weight
-  (``("row", consumer_label)``), reaching the model output (``("output", None)``), or
-  anywhere that would need communication if it were sharded (``("bad", None)``: reductions,
-  activation-activation contractions, misaligned reshapes, opaque ops).
+  (``("row", consumer_label)``), reaching the model output (``("output", None)``), reduced
+  away (``("reduce", None)``), or anywhere that would need the whole factor on one device if
+  it were sharded (``("bad", None)``: cumulative ops, sorts, activation-activation
+  contractions that keep other large dims, misaligned reshapes, opaque ops).
+
+  A *reduction over a factor* is an op whose result drops the factor and is no larger than
+  its operand divided by the factor's size: ``reduce_max`` / ``reduce_sum`` (softmax,
+  logsumexp), ``argmax``, a ``gather`` that picks one entry along it (``take_along_axis`` of
+  the target logit), or an activation contraction against a one-hot (``einsum("bsv,bsv->bs",
+  logits, one_hot)``). With the factor sharded each device reduces its slice and an
+  all-reduce of the (small) result finishes it, so a weight output that is only reduced (the
+  LM head under a softmax cross-entropy) can be column-parallel cheaply.
 - ``cooccurrences``: label sets merged into one factor (a bias added to a matmul output).
 
 Primitives not listed here (custom kernels such as ``pallas_call`` among them) are treated
@@ -37,6 +46,7 @@ at that position has the same size, or a size dividing it (taken as repeated, li
 heads of a grouped-query attention kernel); labels that land nowhere get a ``bad`` sink.
 """
 
+import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -134,6 +144,10 @@ class ModelAnalysis:
     contractions: tuple[Contraction, ...]
     sinks: dict[ParamLabel, frozenset[Sink]]
     cooccurrences: tuple[Labels, ...]
+    rows: dict[int, int]
+    """Per weight leaf, the activation rows one use of it processes (tokens for an LM: the
+    activation's elements over the contracted ones; the looked-up ids of an embedding),
+    largest over its uses; a scanned stack counts one layer. For communication estimates."""
 
     def role(self, label: ParamLabel) -> frozenset[str]:
         """Roles of the parameter dimension a label names."""
@@ -149,6 +163,10 @@ class _Val:
 
 def _size(dim: Dim) -> int:
     return int(np.prod([f[0] for f in dim], dtype=np.int64))
+
+
+def _numel(val: "_Val") -> int:
+    return math.prod(_size(d) for d in val.dims)
 
 
 def _plain_dim(n: int, labels: Labels = _EMPTY) -> Dim:
@@ -252,6 +270,7 @@ class _Tracer:
         self.contractions: list[Contraction] = []
         self.sinks: dict[ParamLabel, set[Sink]] = defaultdict(set)
         self.cooccurrences: set[Labels] = set()
+        self.rows: dict[int, int] = {}
         self._iotas = 0
 
     # -- bookkeeping -------------------------------------------------------------------
@@ -262,6 +281,16 @@ class _Tracer:
     def _bad(self, labels: Labels) -> None:
         for lab in _leading(labels):
             self.sinks[lab].add(("bad", None))
+
+    def _rows(self, weight: _Val, rows: int) -> None:
+        for leaf in {lab.leaf for d in weight.dims for lab in _labels(d)
+                     if isinstance(lab, ParamLabel)}:  # fmt: skip
+            self.rows[leaf] = max(self.rows.get(leaf, 0), int(rows))
+
+    def _reduced(self, labels: Labels, shrinks: bool = True) -> None:
+        """Labels reduced away; ``shrinks`` False (the result is not smaller) makes it bad."""
+        for lab in _leading(labels):
+            self.sinks[lab].add(("reduce" if shrinks else "bad", None))
 
     def _merge2(self, a: Dim, b: Dim) -> Dim:
         if not a:
@@ -378,7 +407,7 @@ class _Tracer:
         axes = set(eqn.params["axes"])
         (val,) = ins
         for i in axes:
-            self._bad(_labels(val.dims[i]))
+            self._reduced(_labels(val.dims[i]))
         dims = tuple(d for i, d in enumerate(val.dims) if i not in axes)
         return [_Val(dims, val.kind)]
 
@@ -416,11 +445,19 @@ class _Tracer:
     ) -> _Val:
         kinds = (lhs.kind, rhs.kind)
         weight_side = {("act", "param"): 1, ("param", "act"): 0}.get(kinds)
+        batch = [self._merge2(lhs.dims[i], rhs.dims[j]) for i, j in zip(lb, rb, strict=True)]
+        skip_r = set(rc) | set(rb) | set(group_dims)
+        lfree = [d for i, d in enumerate(lhs.dims) if i not in lc and i not in lb]
+        rfree = [d for i, d in enumerate(rhs.dims) if i not in skip_r]
+        out = _Val((*batch, *lfree, *rfree), _kind([lhs, rhs]))
         if weight_side is None:
-            if "act" in kinds:
+            if "act" in kinds:  # e.g. the target logit as a dot with a one-hot: a reduction
+                out_size = _numel(out)
                 for val, dims in ((lhs, lc), (rhs, rc)):
+                    contracted = math.prod(_size(val.dims[i]) for i in dims)
+                    shrinks = out_size * contracted <= _numel(val)
                     for i in dims:
-                        self._bad(_labels(val.dims[i]))
+                        self._reduced(_labels(val.dims[i]), shrinks)
         else:
             act, weight = (rhs, lhs) if weight_side == 0 else (lhs, rhs)
             act_c, w_c = (rc, lc) if weight_side == 0 else (lc, rc)
@@ -435,16 +472,13 @@ class _Tracer:
                 self._role(_labels(weight.dims[i]), WIDTH if lookup else FREE)
             for i in (*w_b, *group_dims):
                 self._role(_labels(weight.dims[i]), BATCH)
-        batch = [self._merge2(lhs.dims[i], rhs.dims[j]) for i, j in zip(lb, rb, strict=True)]
-        skip_r = set(rc) | set(rb) | set(group_dims)
-        lfree = [d for i, d in enumerate(lhs.dims) if i not in lc and i not in lb]
-        rfree = [d for i, d in enumerate(rhs.dims) if i not in skip_r]
-        return _Val((*batch, *lfree, *rfree), _kind([lhs, rhs]))
+        return out
 
     def _weight_contract(
         self, act: _Val, weight: _Val, act_c: Sequence[int], w_c: Sequence[int]
     ) -> bool:
         """Record a weight's contracting dims; True if it is a one-hot embedding lookup."""
+        self._rows(weight, _numel(act) // max(math.prod(_size(act.dims[d]) for d in act_c), 1))
         aligned: list[tuple[Factor, Factor]] = []
         for ad, wd in zip(act_c, w_c, strict=True):
             refined = _refine(act.dims[ad], weight.dims[wd])
@@ -485,17 +519,28 @@ class _Tracer:
         batch_out = [d for d in range(len(out_shape)) if d not in dn.offset_dims]
         for od, idim in zip(batch_out, indices.dims[:-1], strict=False):
             dims[od] = idim if _size(idim) == out_shape[od] else _plain_dim(out_shape[od])
+        # a batched gather (take_along_axis) keeps its operand's batching dims, in index order
+        for src, idx in zip(dn.operand_batching_dims, dn.start_indices_batching_dims, strict=True):
+            od = batch_out[idx]
+            if _size(operand.dims[src]) == out_shape[od]:
+                dims[od] = self._merge2(dims[od], operand.dims[src])
         if operand.kind == "param":
             role = VOCAB if len(indices.dims) > 1 else LAYER
+            if role == VOCAB:
+                self._rows(
+                    operand, math.prod(out_shape) // max(math.prod(sizes[d] for d in kept), 1)
+                )
             for d in dn.collapsed_slice_dims:
                 self._role(_labels(operand.dims[d]), role)
             if role == VOCAB:
                 for d in kept:
                     if sizes[d] == _size(operand.dims[d]):
                         self._role(_labels(operand.dims[d]), WIDTH)
-        else:
-            for d in removed:
-                self._bad(_labels(operand.dims[d]))
+        else:  # picking one entry per row along a dim (the target logit) reduces it
+            collapsed = [_size(operand.dims[d]) for d in dn.collapsed_slice_dims]
+            shrinks = math.prod(out_shape) * math.prod(collapsed) <= _numel(operand)
+            for d in dn.collapsed_slice_dims:
+                self._reduced(_labels(operand.dims[d]), shrinks)
         return [_Val(tuple(dims), _kind(ins))]
 
     # -- shape ops -----------------------------------------------------------------------
@@ -718,4 +763,5 @@ def analyze_model(apply_fn: Callable[..., Any], params: Any, *example_args: Any)
         contractions=tuple(tracer.contractions),
         sinks={k: frozenset(v) for k, v in tracer.sinks.items()},
         cooccurrences=tuple(tracer.cooccurrences),
+        rows=dict(tracer.rows),
     )

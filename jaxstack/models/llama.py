@@ -118,17 +118,25 @@ class LlamaConfig:
     def flops_per_token(self, seq_len: int, training: bool = True) -> float:
         """Model FLOPs per token: 2 per multiply-add in every matmul, attention included.
 
-        Counts the LM head and the full (non-causal-discounted) attention score and value
-        matmuls, PaLM-style; training is 3x the forward pass.
+        Counts the LM head, and the attention score and value matmuls over the keys each
+        query really sees: causal attention averages ``(seq_len + 1) / 2`` keys per query
+        (every kernel skips the masked blocks), fewer under a sliding window. Training is
+        3x the forward pass.
         """
         d, hd, f = self.hidden_size, self.head_dim_, self.intermediate_size
         matmul_params = (
             self.num_layers * (d * hd * (2 * self.num_heads + 2 * self.num_kv_heads) + 3 * d * f)
             + d * self.vocab_size
         )
-        attention = self.num_layers * 2 * seq_len * self.num_heads * hd
+        attention = self.num_layers * 2 * self.keys_per_query(seq_len) * self.num_heads * hd
         forward = 2 * (matmul_params + attention)
         return 3 * forward if training else forward
+
+    def keys_per_query(self, seq_len: int) -> float:
+        """Keys a query attends to, averaged over the ``seq_len`` causal positions."""
+        window = self.sliding_window or seq_len
+        full = min(window, seq_len)  # positions 0..full-1 see i + 1 keys, later ones see window
+        return (full * (full + 1) / 2 + (seq_len - full) * window) / seq_len
 
 
 PRESETS: dict[str, LlamaConfig] = {
@@ -246,6 +254,9 @@ class Llama(nn.Module):
 
     ``positions`` [b, s] default to 0..s-1; ``segment_ids`` [b, s] restrict attention to equal
     ids (packed documents). With ``cache`` (from ``init_cache``) returns ``(logits, cache)``.
+    With ``return_hidden=True`` returns the final-norm hidden states [b, s, hidden] (compute
+    dtype) in place of the logits, for a loss that applies ``head_kernel(params)`` itself
+    (``jaxstack.losses.fused_cross_entropy``).
     """
 
     config: LlamaConfig
@@ -264,6 +275,7 @@ class Llama(nn.Module):
         segment_ids: jax.Array | None = None,
         cache: LayerCache | None = None,
         decode_index: jax.Array | None = None,
+        return_hidden: bool = False,
     ):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -277,7 +289,11 @@ class Llama(nn.Module):
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, embedding_init=init, name="embed"
         )
-        x = constrain(embed(input_ids), ("batch", "seq", "embed"))
+        # The lookup reads the table whole along its width, as FSDP gathers every weight at
+        # its use: a table still split over fsdp would make the gather's output split over the
+        # width, which XLA cannot turn into the batch split below without a full remat.
+        table = constrain(embed.embedding, ("vocab", "embed"))
+        x = constrain(jnp.take(table, input_ids, axis=0).astype(dtype), ("batch", "seq", "embed"))
 
         if cfg.scan_layers:
             stack = nn.scan(
@@ -302,6 +318,8 @@ class Llama(nn.Module):
                 )
 
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
+        if return_hidden:
+            return x if cache is None else (x, cache)
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -310,6 +328,13 @@ class Llama(nn.Module):
             )(x)
         logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
         return logits if cache is None else (logits, cache)
+
+    def head_kernel(self, params: dict) -> jax.Array:
+        """The LM head of ``params`` (the inner ``params`` dict) as a [hidden, vocab] matrix:
+        the ``lm_head`` kernel, or the embedding table's transpose when embeddings are tied."""
+        if self.config.tie_embeddings:
+            return params["embed"]["embedding"].T
+        return params["lm_head"]["kernel"]
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> LayerCache:

@@ -107,13 +107,19 @@ def test_prefill_cache_matches_full_forward():
     np.testing.assert_allclose(step_logits[:, 0], longer[:, -1], atol=1e-5)
 
 
-def test_flops_per_token_counts_matmuls():
+def test_flops_per_token_counts_matmuls_and_the_keys_causal_attention_sees():
     config = preset("100m")
+    norms = (2 * config.num_layers + 1) * config.hidden_size  # scales: not matmuls
     n = config.num_params(include_embedding=False) + config.vocab_size * config.hidden_size
-    # 6N rule plus the attention term; norms are not matmuls
-    attention = 6 * 2 * config.num_layers * 1024 * config.num_heads * config.head_dim_
-    assert config.flops_per_token(1024) == pytest.approx(6 * n + attention, rel=1e-3)
+    n -= norms
+    # 6N rule plus the attention term over the keys each query sees (half, for causal)
+    per_key = 6 * 2 * config.num_layers * config.num_heads * config.head_dim_
+    assert config.flops_per_token(1024) == pytest.approx(6 * n + per_key * 1025 / 2, rel=1e-6)
     assert config.flops_per_token(1024, training=False) * 3 == config.flops_per_token(1024)
+    windowed = config.replace(sliding_window=256)
+    seen = np.mean([min(i + 1, 256) for i in range(1024)])  # brute force over positions
+    assert windowed.keys_per_query(1024) == pytest.approx(seen, rel=1e-12)
+    assert windowed.flops_per_token(1024) == pytest.approx(6 * n + per_key * seen, rel=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -7,18 +7,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxstack.data import ByteTokenizer, PackedDataset, lm_collate
 from jaxstack.lm import lm_functions, lm_param_specs
 from jaxstack.mesh import make_mesh
 from jaxstack.models import Llama, preset
 from jaxstack.trainer import TrainConfig, Trainer
+from sharding_rules.paths import leaves_with_paths
 
 CONFIG = preset(
     "tiny", vocab_size=264, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=8,
     intermediate_size=128,
 )  # fmt: skip
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4), (4, 1, 2)]
+FULL_REMAT = "Involuntary full rematerialization"
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +61,14 @@ def single_device_step(tmp_path_factory, batch):
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_mesh_step_equals_single_device(tmp_path, batch, single_device_step, shape):
+def test_mesh_step_equals_single_device(tmp_path, batch, single_device_step, shape, capfd):
     data, fsdp, tensor = shape
     mesh = make_mesh(data=data, fsdp=fsdp, tensor=tensor)
     trainer = _sgd_trainer(tmp_path, mesh)
     plan = trainer.plan(batch)
     metrics = trainer.train_step(batch)
+    # XLA (C++ log, stderr) warns when a layout forces a whole tensor onto every device
+    assert FULL_REMAT not in capfd.readouterr().err
     loss, params = single_device_step
     np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(trainer.params), jax.tree.leaves(params), strict=True):
@@ -110,15 +116,41 @@ def test_megatron_layout_in_the_pipeline(tmp_path, batch):
     assert "tensor" in spec(trainer.params["lm_head"]["kernel"])
 
 
+def test_full_remat_warning_is_seen_when_the_layout_is_wrong(capfd):
+    """The check above can see XLA's warning: the embedding lookup the Llama had, a table
+    split over fsdp on its width read into activations split over (data, fsdp), raises it."""
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = lambda shape, dtype, *spec: jax.ShapeDtypeStruct(  # noqa: E731
+        shape, dtype, sharding=NamedSharding(mesh, P(*spec))
+    )
+    table = sharded((CONFIG.vocab_size, CONFIG.hidden_size), jnp.float32, "tensor", "fsdp")
+    ids = sharded((8, 32), jnp.int32, ("data", "fsdp"))
+
+    def loss(table, ids):
+        x = jax.lax.with_sharding_constraint(jnp.take(table, ids, axis=0), P(("data", "fsdp")))
+        return (x * x).sum()
+
+    with jax.set_mesh(mesh):
+        jax.jit(jax.grad(loss)).lower(table, ids).compile()
+    assert FULL_REMAT in capfd.readouterr().err
+
+
 def test_default_rules_follow_loss_fn(tmp_path, batch):
-    """Without param_specs_fn the Trainer traces loss_fn: still tensor-parallel."""
+    """Without param_specs_fn the Trainer traces loss_fn: still tensor-parallel, and the
+    fused cross-entropy reduces the head's output over vocab, so the head is too."""
     trainer = _trainer(tmp_path, make_mesh(data=4, tensor=2), forward_rules=False)
     trainer.init(batch)
+    assert tuple(trainer.params["lm_head"]["kernel"].sharding.spec) == (None, "tensor")
     layer = trainer.params["layers_0"]
     assert tuple(layer["attn"]["q"]["kernel"].sharding.spec)[1] == "tensor"
     assert tuple(layer["mlp"]["down"]["kernel"].sharding.spec)[0] == "tensor"
-    opt_mu = trainer.state.opt_state[0][0].mu["layers_0"]["attn"]["q"]["kernel"]
-    assert opt_mu.sharding.spec == layer["attn"]["q"]["kernel"].sharding.spec
+    # the Adam moments of q, wherever the optimizer nests them, follow q's spec
+    paths, leaves, _ = leaves_with_paths(trainer.state.opt_state)
+    q_path = "layers_0/attn/q/kernel"
+    moments = [x for p, x in zip(paths, leaves, strict=True) if p.endswith(q_path)]
+    assert len(moments) == 2
+    for moment in moments:
+        assert moment.sharding.spec == layer["attn"]["q"]["kernel"].sharding.spec
 
 
 def test_mesh_that_does_not_divide_heads_is_a_clear_error(tmp_path, batch):

@@ -13,6 +13,7 @@ from sharding_rules import (
     communication_bytes,
     make_plan,
     param_rules,
+    tensor_allreduce_bytes,
 )
 
 IDS = jnp.zeros((2, 6), jnp.int32)
@@ -26,8 +27,7 @@ TP_BYTES = 4 * 64 * 512 * tm.D * 4
 
 
 def spec_fn(sizes):
-    rules = param_rules(ANALYSIS, sizes)
-    return jax.tree.unflatten(ANALYSIS.treedef, [r.spec for r in rules.values()])
+    return spec_fn_for(ANALYSIS, sizes)
 
 
 def choose(memory, tensor_bytes=TP_BYTES, **kwargs):
@@ -36,8 +36,7 @@ def choose(memory, tensor_bytes=TP_BYTES, **kwargs):
         memory,
         spec_fn,
         PARAMS,
-        tensor_allreduce_bytes_per_layer=tensor_bytes,
-        num_layers=2,
+        tensor_allreduce_bytes=2 * tensor_bytes,
         opt_state=OPT,
         **kwargs,
     )
@@ -97,23 +96,46 @@ def test_rules_rejecting_every_mesh_raise():
         raise ShardingRuleError("no")
 
     with pytest.raises(ShardingRuleError, match="reject every mesh"):
-        auto_mesh(2, 2**30, reject, PARAMS, tensor_allreduce_bytes_per_layer=0, num_layers=1)
+        auto_mesh(2, 2**30, reject, PARAMS, tensor_allreduce_bytes=0)
 
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="must be positive"):
-        auto_mesh(0, 2**30, spec_fn, PARAMS, tensor_allreduce_bytes_per_layer=0, num_layers=1)
+        auto_mesh(0, 2**30, spec_fn, PARAMS, tensor_allreduce_bytes=0)
 
 
 def test_communication_cost_model():
     dp = make_plan(PARAMS, spec_fn({"data": 8}), {"data": 8})
-    none = {"tensor_allreduce_bytes_per_layer": 10**9, "num_layers": 2}
+    none = {"tensor_allreduce_bytes": 2 * 10**9}
     assert communication_bytes(dp, **none) == pytest.approx(2 * 7 / 8 * dp.grad_bytes)
     tp = make_plan(PARAMS, spec_fn({"tensor": 2}), {"tensor": 2})
-    cost = communication_bytes(tp, tensor_allreduce_bytes_per_layer=1000, num_layers=3)
+    cost = communication_bytes(tp, tensor_allreduce_bytes=3000)
     assert cost == pytest.approx(2 * 1 / 2 * 3 * 1000)
     fsdp = make_plan(PARAMS, spec_fn({"fsdp": 2}), {"fsdp": 2})
     sharded = sum(e.bytes_per_device for e in fsdp.entries if "fsdp" in e.spec)
     assert communication_bytes(fsdp, grad_dtype=jnp.bfloat16, **none) == pytest.approx(
         1 / 2 * (2 * 2 * sharded + sharded)
     )
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_tensor_traffic_is_read_from_the_trace(scan):
+    model = tm.LlamaLike(scan=scan)
+    params = tm.shapes_of(model, IDS)
+    analysis = analyze_model(model.apply, params, IDS)
+    specs = spec_fn_for(analysis, {"tensor": 2})
+    tokens = IDS.size
+    assert set(analysis.rows.values()) == {tokens}
+    # per layer: o_proj and down_proj are row-parallel, each all-reducing [tokens, D] forward
+    # and its partner's input gradient backward; the vocab-parallel embedding all-reduces its
+    # looked-up rows, the vocab-parallel head its input gradient.
+    pairs, ends = 2 * 2 * 2 * tokens * tm.D, 2 * tokens * tm.D
+    assert tensor_allreduce_bytes(analysis, specs, 4) == 4 * (pairs + ends)
+    assert tensor_allreduce_bytes(analysis, specs, 2, training=False) == 2 * (pairs / 2 + ends / 2)
+    replicated = spec_fn_for(analysis, {"data": 2})
+    assert tensor_allreduce_bytes(analysis, replicated, 4) == 0
+
+
+def spec_fn_for(analysis, sizes):
+    rules = param_rules(analysis, sizes)
+    return jax.tree.unflatten(analysis.treedef, [r.spec for r in rules.values()])

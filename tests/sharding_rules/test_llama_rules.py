@@ -2,13 +2,16 @@
 
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from jaxstack.lm import lm_functions
 from jaxstack.models.llama import Llama, preset
-from sharding_rules import analyze_model, param_rules
+from sharding_rules import analyze_model, infer_param_specs, param_rules
 
 IDS = jnp.zeros((2, 8), jnp.int32)
+FIELDS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def llama_specs(sizes, **config):
@@ -71,3 +74,30 @@ def test_pallas_attention_kernel_keeps_the_layout():
     rules = param_rules(analyze_model(model.apply, params, ids), {"tensor": 2})
     for name, spec in BLOCK.items():
         assert rules[f"params/layers_0/{name}"].spec == spec, name
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("loss", ["fused", "optax"])
+def test_head_is_vocab_parallel_when_traced_from_the_loss(loss, tie):
+    """The Trainer's default: specs traced from ``loss_fn(params, batch, rng)``. The fused
+    loss hides the logits inside a custom_vjp and a scan over chunks; the rules still see
+    every use of the head's output reduce over the vocabulary."""
+    model = Llama(preset("tiny", vocab_size=256, num_kv_heads=4, tie_embeddings=tie))
+    params = jax.eval_shape(model.init, jax.random.key(0), IDS)["params"]
+    if loss == "fused":
+        loss_fn, _ = lm_functions(model, chunk_size=3)  # 8 positions: 3 chunks, one padded
+    else:
+
+        def loss_fn(p, batch, rng):
+            logits = model.apply({"params": p}, batch["input_ids"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+
+    batch = {name: jax.ShapeDtypeStruct((4, 8), jnp.int32) for name in FIELDS}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    specs = infer_param_specs(loss_fn, params, batch, rng, mesh_axis_sizes={"data": 2, "tensor": 4})
+    assert specs["embed"]["embedding"] == P("tensor", None)
+    if not tie:
+        assert specs["lm_head"]["kernel"] == P(None, "tensor")
+    block = specs["layers_0"]
+    assert block["attn"]["q"]["kernel"] == P(None, "tensor", None)
+    assert block["mlp"]["down"]["kernel"] == P("tensor", None)

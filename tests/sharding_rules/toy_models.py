@@ -149,22 +149,25 @@ class LlamaLike(nn.Module):
 class Anonymous(nn.Module):
     """LlamaLike (one block, untied head) with meaningless names p0..p10.
 
-    p0 embed [V, D]; p1 norm; p2 q [D, H*DH]; p3 k; p4 v [D, KVH*DH]; p5 o [H*DH, D];
+    p0 embed [V, D]; p1 norm; p2 q [D, H*DH]; p3 k; p4 v [D, kv_heads*DH]; p5 o [H*DH, D];
     p6 norm; p7 gate [D, F]; p8 up [D, F]; p9 down [F, D]; p10 head [D, V].
     """
+
+    kv_heads: int = KVH
 
     @nn.compact
     def __call__(self, ids: jax.Array) -> jax.Array:
         init = nn.initializers.normal(0.02)
-        shapes = [(V, D), (D,), (D, H * DH), (D, KVH * DH), (D, KVH * DH), (H * DH, D), (D,)]
+        kv = self.kv_heads * DH
+        shapes = [(V, D), (D,), (D, H * DH), (D, kv), (D, kv), (H * DH, D), (D,)]
         shapes += [(D, F), (D, F), (F, D), (D, V)]
         p = [self.param(f"p{i}", init, s) for i, s in enumerate(shapes)]
         b, s = ids.shape
         x = jnp.take(p[0], ids, axis=0)
         h = rms_norm(x, p[1])
         q = (h @ p[2]).reshape(b, s, H, DH)
-        k = (h @ p[3]).reshape(b, s, KVH, DH)
-        v = (h @ p[4]).reshape(b, s, KVH, DH)
+        k = (h @ p[3]).reshape(b, s, self.kv_heads, DH)
+        v = (h @ p[4]).reshape(b, s, self.kv_heads, DH)
         x = x + causal_attention(rope(q), rope(k), v).reshape(b, s, H * DH) @ p[5]
         h = rms_norm(x, p[6])
         x = x + (jax.nn.silu(h @ p[7]) * (h @ p[8])) @ p[9]
