@@ -12,20 +12,30 @@ FLOPs follow the FlashAttention-2 convention: forward ``4 * b * h * s^2 * d``
 row holds ``--tokens`` tokens. Baselines that cannot express a configuration
 (e.g. jax's Triton ``mha`` has no GQA: K/V are repeated for it) say so in the
 notes column; failures (out of memory, unsupported) print as ``-`` with the error.
+
+Rows print on stderr as they are measured; the run's record is printed as JSON on stdout and
+written to ``benchmarks/results/`` (``benchmarks/common.py``), from which
+``python -m benchmarks.report`` makes the table in docs/benchmarks.md (accelerator runs
+only: on CPU, Pallas runs in interpret mode and the figures only smoke-test the script).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import common
 from pallas_kernels import attention
 
 Attn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -113,6 +123,7 @@ def measure(impl: Attn, q, k, v, iters: int) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Measure every implementation at every sequence length and mask; record the run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="1024,2048,4096,8192,16384")
     parser.add_argument("--tokens", type=int, default=16384, help="batch * seq per step")
@@ -123,24 +134,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--causal", choices=["both", "true", "false"], default="both")
     parser.add_argument("--impls", default="", help="comma-separated subset of the names")
     parser.add_argument("--iters", type=int, default=10)
+    common.add_results_argument(parser)
     args = parser.parse_args(argv)
 
     backend = jax.default_backend()
     device = jax.devices()[0]
-    print(
-        f"# attention benchmark {datetime.date.today()}  device={device.device_kind} "
-        f"backend={backend} jax={jax.__version__}"
-    )
-    print(
+    log = functools.partial(print, file=sys.stderr, flush=True)
+    log(f"# attention benchmark device={device.device_kind} backend={backend}")
+    log(
         f"# tokens/step={args.tokens} heads={args.heads}/{args.kv_heads} "
         f"head_dim={args.head_dim} dtype={args.dtype}"
     )
     if backend == "cpu":
-        print("# CPU: Pallas runs in interpret mode here; figures only smoke-test the script.")
-    print(f"{'seq':>6} {'causal':>6} {'implementation':<24} {'fwd TF/s':>9} {'f+b TF/s':>9}  notes")
+        log("# CPU: Pallas runs in interpret mode here; figures only smoke-test the script.")
+    log(f"{'seq':>6} {'causal':>6} {'implementation':<24} {'fwd TF/s':>9} {'f+b TF/s':>9}  notes")
     causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
     wanted = {name.strip() for name in args.impls.split(",") if name.strip()}
     dtype = jnp.dtype(args.dtype)
+    rows = []
     for seq in (int(s) for s in args.seqs.split(",")):
         batch = max(1, args.tokens // seq)
         ks = jax.random.split(jax.random.key(0), 3)
@@ -152,13 +163,40 @@ def main(argv: list[str] | None = None) -> None:
             for name, impl in implementations(backend, causal, args.heads, seq).items():
                 if wanted and name not in wanted:
                     continue
+                row = {"seq": seq, "batch": batch, "causal": causal, "implementation": name}
                 try:
                     t_fwd, t_both = measure(impl, q, k, v, args.iters)
-                    row = f"{flops / t_fwd / 1e12:9.4g} {3.5 * flops / t_both / 1e12:9.4g}"
-                    note = ""
+                    row["forward_tflops"] = flops / t_fwd / 1e12
+                    row["forward_backward_tflops"] = 3.5 * flops / t_both / 1e12
+                    row["note"] = ""
                 except Exception as e:  # report and go on: one failing baseline is a result
-                    row, note = f"{'-':>9} {'-':>9}", f"{type(e).__name__}: {str(e)[:80]}"
-                print(f"{seq:>6} {causal!s:>6} {name:<24} {row}  {note}", flush=True)
+                    row["forward_tflops"] = row["forward_backward_tflops"] = None
+                    row["note"] = f"{type(e).__name__}: {str(e)[:80]}"
+                rows.append(row)
+                figures = " ".join(
+                    f"{'-' if x is None else format(x, '9.4g'):>9}"
+                    for x in (row["forward_tflops"], row["forward_backward_tflops"])
+                )
+                log(f"{seq:>6} {causal!s:>6} {name:<24} {figures}  {row['note']}")
+    report = {
+        "backend": backend,
+        "device_kind": device.device_kind,
+        "config": {
+            "tokens": args.tokens,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "head_dim": args.head_dim,
+            "dtype": args.dtype,
+            "iters": args.iters,
+            "flops": "FlashAttention-2 convention: forward 4*b*h*s^2*d (halved when causal), "
+            "forward+backward 3.5x that",
+        },
+        "rows": rows,
+    }
+    smoke = backend == "cpu"  # interpret mode: not a measurement to keep
+    common.write_result(
+        "attention", report, common.versions(), common.results_dir(args.results_dir, smoke)
+    )
 
 
 if __name__ == "__main__":

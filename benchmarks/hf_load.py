@@ -2,11 +2,13 @@
 
 Writes a random Llama checkpoint (bfloat16, ~1 GB, split over several safetensors files with
 an index) unless one is already in ``--dir``, then loads it in a fresh process per scenario
-and reports, as JSON lines: load seconds, the bytes of the placed params (every device's
+and reports load seconds, the bytes of the placed params (every device's
 shards), the largest tensor, and the peak resident memory during the load beyond the
 process's memory before it and beyond the placed params. On CPU the "devices" live in host
 memory, so the params' own bytes are subtracted; what remains is the loader's overhead,
-which should stay under 2x the largest tensor plus a small constant.
+which should stay under 2x the largest tensor plus a small constant. Each scenario prints a
+JSON line on stderr as it finishes; the run's record (all scenarios) is printed as JSON on
+stdout and written to ``benchmarks/results/`` (``benchmarks/common.py``).
 
     python benchmarks/hf_load.py                      # writes /tmp/jaxstack-hf-bench once
     python benchmarks/hf_load.py --dir DIR --keep     # reuse / keep the checkpoint
@@ -23,6 +25,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import common
 
 SCENARIOS = [  # (label, devices, fsdp, param dtype)
     ("1 device, bf16 params", 1, 1, "bfloat16"),
@@ -112,7 +119,6 @@ def measure(directory: Path, fsdp: int, param_dtype: str) -> dict:
         "overhead_bytes": overhead,
         "overhead_over_largest_tensor": round(overhead / largest, 3),
         "devices": len(jax.devices()),
-        "jax": jax.__version__,
     }
 
 
@@ -130,39 +136,52 @@ def fsdp_specs(abstract, mesh):
 
 
 def main() -> None:
+    """Write the checkpoint if needed, load it once per scenario, record the results."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="/tmp/jaxstack-hf-bench", help="checkpoint location")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
     parser.add_argument("--measure", nargs=2, metavar=("FSDP", "DTYPE"), help=argparse.SUPPRESS)
+    common.add_results_argument(parser)
     args = parser.parse_args()
     directory = Path(args.dir)
     if args.measure:
         print(json.dumps(measure(directory, int(args.measure[0]), args.measure[1])))
         return
+    config = bench_config()
+    report = {
+        "checkpoint": {
+            "params": config.num_params(),
+            "layers": config.num_layers,
+            "hidden_size": config.hidden_size,
+            "heads": f"{config.num_heads} / {config.num_kv_heads} KV",
+            "intermediate_size": config.intermediate_size,
+            "vocab_size": config.vocab_size,
+            "file_dtype": "bfloat16",
+        },
+        "scenarios": [],
+    }
     if not (directory / "config.json").is_file():
         start = time.perf_counter()
         write_checkpoint(directory)
-        size = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
-        print(
-            json.dumps(
-                {
-                    "wrote": str(directory),
-                    "bytes": size,
-                    "seconds": round(time.perf_counter() - start, 1),
-                }
-            )
-        )
+        report["checkpoint"]["write_seconds"] = round(time.perf_counter() - start, 1)
+    files = sorted(directory.glob("*.safetensors"))
+    report["checkpoint"]["bytes"] = sum(p.stat().st_size for p in files)
+    report["checkpoint"]["files"] = len(files)
     try:
         for label, devices, fsdp, dtype in SCENARIOS:
             env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+            env["XLA_FLAGS"] = common.with_device_count(env.get("XLA_FLAGS", ""), devices)
             command = [sys.executable, __file__, "--dir", str(directory)]
             command += ["--measure", str(fsdp), dtype]
             result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-            print(json.dumps({"scenario": label, **json.loads(result.stdout.splitlines()[-1])}))
+            scenario = {"scenario": label, **json.loads(result.stdout.splitlines()[-1])}
+            print(json.dumps(scenario), file=sys.stderr)
+            report["scenarios"].append(scenario)
     finally:
         if not args.keep:
             shutil.rmtree(directory)
+    versions = common.versions("numpy", "ml_dtypes", "safetensors")
+    common.write_result("hf_load", report, versions, common.results_dir(args.results_dir, False))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ steps (the first ones compile; excluded from the timing), then alternates betwee
 so that load from other processes hits both alike. The worker runs under ``--redco-python``,
 an interpreter that has redco (e.g. a virtual environment made with
 ``--system-site-packages``, so that installing redco never touches the main environment).
-The parent prints one JSON object: per mesh, both tokens/s, their ratio and notes.
+The parent prints one JSON record (per mesh: both tokens/s, their ratio and notes) and writes
+it to ``benchmarks/results/`` (``benchmarks/common.py``), the source of the docs table.
 
     python benchmarks/sharding_cpu.py --redco-python /tmp/redco-venv/bin/python
     python benchmarks/sharding_cpu.py --quick --skip-redco        # short smoke run
@@ -33,45 +34,35 @@ hints name jaxstack's mesh axes and would otherwise replicate every activation o
 """
 
 import os
-import re
+import sys
+from pathlib import Path
 
+if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 
-def _eight_device_xla_flags(flags: str) -> str:
-    """``flags`` with the fake CPU device count set to 8 (any other count removed)."""
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags).strip()
-    return f"{flags} --xla_force_host_platform_device_count=8".strip()
+from benchmarks import common  # noqa: E402  (imports no jax)
 
-
+NUM_DEVICES = 8
 # Must run before jax is imported (workers import it; the parent passes the env on).
-os.environ["XLA_FLAGS"] = _eight_device_xla_flags(os.environ.get("XLA_FLAGS", ""))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+common.configure_cpu_xla(device_count=NUM_DEVICES)
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
 import json.decoder  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-NUM_DEVICES = 8
 MESHES = [(8, 1, 1), (1, 8, 1), (1, 1, 8), (2, 2, 2), (1, 2, 4), (4, 1, 2)]
 """The (data, fsdp, tensor) meshes measured by default."""
 CONFIG_OVERRIDES = dict(
     vocab_size=264, hidden_size=128, num_heads=8, num_kv_heads=8, intermediate_size=384
 )
 """``preset("tiny", **CONFIG_OVERRIDES)``: 4 layers, 8 heads / 8 KV heads of width 16."""
-LEARNING_RATE = 3e-4
-BETAS = (0.9, 0.95)
-GRAD_CLIP = 1.0
 INIT_SEED = 0
 CHECK_EXAMPLES = 8
 """Held-out examples whose loss is computed before and after training, for both."""
@@ -169,12 +160,9 @@ def host_params(model, seq: int):
 
 def optimizer():
     """AdamW behind global-norm clipping at a constant rate: the same chain for both."""
-    import optax
+    from benchmarks.plain_llama import optimizer as clipped_adamw
 
-    from jaxstack.optim import adamw
-
-    schedule = optax.constant_schedule(LEARNING_RATE)
-    return adamw(schedule, weight_decay=0.0, b1=BETAS[0], b2=BETAS[1], grad_clip=GRAD_CLIP)
+    return clipped_adamw(common.LEARNING_RATE, common.BETAS, common.GRAD_CLIP)
 
 
 def examples(setup: Setup) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
@@ -216,28 +204,17 @@ class JaxstackRun:
     """jaxstack's ``Trainer`` on ``make_mesh(data, fsdp, tensor)``, one step per batch."""
 
     def __init__(self, mesh: tuple[int, int, int], setup: Setup, model, loss_fn, work_dir: str):
+        from jaxstack import Trainer
         from jaxstack.data import lm_collate
         from jaxstack.lm import lm_param_specs
         from jaxstack.mesh import make_mesh
-        from jaxstack.trainer import TrainConfig, Trainer
 
         self.collate = lm_collate
         self.trainer = Trainer(
             params=lambda _: init_params(model, setup.seq),  # created sharded, in the jit
             collate_fn=lm_collate,
             loss_fn=loss_fn,
-            config=TrainConfig(
-                work_dir=work_dir,
-                batch_size=setup.batch,
-                num_steps=setup.warmup + setup.steps,
-                learning_rate=LEARNING_RATE,
-                schedule="constant",
-                b1=BETAS[0],
-                b2=BETAS[1],
-                grad_clip=GRAD_CLIP,
-                save_every=10**9,
-                progress_bar=False,
-            ),
+            config=common.jaxstack_train_config(work_dir, setup.batch, setup.warmup + setup.steps),
             mesh=make_mesh(data=mesh[0], fsdp=mesh[1], tensor=mesh[2]),
             optimizer=optimizer(),
             param_specs_fn=lm_param_specs(model, setup.seq),
@@ -418,19 +395,8 @@ def measure_mesh(mesh: tuple[int, int, int], setup: Setup, with_redco: bool) -> 
 
 
 def worker_versions(with_redco: bool) -> dict[str, str]:
-    """Versions of the software the worker measured with."""
-    import flax
-    import jax
-    import jaxlib
-    import optax
-
-    out = {"python": platform.python_version(), "jax": jax.__version__}
-    out.update(jaxlib=jaxlib.__version__, flax=flax.__version__, optax=optax.__version__)
-    if with_redco:
-        import redco
-
-        out["redco"] = redco.__version__
-    return out
+    """Versions of the software the worker measured with (it may run in Redco's venv)."""
+    return common.versions("flax", "optax", "numpy", *(["redco"] if with_redco else []))
 
 
 def worker_main(mesh: tuple[int, int, int], setup: Setup, with_redco: bool, out: Path) -> None:
@@ -457,7 +423,7 @@ def run_worker(python: str, mesh: tuple[int, int, int], setup: Setup, with_redco
         command += ["--steps", str(setup.steps), "--warmup", str(setup.warmup)]
         command += ["--batch", str(setup.batch), "--seq", str(setup.seq)]
         command += ["--rounds", str(setup.rounds)] + ([] if with_redco else ["--skip-redco"])
-        path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(common.REPO_ROOT)]))
         try:
             proc = subprocess.run(
                 command,
@@ -517,20 +483,9 @@ def mesh_row(mesh: tuple[int, int, int], results: dict, with_redco: bool) -> dic
     return row
 
 
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Every mesh in its own worker (both frameworks interleaved); the JSON-ready report."""
+def run(args: argparse.Namespace) -> tuple[dict, dict[str, str]]:
+    """Every mesh in its own worker (both frameworks interleaved); the JSON-ready report and
+    the versions the workers measured with."""
     setup = Setup(args.batch, args.seq, args.steps, args.warmup, args.rounds)
     with_redco = not args.skip_redco
     if with_redco:
@@ -547,23 +502,21 @@ def run(args: argparse.Namespace) -> dict:
             f"redco {row['redco_tokens_per_sec']} tokens/s",
             file=sys.stderr,
         )
-    return {
-        "device": f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores, "
-        f"{NUM_DEVICES} fake CPU devices",
-        "date": datetime.date.today().isoformat(),
+    report = {
+        "devices": f"{NUM_DEVICES} fake CPU devices in one process",
         "xla_flags": os.environ["XLA_FLAGS"],
-        "versions": versions,
         "model": {"preset": "tiny", **CONFIG_OVERRIDES},
-        "setup": asdict(setup),
+        "setup": {**asdict(setup), "quick": args.quick, "meshes": args.meshes},
         "tokens_per_step": setup.tokens_per_step,
         "optimizer": {
-            "name": "clip_by_global_norm + adamw (jaxstack.optim.adamw), constant rate",
-            "learning_rate": LEARNING_RATE,
-            "betas": BETAS,
-            "grad_clip": GRAD_CLIP,
+            "name": "clip_by_global_norm + adamw (plain_llama.optimizer), constant rate",
+            "learning_rate": common.LEARNING_RATE,
+            "betas": common.BETAS,
+            "grad_clip": common.GRAD_CLIP,
         },
         "rows": rows,
     }
+    return report, versions or common.versions()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -589,6 +542,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="interpreter with redco installed (default: $REDCO_PYTHON, else this one)",
     )
     parser.add_argument("--quick", action="store_true", help="2 steps, batch 8, seq 32 (smoke)")
+    common.add_results_argument(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mesh", type=parse_mesh, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -618,7 +572,10 @@ def main(argv: list[str] | None = None) -> None:
         setup = Setup(args.batch, args.seq, args.steps, args.warmup, args.rounds)
         worker_main(args.mesh, setup, not args.skip_redco, args.out)
         return
-    print(json.dumps(run(args), indent=2))
+    report, versions = run(args)
+    common.write_result(
+        "sharding_cpu", report, versions, common.results_dir(args.results_dir, args.quick)
+    )
 
 
 if __name__ == "__main__":

@@ -1,74 +1,81 @@
-"""CPU training throughput of jaxstack against PyTorch ``transformers``, in one run.
+"""CPU training throughput of jaxstack against a plain JAX step and PyTorch, in one run.
 
-One process, one CPU device, the same thread count for both frameworks. It measures:
+One process, one CPU device, the same thread count for every framework. It measures:
 
-1. this host's matmul peak with JAX (``jaxstack.perf.measured_matmul_flops``: float32, plus
-   bfloat16 when that is the compute dtype), re-measured after every timed round and the best
-   kept, the denominator of model FLOPs utilisation (MFU);
+1. this host's matmul peak: a 2048 matmul in JAX (in the compute dtype, accumulating in
+   float32) and in PyTorch, re-sampled after every timed round; the best sample of either is
+   the denominator of model FLOPs utilisation (MFU);
 2. jaxstack training through the real ``Trainer`` (AdamW behind global-norm clipping, the
-   ``jaxstack.lm`` loss) on one fixed batch, after untimed warmup steps (the first compiles);
-3. the same architecture as ``transformers.LlamaForCausalLM`` (eager, SDPA attention) trained
+   ``jaxstack.lm`` loss) on one fixed batch;
+3. the floor: the same model and update written in plain JAX (``benchmarks/plain_llama.py``:
+   jnp, ``jax.value_and_grad``, optax ``clip_by_global_norm`` + ``adamw``, jit with donation);
+4. the same architecture as ``transformers.LlamaForCausalLM`` (eager, SDPA attention) trained
    with ``torch.optim.AdamW(fused=True)`` and the same clipping, betas and cross-entropy, on
    the same batch and dtype (bfloat16 is ``torch.autocast`` over float32 parameters, as
-   jaxstack's mixed precision).
+   jaxstack's and the plain step's mixed precision).
 
-Timed steps alternate between the frameworks (one jaxstack step, one torch step, ...), so
-that load from other processes on a shared machine falls on both alike. It prints one JSON
-object: tokens/s, MFU (``LlamaConfig.flops_per_token`` / measured peak) of both, and their
-ratio. ``--breakdown`` adds the forward / backward / optimizer split of a step for both;
-``--profile`` traces jaxstack steps with ``jax.profiler`` and sums XLA op time by phase and
-model part (attention, MLP, LM head, ...).
+After untimed warmup steps (the first compiles), timed steps alternate between the frameworks
+one step at a time, the order rotating every round, so that load from other processes on a
+shared machine falls on all alike. The run's record (tokens/s and MFU of each framework, the
+ratios jaxstack / plain JAX and jaxstack / PyTorch, the peak samples, the setup) is printed as
+JSON and written to ``benchmarks/results/`` (``benchmarks/common.py``), from which
+``python -m benchmarks.report`` makes the table in docs/benchmarks.md. ``--breakdown`` adds
+the forward / backward / optimizer split of a jaxstack and a PyTorch step; ``--profile``
+traces jaxstack steps with ``jax.profiler`` and sums XLA op time by phase and model part.
 
     python benchmarks/train_cpu.py                         # 100m preset, recorded setup
+    python benchmarks/train_cpu.py --dtype bfloat16 --xla-flags=--xla_cpu_use_onednn=true
     python benchmarks/train_cpu.py --breakdown --profile   # ... plus where the time goes
-    python benchmarks/train_cpu.py --quick                 # tiny preset, 3 steps, seconds
-    python benchmarks/train_cpu.py --preset tiny --batch 8 --seq 256 --skip-torch
+    python benchmarks/train_cpu.py --dtype bfloat16 --plain-dots bf16   # native bf16 dots
+    python benchmarks/train_cpu.py --quick   # tiny preset, seconds; recorded in the temp dir
+    python benchmarks/train_cpu.py --preset tiny --batch 8 --seq 256 --frameworks jaxstack,torch
 
 XLA flags: the script sets ``JAX_PLATFORMS=cpu``, removes
 ``--xla_force_host_platform_device_count`` from ``XLA_FLAGS`` (one device owning every core)
-and appends ``--xla-flags``; XLA reads them when its CPU backend starts, so run the script as
-its own process.
+and appends ``--xla-flags``; XLA reads them when its CPU backend starts, so each route (dtype
+and flags) is its own run and its own result file.
 """
 
 import argparse
 import collections
-import datetime
 import glob
-import json
 import os
-import platform
 import re
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 
+from benchmarks import common, plain_llama
+from jaxstack import Trainer
 from jaxstack.data import lm_collate
 from jaxstack.hf import config_to_hf
 from jaxstack.lm import lm_functions
 from jaxstack.models.llama import PRESETS, Llama, LlamaConfig, preset
-from jaxstack.perf import measured_matmul_flops
-from jaxstack.trainer import TrainConfig, Trainer
 
 DTYPES = ("float32", "bfloat16")
-LEARNING_RATE = 3e-4
-BETAS = (0.9, 0.95)
-GRAD_CLIP = 1.0
+FRAMEWORKS = ("jaxstack", "plain_jax", "torch")
+"""Names of the measured frameworks, in the order of the first timed round."""
 
 
 @dataclass(frozen=True)
 class Setup:
-    """What both frameworks train: the model config and the batch shape."""
+    """What every framework trains: the model config, the batch shape and the protocol."""
 
     config: LlamaConfig
-    """Architecture; ``config.dtype`` is the compute dtype of both frameworks."""
+    """Architecture; ``config.dtype`` is the compute dtype of every framework."""
     batch: int
     """Examples per optimizer step."""
     seq: int
@@ -76,38 +83,16 @@ class Setup:
     steps: int
     """Timed optimizer steps per framework."""
     warmup: int
-    """Untimed steps per framework before them (jaxstack's first one compiles)."""
+    """Untimed steps per framework before them (the first one compiles)."""
     threads: int
-    """CPU threads both frameworks use."""
+    """CPU threads every framework uses."""
+    plain_dots: str = "xla"
+    """How the plain JAX step writes its weight matmuls (``plain_llama.DOTS``)."""
 
     @property
     def tokens_per_step(self) -> int:
         """Tokens in one optimizer step's batch."""
         return self.batch * self.seq
-
-
-# --------------------------------------------------------------------------------- XLA flags
-def configure_xla_flags(extra_flags: str = "", dump_dir: str | None = None) -> str:
-    """Set ``XLA_FLAGS`` for this process before the CPU backend starts; returns them.
-
-    Drops any fake-device count (one CPU device owns all cores), appends ``extra_flags``,
-    and with ``dump_dir`` dumps the optimized HLO there (for ``--profile``).
-    """
-    flags = os.environ.get("XLA_FLAGS", "")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", flags)
-    extra = extra_flags.split()
-    if dump_dir is not None:
-        extra += [f"--xla_dump_to={dump_dir}", "--xla_dump_hlo_as_text"]
-    os.environ["XLA_FLAGS"] = " ".join([*flags.split(), *extra])
-    os.environ["JAX_PLATFORMS"] = "cpu"  # a CPU benchmark, even on a machine with a GPU
-    return os.environ["XLA_FLAGS"]
-
-
-def _usable_cpus() -> int:
-    """CPU cores this process may run on (its affinity where the OS reports one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -130,29 +115,27 @@ def random_batch(vocab_size: int, batch: int, seq: int, seed: int = 0) -> dict[s
 
 
 # ------------------------------------------------------------------------------------- peaks
-def matmul_flops_now(size: int, dtype: str) -> float:
-    """JAX matmul FLOP/s of this host measured now (``measured_matmul_flops`` without its
-    cache, so that the peak can be sampled again between timed rounds)."""
-    return measured_matmul_flops.__wrapped__(size, dtype)
+def jax_matmul_flops(size: int, dtype: str, repeats: int = 3) -> float:
+    """JAX matmul FLOP/s on this host now (best of ``repeats``): ``[size, size]`` operands in
+    ``dtype``, accumulated and returned in float32 (XLA:CPU's fastest bfloat16 route)."""
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
+    return 2 * size**3 / common.best_seconds(lambda: matmul(a).block_until_ready(), repeats)
 
 
-def torch_matmul_flops(size: int, dtype: str, repeats: int = 5) -> float:
-    """PyTorch's matmul FLOP/s on this host (best of ``repeats``), for context only."""
+def torch_matmul_flops(size: int, dtype: str, repeats: int = 3) -> float:
+    """PyTorch matmul FLOP/s on this host now (best of ``repeats``), operands in ``dtype``."""
     import torch
 
     a = torch.ones(size, size, dtype=getattr(torch, dtype))
-    a @ a
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ a
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    return 2 * size**3 / common.best_seconds(lambda: a @ a, repeats)
 
 
 # ---------------------------------------------------------------------------------- jaxstack
 class JaxstackRun:
     """A ``jaxstack.Trainer`` on ``Llama(setup.config)`` stepping on one fixed batch."""
+
+    name = "jaxstack"
 
     def __init__(self, setup: Setup, batch: dict[str, np.ndarray]):
         self.setup, self.batch = setup, batch
@@ -160,16 +143,8 @@ class JaxstackRun:
         self.loss_fn, pred_fn = lm_functions(model)
         dummy_ids = jnp.zeros((1, setup.seq), jnp.int32)
         self.work_dir = tempfile.mkdtemp(prefix="jaxstack-bench-")
-        train_config = TrainConfig(
-            work_dir=self.work_dir,
-            batch_size=setup.batch,
-            num_steps=setup.warmup + setup.steps,
-            learning_rate=LEARNING_RATE,
-            b1=BETAS[0],
-            b2=BETAS[1],
-            grad_clip=GRAD_CLIP,
-            save_every=10**9,
-            progress_bar=False,
+        train_config = common.jaxstack_train_config(
+            self.work_dir, setup.batch, setup.warmup + setup.steps
         )
         self.trainer = Trainer(
             params=lambda rng: model.init(rng, dummy_ids)["params"],
@@ -235,6 +210,60 @@ class JaxstackRun:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------------- plain JAX
+class PlainJaxRun:
+    """``plain_llama``'s jitted step (params and optimizer state donated) on the same batch;
+    ``compiled`` summarises what XLA made of it (``compiled_summary``)."""
+
+    name = "plain_jax"
+
+    def __init__(self, setup: Setup, batch: dict[str, np.ndarray]):
+        config = setup.config
+        if setup.config.scan_layers:
+            raise ValueError("the plain JAX step unrolls its layers; drop plain_jax or scan")
+        optimizer = plain_llama.optimizer(common.LEARNING_RATE, common.BETAS, common.GRAD_CLIP)
+        self.params = jax.jit(plain_llama.init_params, static_argnums=0)(
+            config, jax.random.PRNGKey(0)
+        )
+        if (count := sum(x.size for x in jax.tree.leaves(self.params))) != config.num_params():
+            raise RuntimeError(
+                f"the plain JAX model has {count} parameters but the jaxstack config has "
+                f"{config.num_params()}: the two models are not the same architecture"
+            )
+        self.opt_state = optimizer.init(self.params)
+        self.train_step = plain_llama.make_step(config, optimizer, setup.plain_dots)
+        self.batch = {k: jnp.asarray(batch[k]) for k in ("input_ids", "positions", "targets")}
+        # compiled here once; the jitted step reuses this executable on its first call
+        lowered = self.train_step.lower(self.params, self.opt_state, self.batch)
+        self.compiled = compiled_summary(lowered.compile().as_text())
+        self.losses: list[float] = []
+
+    def step(self) -> float:
+        """One jitted step; returns its seconds (waiting for the loss)."""
+        start = time.perf_counter()
+        self.params, self.opt_state, loss = self.train_step(self.params, self.opt_state, self.batch)
+        self.losses.append(float(loss))
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+def compiled_summary(hlo: str) -> dict[str, dict[str, int]]:
+    """What XLA:CPU made of a step, from its optimized HLO text: custom fusions by kind
+    (``__ynn_fusion``, ``__onednn_fusion``, ...), custom-call targets, and dots counted by
+    their operand dtypes (``"bf16 x bf16"``: a native bfloat16 dot; ``"f32 x f32"`` in a
+    bfloat16 run: XLA converted the operands)."""
+    kinds = collections.Counter(re.findall(r'"kind":"(__\w+)"', hlo))
+    calls = collections.Counter(re.findall(r'custom_call_target="([\w.-]+)"', hlo))
+    dots = collections.Counter()
+    for computation in re.split(r"\n(?=%\S+ \(|ENTRY )", hlo):
+        dtypes = dict(re.findall(r"%(\S+) = (\w+)\[", computation))
+        for lhs, rhs in re.findall(r" dot\(%(\S+?), %(\S+?)\)", computation):
+            dots[f"{dtypes.get(lhs, '?')} x {dtypes.get(rhs, '?')}"] += 1
+    return {"fusions": dict(kinds), "custom_calls": dict(calls), "dots": dict(dots)}
+
+
 # ------------------------------------------------------------------------------------- torch
 class TorchRun:
     """``transformers.LlamaForCausalLM`` of the same config, trained like ``JaxstackRun``.
@@ -242,6 +271,8 @@ class TorchRun:
     Same batch, loss (mean cross-entropy over every position), clipping and betas; AdamW is
     torch's fastest CPU implementation (``fused=True``). Each step is timed by phase.
     """
+
+    name = "torch"
 
     def __init__(self, setup: Setup, batch: dict[str, np.ndarray]):
         import torch
@@ -259,7 +290,11 @@ class TorchRun:
                 f"{setup.config.num_params()}: the two models are not the same architecture"
             )
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=LEARNING_RATE, betas=BETAS, weight_decay=0.0, fused=True
+            self.model.parameters(),
+            lr=common.LEARNING_RATE,
+            betas=common.BETAS,
+            weight_decay=0.0,
+            fused=True,
         )
         self.input_ids = torch.from_numpy(batch["input_ids"]).long()
         self.positions = torch.from_numpy(batch["positions"]).long()
@@ -286,7 +321,7 @@ class TorchRun:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         backward_done = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), common.GRAD_CLIP)
         self.optimizer.step()
         self.losses.append(loss.item())
         end = time.perf_counter()
@@ -303,6 +338,13 @@ class TorchRun:
             "optimizer": statistics.median(p[2] for p in phases),
             "step": statistics.median(sum(p) for p in phases),
         }
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+RUNS: dict[str, Callable[[Setup, dict[str, np.ndarray]], JaxstackRun | PlainJaxRun | TorchRun]]
+RUNS = {"jaxstack": JaxstackRun, "plain_jax": PlainJaxRun, "torch": TorchRun}
 
 
 # ---------------------------------------------------------------------------------- profile
@@ -402,102 +444,29 @@ def _classify(op_name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- results
-def _summary(setup: Setup, times: list[float], losses: list[float], flops: float) -> dict:
-    """Tokens/s and MFU over the timed steps (and of the fastest one), with the loss."""
+def summary(setup: Setup, times: list[float], losses: list[float], peak: float) -> dict:
+    """Tokens/s and MFU over the timed steps (and of the fastest one), with the losses."""
     tokens_per_sec = setup.tokens_per_step * len(times) / sum(times)
     best_tokens_per_sec = setup.tokens_per_step / min(times)
     per_token = setup.config.flops_per_token(setup.seq)
     return {
         "tokens_per_sec": tokens_per_sec,
-        "mfu": tokens_per_sec * per_token / flops,
+        "mfu": tokens_per_sec * per_token / peak,
         "best_step_tokens_per_sec": best_tokens_per_sec,
-        "best_step_mfu": best_tokens_per_sec * per_token / flops,
+        "best_step_mfu": best_tokens_per_sec * per_token / peak,
         "step_s": [round(t, 3) for t in times],
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }
 
 
-def versions() -> dict[str, str]:
-    """Versions of the measured software (torch and transformers when importable)."""
-    out = {"python": platform.python_version(), "jax": jax.__version__}
-    out["jaxlib"] = jaxlib.__version__
-    try:
-        import torch
-        import transformers
-    except ImportError:
-        return out
-    return {**out, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
-def cpu_model() -> str:
-    """The CPU model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def run(
-    setup: Setup, *, skip_torch: bool, breakdown: bool, dump_dir: str | None, peak_size: int
-) -> dict:
-    """The whole benchmark (``dump_dir`` set: also profile); returns the JSON-ready report."""
-    devices = jax.devices()
-    if len(devices) != 1 or devices[0].platform != "cpu":
-        raise RuntimeError(
-            f"expected exactly one CPU device, found {devices}; run this script as its own "
-            "process so that it sets XLA_FLAGS before jax starts its backend"
-        )
+def describe_setup(setup: Setup, preset_name: str, frameworks: list[str], quick: bool) -> dict:
+    """The JSON-ready setup of a run: model, batch, protocol, threads and XLA flags."""
     cfg = setup.config
-    peak_dtypes = ["float32"] + (["bfloat16"] if cfg.dtype == "bfloat16" else [])
-    peaks = {dtype: [matmul_flops_now(peak_size, dtype)] for dtype in peak_dtypes}
-    batch = random_batch(cfg.vocab_size, setup.batch, setup.seq)
-
-    compile_start = time.perf_counter()
-    jax_run = JaxstackRun(setup, batch)
-    first_step_s = jax_run.step()
-    jax_setup_s = time.perf_counter() - compile_start
-    torch_run = None if skip_torch else TorchRun(setup, batch)
-    # untimed warmup (jaxstack's first step was the compile), alternating like the timed
-    # steps so that the first timed step of either framework has the same history as the rest
-    for i in range(setup.warmup):
-        if i:
-            jax_run.step()
-        if torch_run is not None:
-            torch_run.step()
-
-    jax_times, torch_times = [], []
-    try:
-        for _ in range(setup.steps):  # alternate, so both see the same background load
-            jax_times.append(jax_run.step())
-            if torch_run is not None:
-                torch_times.append(torch_run.step())
-            for dtype in peak_dtypes:
-                peaks[dtype].append(matmul_flops_now(peak_size, dtype))
-        jax_losses = list(jax_run.losses)
-        jax_breakdown = jax_run.breakdown(max(2, setup.steps // 2)) if breakdown else None
-        profile = profile_jaxstack(jax_run, dump_dir) if dump_dir else None
-    finally:
-        jax_run.close()
-
-    peak = max(peaks[cfg.dtype])
-    jaxstack = _summary(setup, jax_times, jax_losses, peak)
-    jaxstack["first_step_s"] = first_step_s
-    jaxstack["setup_and_first_step_s"] = jax_setup_s
-    if jax_breakdown:
-        jaxstack["breakdown_s"] = jax_breakdown
-    if profile:
-        jaxstack["profile"] = profile
-    report = {
-        "device": f"{cpu_model()}, {setup.threads} threads, jax device {devices[0].device_kind}",
-        "date": datetime.date.today().isoformat(),
-        "versions": versions(),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "preset": {
+    return {
+        "preset": preset_name,
+        "quick": quick,
+        "model": {
             "vocab_size": cfg.vocab_size,
             "hidden_size": cfg.hidden_size,
             "num_layers": cfg.num_layers,
@@ -512,30 +481,102 @@ def run(
         "dtype": cfg.dtype,
         "batch": setup.batch,
         "seq": setup.seq,
+        "tokens_per_step": setup.tokens_per_step,
         "steps": setup.steps,
         "warmup_steps": setup.warmup,
         "threads": setup.threads,
+        "frameworks": frameworks,
+        "plain_dots": setup.plain_dots,
         "flops_per_token": cfg.flops_per_token(setup.seq),
-        "matmul_peak_flops": peak,
-        "matmul_peak_samples_gflops": {d: [round(f / 1e9, 1) for f in v] for d, v in peaks.items()},
-        "jaxstack_tokens_per_sec": jaxstack["tokens_per_sec"],
-        "jaxstack_mfu": jaxstack["mfu"],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "jax_device": jax.devices()[0].device_kind,
     }
-    if torch_run is not None:
-        torch_summary = _summary(setup, torch_times, torch_run.losses, peak)
-        if breakdown:
-            torch_summary["breakdown_s"] = torch_run.breakdown(setup.steps)
-        report.update(
-            torch_tokens_per_sec=torch_summary["tokens_per_sec"],
-            torch_mfu=torch_summary["mfu"],
-            ratio_jaxstack_over_torch=(
-                jaxstack["tokens_per_sec"] / torch_summary["tokens_per_sec"]
-            ),
-            torch_matmul_flops={d: torch_matmul_flops(peak_size, d) for d in peak_dtypes},
-            torch=torch_summary,
+
+
+def sample_peaks(peaks: dict[str, list[float]], size: int, dtype: str) -> None:
+    """Append one matmul FLOP/s sample to each of ``peaks`` (``"jax"``, maybe ``"torch"``)."""
+    peaks["jax"].append(jax_matmul_flops(size, dtype))
+    if "torch" in peaks:
+        peaks["torch"].append(torch_matmul_flops(size, dtype))
+
+
+def run(
+    setup: Setup, frameworks: list[str], *, breakdown: bool, dump_dir: str | None, peak_size: int
+) -> dict:
+    """The whole benchmark (``dump_dir`` set: also profile jaxstack); returns the report:
+    ``frameworks`` (per framework: tokens/s, MFU, step times, losses), ``ratios``, the matmul
+    peak and its samples."""
+    devices = jax.devices()
+    if len(devices) != 1 or devices[0].platform != "cpu":
+        raise RuntimeError(
+            f"expected exactly one CPU device, found {devices}; run this script as its own "
+            "process so that it sets XLA_FLAGS before jax starts its backend"
         )
-    report["jaxstack"] = jaxstack
-    return report
+    dtype = setup.config.dtype
+    peaks = {source: [] for source in ["jax"] + (["torch"] if "torch" in frameworks else [])}
+    if "torch" in frameworks:
+        import torch
+
+        torch.set_num_threads(setup.threads)
+    sample_peaks(peaks, peak_size, dtype)
+    batch = random_batch(setup.config.vocab_size, setup.batch, setup.seq)
+
+    runs, first_step_s, times = {}, {}, {name: [] for name in frameworks}
+    try:
+        for name in frameworks:  # build each, then its first (compiling) step
+            start = time.perf_counter()
+            runs[name] = RUNS[name](setup, batch)
+            runs[name].step()
+            first_step_s[name] = time.perf_counter() - start
+        for _ in range(setup.warmup - 1):  # untimed, alternating like the timed steps
+            for run_ in runs.values():
+                run_.step()
+        for index in range(setup.steps):  # one step each, the order rotating every round
+            order = frameworks[index % len(frameworks) :] + frameworks[: index % len(frameworks)]
+            for name in order:
+                times[name].append(runs[name].step())
+            sample_peaks(peaks, peak_size, dtype)
+        extra = {}
+        if breakdown and "jaxstack" in runs:
+            extra["jaxstack"] = {"breakdown_s": runs["jaxstack"].breakdown(setup.steps // 2 + 1)}
+        if breakdown and "torch" in runs:
+            extra["torch"] = {"breakdown_s": runs["torch"].breakdown(setup.steps)}
+        if dump_dir and "jaxstack" in runs:
+            extra.setdefault("jaxstack", {})["profile"] = profile_jaxstack(
+                runs["jaxstack"], dump_dir
+            )
+    finally:
+        for run_ in runs.values():
+            run_.close()
+
+    peak = max(max(samples) for samples in peaks.values())
+    results = {}
+    for name in frameworks:
+        losses = runs[name].losses
+        results[name] = {
+            **summary(setup, times[name], losses, peak),
+            "first_step_s": first_step_s[name],
+            **({"compiled": runs[name].compiled} if name == "plain_jax" else {}),
+            **extra.get(name, {}),
+        }
+    tokens = {name: result["tokens_per_sec"] for name, result in results.items()}
+    ratios = {}
+    for other in ("plain_jax", "torch"):
+        if "jaxstack" in tokens and other in tokens:
+            ratios[f"jaxstack_over_{other}"] = tokens["jaxstack"] / tokens[other]
+    return {
+        "frameworks": results,
+        "ratios": ratios,
+        "matmul_peak_flops": peak,
+        "matmul_peak": (
+            f"best {peak_size}x{peak_size} {dtype} matmul of JAX (float32 accumulation) and "
+            "PyTorch on this host, sampled before and after every timed round; the MFU "
+            "denominator of every framework"
+        ),
+        "matmul_samples_gflops": {
+            source: [round(f / 1e9, 1) for f in samples] for source, samples in peaks.items()
+        },
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -548,51 +589,83 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=512, help="tokens per example")
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     parser.add_argument("--scan-layers", action="store_true", help="nn.scan over the layers")
-    parser.add_argument("--skip-torch", action="store_true", help="only measure jaxstack")
+    parser.add_argument(
+        "--frameworks",
+        default=",".join(FRAMEWORKS),
+        help=f"comma-separated subset of {','.join(FRAMEWORKS)} (default: all)",
+    )
     parser.add_argument("--breakdown", action="store_true", help="forward/backward/optimizer")
     parser.add_argument("--profile", action="store_true", help="XLA op time by model part")
     parser.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS")
+    parser.add_argument(
+        "--plain-dots",
+        default="xla",
+        choices=sorted(plain_llama.DOTS),
+        help="plain JAX weight matmuls: xla (plain @, the floor) or bf16 (bfloat16 operands, "
+        "float32 accumulation, forward and backward; needs --dtype bfloat16)",
+    )
     parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak")
-    parser.add_argument("--quick", action="store_true", help="tiny preset, 3 steps (smoke run)")
+    parser.add_argument("--quick", action="store_true", help="tiny preset, 2 steps (smoke)")
+    common.add_results_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.preset, args.steps, args.warmup, args.batch, args.seq = "tiny", 3, 1, 2, 64
-        args.peak_size = min(args.peak_size, 512)
+        args.preset, args.steps, args.warmup, args.batch, args.seq = "tiny", 2, 1, 2, 32
+        args.peak_size = min(args.peak_size, 256)
+    args.results_dir = common.results_dir(args.results_dir, args.quick)
+    args.frameworks = [name.strip() for name in args.frameworks.split(",") if name.strip()]
+    unknown = sorted(set(args.frameworks) - set(FRAMEWORKS))
+    if unknown or not args.frameworks or len(set(args.frameworks)) < len(args.frameworks):
+        parser.error(f"--frameworks {unknown or args.frameworks}: pick each of {FRAMEWORKS} once")
     for name in ("steps", "warmup", "batch", "seq", "peak_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     max_len = PRESETS[args.preset].max_seq_len
     if args.seq > max_len:
         parser.error(f"--seq {args.seq} exceeds preset {args.preset!r} max_seq_len={max_len}")
+    if args.plain_dots == "bf16" and args.dtype != "bfloat16":
+        parser.error("--plain-dots bf16 needs --dtype bfloat16")
+    if args.scan_layers and "plain_jax" in args.frameworks:
+        parser.error("--scan-layers: the plain JAX step unrolls; pass --frameworks without it")
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark and print its JSON report on stdout."""
+def main(argv: list[str] | None = None) -> Path:
+    """Run the benchmark, print its record as JSON and write it; returns the file's path."""
     args = parse_args(argv)
     dump_dir = tempfile.mkdtemp(prefix="jaxstack-hlo-") if args.profile else None
-    configure_xla_flags(args.xla_flags, dump_dir)
+    extra_flags = args.xla_flags.split()
+    if dump_dir:
+        extra_flags += [f"--xla_dump_to={dump_dir}", "--xla_dump_hlo_as_text"]
+    common.configure_cpu_xla(" ".join(extra_flags))
     config = preset(args.preset, dtype=args.dtype, scan_layers=args.scan_layers, remat="none")
     setup = Setup(
-        config=config,
-        batch=args.batch,
-        seq=args.seq,
-        steps=args.steps,
-        warmup=args.warmup,
-        threads=_usable_cpus(),
+        config,
+        args.batch,
+        args.seq,
+        args.steps,
+        args.warmup,
+        common.usable_cpus(),
+        args.plain_dots,
     )
     try:
-        report = run(
-            setup,
-            skip_torch=args.skip_torch,
-            breakdown=args.breakdown,
-            dump_dir=dump_dir,
-            peak_size=args.peak_size,
-        )
+        report = {
+            "setup": {
+                **describe_setup(setup, args.preset, args.frameworks, args.quick),
+                "extra_xla_flags": args.xla_flags,
+            },
+            **run(
+                setup,
+                args.frameworks,
+                breakdown=args.breakdown,
+                dump_dir=dump_dir,
+                peak_size=args.peak_size,
+            ),
+        }
     finally:
         if dump_dir:
             shutil.rmtree(dump_dir, ignore_errors=True)
-    print(json.dumps(report, indent=2))
+    versions = common.versions("flax", "optax", "numpy", "torch", "transformers")
+    return common.write_result("train_cpu", report, versions, args.results_dir)
 
 
 if __name__ == "__main__":

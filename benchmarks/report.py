@@ -1,0 +1,317 @@
+"""Make the tables of docs/benchmarks.md from the result files in benchmarks/results/.
+
+The prose of docs/benchmarks.md is written by hand; every table of figures sits between
+marker comments and is generated here from the recorded runs (``common.write_result``)::
+
+    <!-- table:train_cpu -->
+    ... generated, never edited by hand ...
+    <!-- /table -->
+
+Each table names its source files, commands, dates and machines. A table shows the newest
+record per configuration (e.g. per dtype and XLA flags for ``train_cpu``), so re-recording is
+one benchmark command followed by ``python -m benchmarks.report``; older files stay as history
+and can be deleted. Smoke runs (``"quick"`` in their setup) never reach a table.
+
+    python -m benchmarks.report            # rewrite the tables in docs/benchmarks.md
+    python -m benchmarks.report --check    # exit 1 (with a diff) if they are out of date
+
+Reads JSON only: no jax, so ``--check`` is fast.
+"""
+
+import argparse
+import difflib
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+if not __package__:  # run as a file, not with -m: make the `benchmarks` package importable
+    sys.path.append(str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, load_results
+
+DOC = REPO_ROOT / "docs" / "benchmarks.md"
+MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+Record = dict[str, Any]
+
+
+# --------------------------------------------------------------------------------- formatting
+def _number(value: float | None, digits: int = 1) -> str:
+    """``1234.56 -> "1,234.6"``; None -> "-"."""
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def _percent(value: float | None) -> str:
+    """``0.1234 -> "12.3%"``; None -> "-"."""
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _file_link(record: Record) -> str:
+    """A link from docs/ to the record's file."""
+    return f"[{record['file']}](../benchmarks/results/{record['file']})"
+
+
+def _code(record: Record) -> str:
+    """The measured code: its commit and whether the packages under test had local edits."""
+    code = record.get("code") or {}
+    if not code.get("commit"):
+        return "code not in a git checkout"
+    packages = ("jaxstack/", "pallas_kernels/", "sharding_rules/")
+    edited = [path for path in code.get("uncommitted", []) if path.startswith(packages)]
+    state = f"{len(edited)} uncommitted files in them" if edited else "as committed"
+    return f"jaxstack, pallas_kernels, sharding_rules at {code['commit'][:10]} {state}"
+
+
+def _source(records: list[Record]) -> str:
+    """One bullet per record: file, command, date, machine, load, measured code, versions."""
+    lines = []
+    for record in records:
+        machine, versions = record["machine"], record["versions"]
+        load = machine.get("load_average_1_5_15")
+        load_text = "" if load is None else f", load average {load[0]:.2f} at the end"
+        software = ", ".join(f"{name} {version}" for name, version in versions.items())
+        lines.append(
+            f"- {_file_link(record)}: `{record['command']}`, {record['date']}; "
+            f"{machine['cpu']} ({machine['usable_cores']} cores, "
+            f"{', '.join(machine.get('cpu_flags', [])) or 'no ISA flags read'}"
+            f"{load_text}); {_code(record)}; {software}"
+        )
+    return "\n".join(lines)
+
+
+def _newest_per(records: list[Record], key: Callable[[Record], Any]) -> list[Record]:
+    """The newest record for each value of ``key`` (records come oldest first)."""
+    newest = {}
+    for record in records:
+        newest[key(record)] = record
+    return list(newest.values())
+
+
+def _of(records: list[Record], benchmark: str) -> list[Record]:
+    """The records of ``benchmark`` that are measurements (no ``quick`` smoke runs)."""
+    return [
+        r
+        for r in records
+        if r["benchmark"] == benchmark and not r["result"].get("setup", {}).get("quick")
+    ]
+
+
+# ----------------------------------------------------------------------------------- tables
+def train_cpu_table(records: list[Record]) -> str:
+    """One row per route (preset, dtype, extra XLA flags, batch x seq, frameworks): tokens/s
+    and MFU of jaxstack, plain JAX and PyTorch, the two ratios and the matmul peak."""
+    runs = _newest_per(
+        _of(records, "train_cpu"),
+        lambda r: (
+            r["result"]["setup"]["preset"],
+            r["result"]["setup"]["dtype"],
+            r["result"]["setup"]["extra_xla_flags"],
+            r["result"]["setup"]["batch"],
+            r["result"]["setup"]["seq"],
+            r["result"]["setup"]["model"]["scan_layers"],
+            r["result"]["setup"].get("plain_dots", "xla"),
+            tuple(r["result"]["setup"]["frameworks"]),
+        ),
+    )
+    if not runs:
+        return "_No recorded run yet: `python benchmarks/train_cpu.py` records one._"
+    runs.sort(
+        key=lambda r: (
+            r["result"]["setup"]["preset"],
+            r["result"]["setup"]["dtype"] != "float32",
+            r["result"]["setup"].get("plain_dots", "xla") != "xla",
+            r["result"]["setup"]["extra_xla_flags"],
+        )
+    )
+    header = ["route: preset, dtype, extra XLA flags", "batch x seq"]
+    header += [f"{label} tok/s (MFU); best step" for label in ("jaxstack", "plain JAX", "PyTorch")]
+    header += [f"jaxstack / {label}: all steps; best step" for label in ("plain JAX", "PyTorch")]
+    header += ["matmul peak GFLOP/s", "plain JAX dots by operand dtypes", "load 1/5/15 min", "file"]
+    rows = []
+    for record in runs:
+        result, setup = record["result"], record["result"]["setup"]
+        frameworks = result["frameworks"]
+        flags = f"`{setup['extra_xla_flags']}`" if setup["extra_xla_flags"] else "stock flags"
+        route = f"{setup['preset']}, {setup['dtype']}, {flags}"
+        if setup.get("plain_dots", "xla") != "xla":
+            route += f"; plain JAX dots: {setup['plain_dots']}"
+        cells = [route, f"{setup['batch']} x {setup['seq']}"]
+        for name in ("jaxstack", "plain_jax", "torch"):
+            run = frameworks.get(name)
+            cells.append(
+                "-"
+                if run is None
+                else f"{_number(run['tokens_per_sec'])} ({_percent(run['mfu'])}); "
+                f"{_number(run['best_step_tokens_per_sec'])}"
+            )
+        for other in ("plain_jax", "torch"):
+            ratio = result["ratios"].get(f"jaxstack_over_{other}")
+            if ratio is None:
+                cells.append("-")
+                continue
+            best = (
+                frameworks["jaxstack"]["best_step_tokens_per_sec"]
+                / frameworks[other]["best_step_tokens_per_sec"]
+            )
+            cells.append(f"**{ratio:.2f}x**; {best:.2f}x")
+        cells.append(_number(result["matmul_peak_flops"] / 1e9))
+        plain = frameworks.get("plain_jax", {}).get("compiled", {}).get("dots", {})
+        cells.append(", ".join(f"{n} {pair}" for pair, n in sorted(plain.items())) or "-")
+        load = record["machine"].get("load_average_1_5_15")
+        cells.append("-" if load is None else " / ".join(f"{x:.1f}" for x in load))
+        cells.append(record["file"])
+        rows.append(cells)
+    return f"{_table(header, rows)}\n\nSources:\n\n{_source(runs)}"
+
+
+def sharding_cpu_table(records: list[Record]) -> str:
+    """The newest full run of ``sharding_cpu.py``: per mesh both tokens/s, their ratio and
+    the parameter bytes per device."""
+    runs = _of(records, "sharding_cpu")
+    if not runs:
+        return "_No recorded run yet: `python benchmarks/sharding_cpu.py` records one._"
+    record = runs[-1]
+    header = ["mesh (data, fsdp, tensor)", "Redco mesh (dp, mp)", "jaxstack tok/s"]
+    header += ["Redco tok/s", "jaxstack / Redco", "param MB per device, jaxstack / Redco"]
+    header.append("held-out loss before -> after, jaxstack / Redco")
+    rows = []
+    for row in record["result"]["rows"]:
+        mesh, redco_mesh = row["mesh"], row.get("redco_mesh")
+        redco = row.get("redco") or {}
+        param_mb = [
+            _number(part.get("param_bytes_per_device", 0) / 1e6, 2) if part else "-"
+            for part in (row["jaxstack"], redco)
+        ]
+        ratio = row["ratio_jaxstack_over_redco"]
+        losses = [
+            f"{part['check_loss_before']:.4f} -> {part['check_loss_after']:.4f}"
+            if "check_loss_after" in part
+            else "-"
+            for part in (row["jaxstack"], redco)
+        ]
+        rows.append(
+            [
+                f"({mesh['data']}, {mesh['fsdp']}, {mesh['tensor']})",
+                "-" if redco_mesh is None else f"({redco_mesh['dp']}, {redco_mesh['mp']})",
+                _number(row["jaxstack_tokens_per_sec"]),
+                _number(row["redco_tokens_per_sec"]),
+                "-" if ratio is None else f"{ratio:.2f}",
+                " / ".join(param_mb),
+                " / ".join(losses),
+            ]
+        )
+    return f"{_table(header, rows)}\n\nSource:\n\n{_source([record])}"
+
+
+def hf_load_table(records: list[Record]) -> str:
+    """The newest run of ``hf_load.py``: per scenario load time, bytes and overhead."""
+    runs = _of(records, "hf_load")
+    if not runs:
+        return "_No recorded run yet: `python benchmarks/hf_load.py` records one._"
+    record = runs[-1]
+    header = ["scenario", "load time", "placed params", "largest tensor (placed dtype)"]
+    header += ["overhead", "overhead / largest tensor"]
+    rows = [
+        [
+            scenario["scenario"],
+            f"{scenario['load_seconds']:.2f} s",
+            f"{scenario['placed_param_bytes'] / 1e6:,.0f} MB",
+            f"{scenario['largest_tensor_bytes'] / 1e6:,.0f} MB",
+            f"{scenario['overhead_bytes'] / 1e6:,.0f} MB",
+            f"{scenario['overhead_over_largest_tensor']:.2f}",
+        ]
+        for scenario in record["result"]["scenarios"]
+    ]
+    return f"{_table(header, rows)}\n\nSource:\n\n{_source([record])}"
+
+
+def attention_table(records: list[Record]) -> str:
+    """The newest run of ``attention.py`` per accelerator (CPU runs only smoke-test the
+    script: Pallas interprets there): TFLOP/s per sequence, mask and implementation."""
+    runs = [r for r in _of(records, "attention") if r["result"]["backend"] != "cpu"]
+    runs = _newest_per(runs, lambda r: r["result"]["device_kind"])
+    if not runs:
+        return (
+            "_No recorded run on a GPU or TPU yet: `python -m benchmarks.attention` on one "
+            "records it._"
+        )
+    header = ["device", "seq", "causal", "implementation", "fwd TFLOP/s", "fwd+bwd TFLOP/s"]
+    header.append("notes")
+    rows = [
+        [
+            record["result"]["device_kind"],
+            str(row["seq"]),
+            str(row["causal"]),
+            row["implementation"],
+            _number(row["forward_tflops"], 3),
+            _number(row["forward_backward_tflops"], 3),
+            row["note"],
+        ]
+        for record in runs
+        for row in record["result"]["rows"]
+    ]
+    return f"{_table(header, rows)}\n\nSources:\n\n{_source(runs)}"
+
+
+TABLES: dict[str, Callable[[list[Record]], str]] = {
+    "train_cpu": train_cpu_table,
+    "sharding_cpu": sharding_cpu_table,
+    "hf_load": hf_load_table,
+    "attention": attention_table,
+}
+"""Marker name in docs/benchmarks.md -> the function making that table from all records."""
+
+
+# ------------------------------------------------------------------------------- documents
+def render(text: str, records: list[Record]) -> str:
+    """``text`` with the body of every ``<!-- table:NAME -->`` block regenerated.
+
+    Raises:
+        ValueError: a marker names a table ``TABLES`` does not have.
+    """
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in TABLES:
+            raise ValueError(f"<!-- table:{name} -->: no such table; known: {sorted(TABLES)}")
+        return f"{match[1]}{TABLES[name](records)}\n{match[4]}"
+
+    return MARKER.sub(replace, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite (or with ``--check`` verify) the tables; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if the doc is stale")
+    parser.add_argument("--doc", type=Path, default=DOC, help=f"default: {DOC}")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    text = args.doc.read_text()
+    updated = render(text, load_results(args.results_dir))
+    if text == updated:
+        return 0
+    if args.check:
+        diff = difflib.unified_diff(
+            text.splitlines(keepends=True),
+            updated.splitlines(keepends=True),
+            str(args.doc),
+            f"{args.doc} (from {args.results_dir})",
+        )
+        sys.stdout.writelines(diff)
+        print(f"\n{args.doc} is out of date: run `python -m benchmarks.report`", file=sys.stderr)
+        return 1
+    args.doc.write_text(updated)
+    print(f"updated {args.doc}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""docs/benchmarks.md tables are made from benchmarks/results/ (never typed by hand)."""
+
+import json
+
+import pytest
+
+from benchmarks import common, report
+
+
+def test_docs_tables_are_up_to_date_with_the_committed_results():
+    # the --check mode: exits 1 (printing the diff) when a table differs from its files
+    assert report.main(["--check"]) == 0
+
+
+def fake_train_cpu_report(tokens: dict[str, float], quick: bool = False) -> dict:
+    """The part of a train_cpu report the table reads, for a run of ``tokens`` tokens/s."""
+    setup = {"preset": "100m", "quick": quick, "dtype": "float32", "extra_xla_flags": ""}
+    setup.update(batch=2, seq=512, model={"scan_layers": False}, frameworks=list(tokens))
+    return {
+        "setup": setup,
+        "frameworks": {
+            name: {"tokens_per_sec": t, "mfu": t / 1000, "best_step_tokens_per_sec": 2 * t}
+            for name, t in tokens.items()
+        },
+        "ratios": {
+            "jaxstack_over_plain_jax": tokens["jaxstack"] / tokens["plain_jax"],
+            "jaxstack_over_torch": tokens["jaxstack"] / tokens["torch"],
+        },
+        "matmul_peak_flops": 201.5e9,
+    }
+
+
+def test_a_result_file_round_trips_into_its_table(tmp_path, monkeypatch, capsys):
+    script = str(common.REPO_ROOT / "benchmarks" / "train_cpu.py")
+    monkeypatch.setattr("sys.orig_argv", ["python3", "-u", script, "--dtype", "float32"])
+    tokens = {"jaxstack": 123.4, "plain_jax": 150.0, "torch": 200.0}
+    path = common.write_result("train_cpu", fake_train_cpu_report(tokens), {"jax": "0.0"}, tmp_path)
+    record = json.loads(path.read_text())
+    assert json.loads(capsys.readouterr().out) == record  # the same JSON goes to stdout
+    assert path.name.startswith(f"train_cpu-{record['date'][:10]}-")
+    assert record["command"] == "python benchmarks/train_cpu.py --dtype float32"
+    assert {"cpu", "usable_cores"} <= set(record["machine"]) and record["versions"] == {
+        "jax": "0.0"
+    }
+    # a smoke run in the same directory never reaches a table
+    common.write_result("train_cpu", fake_train_cpu_report(tokens, quick=True), {}, tmp_path)
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Prose\n\n<!-- table:train_cpu -->\nstale\n<!-- /table -->\n\nMore prose.\n")
+    args = ["--doc", str(doc), "--results-dir", str(tmp_path)]
+    assert report.main([*args, "--check"]) == 1
+    assert report.main(args) == 0
+    assert report.main([*args, "--check"]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Prose\n\n<!-- table:train_cpu -->\n| route: preset")
+    assert text.endswith("<!-- /table -->\n\nMore prose.\n") and "stale" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| 100m"))
+    assert "123.4 (12.3%); 246.8" in row and "150.0 (15.0%); 300.0" in row
+    assert "200.0 (20.0%); 400.0" in row and "201.5" in row and path.name in row
+    assert "**0.82x**; 0.82x" in row and "**0.62x**; 0.62x" in row
+    assert text.count("| 100m") == 1
+
+
+def test_an_unknown_table_marker_is_an_error():
+    with pytest.raises(ValueError, match="no such table"):
+        report.render("<!-- table:nope -->\n<!-- /table -->\n", [])
