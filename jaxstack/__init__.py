@@ -3,18 +3,20 @@
 ``import jaxstack as js``: ``js.Trainer`` / ``js.TrainConfig`` run ``collate_fn``,
 ``loss_fn`` and ``pred_fn``; ``js.Predictor`` runs ``pred_fn`` alone; ``js.models`` holds the
 model families; ``js.generate`` decodes with a KV cache; ``js.hf`` loads and exports Hugging Face
-checkpoints; ``js.make_mesh`` builds meshes.
+checkpoints; ``js.make_mesh`` builds meshes; ``js.sharding`` holds the sharding rules, plans
+and overrides.
 """
 
-from jaxstack import hf, models
+from jaxstack import hf, models, sharding
 from jaxstack.checkpoint import CheckpointManager, load_params
 from jaxstack.generate import generate
 from jaxstack.mesh import make_mesh
 from jaxstack.predictor import Predictor
-from jaxstack.trainer import TrainConfig, Trainer
+from jaxstack.trainer import NonFiniteError, TrainConfig, Trainer
 
 __all__ = [
     "CheckpointManager",
+    "NonFiniteError",
     "Predictor",
     "TrainConfig",
     "Trainer",
@@ -23,4 +25,5 @@ __all__ = [
     "load_params",
     "make_mesh",
     "models",
+    "sharding",
 ]

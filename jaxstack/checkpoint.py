@@ -2,13 +2,48 @@
 
 Layout under ``<work_dir>/checkpoints/<step>/``: ``state`` (a PyTree of arrays, restorable
 onto any mesh by giving the target shardings) and ``data`` (the loader position, JSON).
+
+Reliability:
+
+- ``restore_latest`` checks the newest checkpoint and, when it cannot be read (a truncated,
+  zeroed or missing file, missing metadata), moves it aside into
+  ``<work_dir>/checkpoints.damaged/`` (never deleting it), says so in one line, and falls
+  back to the next newest; with none intact it raises ``CheckpointError``. A checkpoint
+  whose tree differs from the target (another model) is not damage: that is a clear
+  ``CheckpointMismatchError``.
+- ``remove_unfinished`` removes temporary directories of saves that never finished (the
+  Trainer calls it on start, holding the work dir's lock).
+- A save that fails (read-only or full disk, ...) raises ``CheckpointError`` naming the path
+  and the cause, at once when it fails on the spot or at the next ``check()`` when the
+  asynchronous part fails, and leaves no partial checkpoint a restart would use.
 """
 
+import datetime
+import os
+import shutil
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from sharding_rules.paths import leaves_with_paths
+
+DAMAGED_DIR = "checkpoints.damaged"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or none could be read."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds a different state tree than the one asked for (another model)."""
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+    return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
 
 
 class CheckpointManager:
@@ -16,66 +51,212 @@ class CheckpointManager:
 
     def __init__(self, directory: str | Path, *, save_every: int = 1000, keep: int = 3):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=True
-        )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self.save_every = save_every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=_handlers()
+            )
+        except OSError as error:
+            raise CheckpointError(_describe(self.directory, error)) from error
+
+    def remove_unfinished(self) -> None:
+        """Delete temporary directories that interrupted saves left behind (only the one
+        writer of the directory may call this: another's save in flight looks the same)."""
+        if jax.process_index() != 0 or not self.directory.is_dir():
+            return
+        for path in self.directory.iterdir():
+            if ".orbax-checkpoint-tmp" in path.name:
+                shutil.rmtree(path, ignore_errors=True)
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None when the directory holds no checkpoint."""
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """Every saved step, ascending."""
+        return sorted(self._manager.all_steps())
+
+    def should_save(self, step: int) -> bool:
+        """Whether ``step`` is due: a multiple of ``save_every``."""
+        return step % self.save_every == 0
+
     def save(self, step: int, state: Any, data_state: dict, *, force: bool = False) -> bool:
-        """Start an async save of ``state`` and ``data_state`` if ``step`` is due (or forced)."""
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
-            ),
-            force=force,
-        )
+        """Start an async save of ``state`` and ``data_state`` if ``step`` is due (or forced).
+
+        Raises:
+            CheckpointError: the save (or an earlier asynchronous one) failed.
+        """
+        self.check()
+        if not (force or self.should_save(step)):
+            return False
+        try:
+            self._probe_writable()
+            return self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+                ),
+                force=True,
+            )
+        except Exception as error:  # orbax / tensorstore / OS errors alike
+            self.remove_unfinished()
+            raise CheckpointError(_describe(self.directory / str(step), error)) from error
+
+    def _probe_writable(self) -> None:
+        """Fail on the spot where the directory cannot be written (read-only, no permission,
+        not a directory): an asynchronous save would fail in a background thread instead."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        probe = self.directory / f".probe-{socket.gethostname()}-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+
+    def check(self) -> None:
+        """Raise ``CheckpointError`` if an asynchronous save has failed (cheap, no waiting)."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as error:
+            self.remove_unfinished()
+            raise CheckpointError(_describe(self.directory, error)) from error
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore ``(state, data_state)`` at ``step`` (default latest) onto ``target``'s shardings.
 
         ``target`` is a pytree of ``jax.ShapeDtypeStruct`` (with ``sharding``) or arrays; the
         saved arrays are resharded onto it, so a checkpoint restores onto a different mesh.
+
+        Raises:
+            FileNotFoundError: no checkpoint (at ``step``).
+            CheckpointMismatchError: the checkpoint's tree is not ``target``'s.
+            Exception: whatever reading a damaged checkpoint raised.
         """
         step = self._resolve(step)
+        self._check_structure(step, target)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract(target)), data=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(abstract(target)), data=ocp.args.JsonRestore()
             ),
         )
         return restored["state"], restored["data"]
 
+    def restore_latest(self, target: Any) -> tuple[int, Any, dict] | None:
+        """``(step, state, data_state)`` from the newest intact checkpoint, or None if there is
+        none at all; damaged ones are moved aside (module doc).
+
+        Raises:
+            CheckpointError: checkpoints exist but none can be read.
+            CheckpointMismatchError: the newest holds another model's tree.
+        """
+        steps = self.all_steps()
+        if not steps:
+            return None
+        for step in reversed(steps):
+            try:
+                state, data = self.restore(target, step)
+            except CheckpointMismatchError:
+                raise
+            except Exception as error:  # noqa: BLE001 - any read failure means damage
+                moved = self._move_aside(step)
+                cause = _first_line(_root_cause(error))
+                print(
+                    f"jaxstack: checkpoint {self.directory / str(step)} is damaged ({cause}); "
+                    f"moved to {moved}, trying the previous one",
+                    file=sys.stderr,
+                )
+                continue
+            return step, state, data
+        raise CheckpointError(
+            f"no intact checkpoint in {self.directory}: steps {steps} were all damaged and "
+            f"moved to {self.directory.parent / DAMAGED_DIR}; start a new run or restore "
+            "them by hand"
+        )
+
+    def _check_structure(self, step: int, target: Any) -> None:
+        try:
+            saved = self._manager.item_metadata(step)["state"]
+        except Exception as error:
+            raise OSError(f"unreadable metadata: {_first_line(error)}") from error
+        if saved is None or saved.tree is None:
+            raise OSError("the state's metadata is missing")
+        saved = saved.tree
+        saved_paths, target_paths = (
+            set(leaves_with_paths(saved)[0]),
+            set(leaves_with_paths(target)[0]),
+        )
+        if saved_paths != target_paths:
+            extra, missing = sorted(saved_paths - target_paths), sorted(target_paths - saved_paths)
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory / str(step)} holds another state tree (only in the "
+                f"checkpoint: {extra[:3]}; only in this run: {missing[:3]}): it was written by "
+                "a different model or optimizer; use another work dir"
+            )
+
+    def _move_aside(self, step: int) -> Path:
+        source = self.directory / str(step)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        dest = self.directory.parent / DAMAGED_DIR / f"{step}-{stamp}"
+        if jax.process_index() == 0:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(source, dest)
+        self._manager.reload()
+        return dest
+
     def wait(self) -> None:
-        """Block until every pending async save is on disk."""
-        self._manager.wait_until_finished()
+        """Block until every pending async save is on disk.
+
+        Raises:
+            CheckpointError: a pending save failed.
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            self.remove_unfinished()
+            raise CheckpointError(_describe(self.directory, error)) from error
+        self.check()
 
     def close(self) -> None:
         """Finish pending saves and release the manager."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def _resolve(self, step: int | None) -> int:
-        steps = self._manager.all_steps()
+        steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(
                 f"no checkpoint in {self.directory}; train first (jaxstack train) or point to "
                 "the work dir of a run that saved one"
             )
         if step is None:
-            return max(steps)
+            return steps[-1]
         if step not in steps:
             raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; saved steps: {sorted(steps)}"
+                f"no checkpoint for step {step} in {self.directory}; saved steps: {steps}"
             )
         return step
 
 
-def _abstract(tree: Any) -> Any:
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _describe(path: Path, error: BaseException) -> str:
+    cause = _root_cause(error)
+    return f"saving a checkpoint to {path} failed: {type(cause).__name__}: {_first_line(cause)}"
+
+
+def abstract(tree: Any) -> Any:
+    """``tree`` with every array replaced by its ``ShapeDtypeStruct`` (sharding kept)."""
     return jax.tree.map(
         lambda x: (
             x
@@ -86,34 +267,96 @@ def _abstract(tree: Any) -> Any:
     )
 
 
-def load_params(work_dir: str | Path, target: Any | None = None, step: int | None = None) -> Any:
+def saved_param_shapes(work_dir: str | Path, step: int | None = None) -> Any:
+    """The params of a run's checkpoint as ``ShapeDtypeStruct`` (no sharding), read from its
+    metadata without loading any array."""
+    with _Reader(work_dir) as reader:
+        tree = reader.manager.item_metadata(reader.step(step))["state"].tree
+    return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree["params"])
+
+
+class _Reader:
+    """Read-only access to a run's checkpoints that can restore part of the state."""
+
+    def __init__(self, work_dir: str | Path):
+        self.directory = Path(work_dir).absolute() / "checkpoints"
+        if not self.directory.exists():
+            raise FileNotFoundError(
+                f"no checkpoints directory at {self.directory}; pass the work dir of a training run"
+            )
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(create=False, save_interval_steps=0),
+            item_handlers={
+                "state": ocp.PyTreeCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+            },
+        )
+
+    def step(self, step: int | None) -> int:
+        steps = sorted(self.manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}; train first")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; saved steps: {steps}"
+            )
+        return step
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.manager.close()
+
+
+def load_params(
+    work_dir: str | Path,
+    target: Any | None = None,
+    step: int | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    param_specs: Any = None,
+) -> Any:
     """Load only the parameters of a run's checkpoint (for inference): one call.
 
-    ``target`` (optional) is a params pytree of arrays or ``ShapeDtypeStruct`` giving the
-    shapes and shardings to restore onto; without it the params land on the first device.
+    Where they land, first match wins:
+
+    - ``target``: a params pytree of arrays or ``ShapeDtypeStruct`` with shardings;
+    - ``mesh`` and ``param_specs`` (a pytree of ``PartitionSpec`` like the params, e.g.
+      from ``Predictor.param_specs``): straight into that sharded placement, never whole
+      on one device;
+    - neither: the first device.
+
+    Raises:
+        FileNotFoundError: no checkpoint (at ``step``) in ``work_dir``.
     """
-    directory = Path(work_dir).absolute() / "checkpoints"
-    if not directory.exists():
-        raise FileNotFoundError(
-            f"no checkpoints directory at {directory}; pass the work dir of a training run"
-        )
-    manager = CheckpointManager(directory)
-    item = directory / str(manager._resolve(step)) / "state"
-    manager.close()
-    checkpointer = ocp.PyTreeCheckpointer()
+    if (mesh is None) != (param_specs is None):
+        raise ValueError("load_params needs both mesh= and param_specs=, or neither")
     if target is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        saved = checkpointer.metadata(item).item_metadata.tree["params"]
+        shapes = saved_param_shapes(work_dir, step)
+        if mesh is None:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            placed = jax.tree.map(lambda _: device, shapes)
+        else:
+            placed = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), param_specs)
         target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            shapes,
+            placed,
         )
-    target = {"params": _abstract(target)}
-    restored = checkpointer.restore(
-        item,
-        args=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True,
-        ),
-    )
-    return restored["params"]
+    item = {"params": abstract(target)}
+    with _Reader(work_dir) as reader:
+        restored = reader.manager.restore(
+            reader.step(step),
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=item,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                    partial_restore=True,
+                )
+            ),
+        )
+    return restored["state"]["params"]

@@ -7,8 +7,11 @@ missing checkpoint, ...) ends in one line ``jaxstack: error: ...`` that says how
 import argparse
 import dataclasses
 import json
+import logging
+import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -16,14 +19,19 @@ import absl.logging
 import jax
 
 from jaxstack import hf
+from jaxstack.checkpoint import CheckpointError
 from jaxstack.data import load_tokenizer
 from jaxstack.distributed import initialize
 from jaxstack.generate import complete
 from jaxstack.overrides import apply_overrides, field_names
 from jaxstack.planning import choose_mesh, plan_run
 from jaxstack.run import RUN_FILE, RunConfig, load_run, train
-from jaxstack.trainer import TrainConfig
+from jaxstack.trainer import NonFiniteError, TrainConfig
+from jaxstack.workdir import ERROR_LOG, WorkDirBusyError
 from sharding_rules import format_plan
+
+RUN_FAILURES = (CheckpointError, NonFiniteError, WorkDirBusyError)
+"""Failures of a run (not of its command line): one line, exit status 1."""
 
 DEMO_PROMPTS = ["def ", "import ", "class ", "    return "]
 
@@ -110,10 +118,37 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
         print(json.dumps(run.to_dict(), indent=2))
         return
     initialize()  # joins the multi-host job under SLURM / TPU pods / JAX_* env vars
-    trainer, records = train(run)
+    _library_logs_to(Path(run.train.work_dir) / ERROR_LOG)
+    resume = "overwrite" if args.overwrite else "force" if args.resume else "auto"
+    trainer, records = train(run, resume=resume)
     if records:
         print(json.dumps(records[-1]))
-    print(f"checkpoint at step {trainer.step} in {run.train.work_dir}")
+    latest = trainer.checkpoints.latest_step()
+    if latest is not None:
+        print(f"checkpoint at step {latest} in {run.train.work_dir}")
+
+
+def _library_logs_to(path: Path) -> None:
+    """Send absl logging (Orbax's warnings and background-thread tracebacks) and exceptions
+    that Python can only report (in threads, in callbacks of a closed event loop) to
+    ``path`` instead of the console, where a failing run prints its one line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addHandler(handler)
+    absl_logger.propagate = False
+    background = logging.getLogger("jaxstack.background")
+    background.addHandler(handler)
+    background.propagate = False
+
+    def report(hook_args) -> None:
+        error = hook_args.exc_value
+        background.error("unraisable / thread exception", exc_info=error)
+
+    sys.unraisablehook = report
+    threading.excepthook = report
 
 
 def cmd_plan(args: argparse.Namespace, extra: list[str]) -> None:
@@ -188,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("--config", help="JSON file with (part of) a RunConfig")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config")
+    choice = tr.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--resume",
+        action="store_true",
+        help="resume the work dir's checkpoint even though the data config changed",
+    )
+    choice.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="move the work dir's previous run aside and start afresh",
+    )
 
     pl = sub.add_parser(
         "plan",
@@ -239,8 +285,23 @@ def main(argv: list[str] | None = None) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"jaxstack: error: {message}", file=sys.stderr)
         return 2
+    except RUN_FAILURES as error:
+        where = f" (traceback in {ERROR_LOG} of the work dir)" if args.command == "train" else ""
+        print(f"jaxstack: error: {error}{where}", file=sys.stderr)
+        return 1
     return 0
 
 
+def entry() -> None:
+    """The console script: ``main``, then an immediate exit when a run failed, so that
+    background threads of a failed checkpoint save cannot keep the process alive."""
+    code = main()
+    if code == 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

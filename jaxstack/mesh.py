@@ -63,6 +63,38 @@ def batch_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[name] for name in BATCH_AXES)
 
 
+MeshSpec = Mesh | str | dict[str, int] | None
+"""What a user may pass as a mesh: a ``Mesh``, ``"data=4,tensor=2"``, ``{"data": 4, ...}``,
+``"auto"`` (chosen from the model by the caller) or None (all devices data-parallel)."""
+
+
+def resolve_mesh(mesh: MeshSpec, devices: list | None = None) -> Mesh:
+    """A ``Mesh`` from any ``MeshSpec`` but ``"auto"``, whose caller decides it.
+
+    Raises:
+        ValueError: an unknown axis, a malformed string, sizes that do not multiply to the
+            device count, or ``"auto"``.
+        TypeError: anything else.
+    """
+    if isinstance(mesh, Mesh):
+        return mesh
+    if mesh is None:
+        return make_mesh(devices=devices)
+    if isinstance(mesh, str):
+        if mesh.strip() == "auto":
+            raise ValueError("mesh='auto' is chosen from the model: pass it to the Trainer")
+        return make_mesh(**parse_mesh(mesh), devices=devices)
+    if isinstance(mesh, dict):
+        unknown = sorted(set(mesh) - set(MESH_AXES))
+        if unknown:
+            raise ValueError(f"mesh {mesh}: unknown axes {unknown}; axes are {MESH_AXES}")
+        return make_mesh(**mesh, devices=devices)
+    raise TypeError(
+        f"mesh must be a jax.sharding.Mesh, 'auto', a string like 'data=4,tensor=2' or a dict "
+        f"like {{'data': 4, 'tensor': 2}}; got {type(mesh).__name__}"
+    )
+
+
 def parse_mesh(text: str) -> dict[str, int]:
     """``"data=2,tensor=4"`` -> ``{"data": 2, "tensor": 4}`` (keywords of ``make_mesh``)."""
     sizes = {}

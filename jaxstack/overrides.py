@@ -46,9 +46,52 @@ def _set(config: Any, path: list[str], text: str, key: str, prefix: str) -> Any:
     return dataclasses.replace(config, **{name: parse_value(text, hint, key)})
 
 
+def check_types(config: Any) -> None:
+    """Check every init field of a dataclass instance against its type hint.
+
+    An ``int`` is accepted (and stored as ``float``) where a ``float`` is expected; a ``bool``
+    never passes as an ``int``. Meant for ``__post_init__``, so a config read from JSON fails
+    where it enters, naming the key.
+
+    Raises:
+        TypeError: ``"<Class>.<field>=<value>: expected <type>"``.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        if not f.init:
+            continue
+        value = getattr(config, f.name)
+        options = _options(hints[f.name])
+        if float in options and type(value) is int and int not in options:
+            object.__setattr__(config, f.name, float(value))
+            continue
+        if not any(_is_instance(value, option) for option in options):
+            names = " or ".join(_type_name(o) for o in options)
+            raise TypeError(f"{type(config).__name__}.{f.name}={value!r}: expected {names}")
+
+
+def _type_name(option: Any) -> str:
+    return "None" if option is type(None) else getattr(option, "__name__", str(option))
+
+
+def _options(hint: Any) -> tuple:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _is_instance(value: Any, option: Any) -> bool:
+    if option is type(None):
+        return value is None
+    if option is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(option)
+    return isinstance(value, origin or option)
+
+
 def parse_value(text: str, hint: Any, key: str) -> Any:
     """Parse ``text`` as ``hint`` (bool, int, float, str, or an Optional of those)."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    options = _options(hint)
     if type(None) in options and text.lower() in ("none", "null"):
         return None
     for option in options:
@@ -63,5 +106,5 @@ def parse_value(text: str, hint: Any, key: str) -> Any:
                 return option(text)
         except ValueError:
             continue
-    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    names = " or ".join(_type_name(o) for o in options)
     raise ValueError(f"config key {key!r}: cannot read {text!r} as {names}")

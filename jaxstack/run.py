@@ -5,7 +5,9 @@ only on the public pieces (``Trainer``, ``lm_functions``, ``generate``), like a 
 """
 
 import dataclasses
+import datetime
 import json
+import shutil
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,8 +22,9 @@ from jaxstack.data.text import resolve_paths
 from jaxstack.data.tokenizers import Tokenizer
 from jaxstack.layers.rope import Llama3RopeScaling
 from jaxstack.lm import lm_functions, lm_param_specs
-from jaxstack.mesh import make_mesh
+from jaxstack.mesh import make_mesh, parse_mesh
 from jaxstack.models.llama import Llama, LlamaConfig, preset
+from jaxstack.overrides import check_types
 from jaxstack.planning import mesh_axis_sizes
 from jaxstack.trainer import TrainConfig, Trainer
 
@@ -44,6 +47,12 @@ class DataConfig:
     eval_examples: int = 64
     """Sequences held out from the end of the data for evaluation."""
 
+    def __post_init__(self) -> None:
+        check_types(self)
+        for name in ("seq_len", "max_files", "eval_examples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -55,6 +64,17 @@ class RunConfig:
     mesh: str = "data=-1"
     """Mesh axis sizes, e.g. ``data=2,tensor=4`` (one axis may be -1: the rest of devices),
     or ``auto``: the fitting (data, fsdp, tensor) shape with the least communication."""
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len} (the longest sequence the model is configured "
+                "for); lower --data.seq_len or raise --model.max_seq_len"
+            )
+        if self.mesh.strip() != "auto":
+            parse_mesh(self.mesh)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the inverse of ``from_dict``)."""
@@ -72,16 +92,42 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "RunConfig":
-        """Rebuild a RunConfig from ``to_dict`` output (as saved in ``run.json``)."""
-        model = dict(raw["model"])
-        if model.get("rope_scaling"):
-            model["rope_scaling"] = Llama3RopeScaling(**model["rope_scaling"])
-        return cls(
-            model=LlamaConfig(**model),
-            data=DataConfig(**raw["data"]),
-            train=TrainConfig(**raw["train"]),
-            mesh=raw["mesh"],
-        )
+        """Rebuild a RunConfig from ``to_dict`` output (as saved in ``run.json``).
+
+        Raises:
+            KeyError: an unknown section or key, named with its section.
+            TypeError / ValueError: a value of the wrong type or range, naming its key.
+        """
+        sections = {"model": LlamaConfig, "data": DataConfig, "train": TrainConfig}
+        unknown = sorted(set(raw) - {*sections, "mesh"})
+        if unknown:
+            raise KeyError(f"unknown config sections {unknown}; valid: model, data, train, mesh")
+        built = {}
+        for name, kind in sections.items():
+            values = dict(raw.get(name, {}))
+            valid = {f.name for f in dataclasses.fields(kind) if f.init}
+            wrong = sorted(set(values) - valid)
+            if wrong:
+                raise KeyError(
+                    f"unknown config key {name}.{wrong[0]}; valid keys of {name}: "
+                    + ", ".join(sorted(valid))
+                )
+            if name == "model" and values.get("rope_scaling"):
+                values["rope_scaling"] = Llama3RopeScaling(**values["rope_scaling"])
+            try:
+                built[name] = kind(**values)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{name}: {error}") from None
+        return cls(**built, mesh=raw.get("mesh", "data=-1"))
+
+    def differences(self, other: "RunConfig", section: str) -> list[str]:
+        """The keys of ``section`` (model / data / train) whose values differ from ``other``'s."""
+        mine, theirs = getattr(self, section), getattr(other, section)
+        return [
+            f"{section}.{f.name}"
+            for f in dataclasses.fields(mine)
+            if f.compare and getattr(mine, f.name) != getattr(theirs, f.name)
+        ]
 
 
 def _source_files(data: DataConfig) -> list[str]:
@@ -131,22 +177,64 @@ def make_trainer(run: RunConfig, tokenizer: Tokenizer) -> Trainer:
     )
 
 
-def train(run: RunConfig) -> tuple[Trainer, list[dict]]:
-    """Train (or resume) the run in ``run.train.work_dir``; saves ``run.json`` beside it."""
+RESUME_CHOICES = ("auto", "force", "overwrite")
+
+
+def _check_work_dir(run: RunConfig, resume: str) -> None:
+    """Refuse to resume a work dir whose saved run differs, unless asked (``train``'s doc)."""
+    work_dir = Path(run.train.work_dir)
+    if resume not in RESUME_CHOICES:
+        raise ValueError(f"resume={resume!r}; choose one of {', '.join(RESUME_CHOICES)}")
+    if not (work_dir / RUN_FILE).exists():
+        return
+    if resume == "overwrite":
+        if jax.process_index() == 0:
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            aside = work_dir / f"replaced-{stamp}"
+            aside.mkdir()
+            for name in (RUN_FILE, "checkpoints", "metrics.jsonl", "checkpoints.damaged"):
+                if (work_dir / name).exists():
+                    shutil.move(work_dir / name, aside / name)
+            print(f"jaxstack: the previous run in {work_dir} was moved to {aside}")
+        return
+    saved = RunConfig.load(work_dir)
+    model = run.differences(saved, "model")
+    if model:
+        raise ValueError(
+            f"{work_dir} holds a run of another model (differs in {', '.join(model)}); "
+            "use a new --train.work_dir, or --overwrite to start afresh there"
+        )
+    data = run.differences(saved, "data")
+    if data and resume != "force":
+        raise ValueError(
+            f"{work_dir} holds a run on other data (differs in {', '.join(data)}); "
+            "--resume continues its checkpoint on the new data, --overwrite starts afresh, "
+            "or use a new --train.work_dir"
+        )
+
+
+def train(run: RunConfig, resume: str = "auto") -> tuple[Trainer, list[dict]]:
+    """Train (or resume) the run in ``run.train.work_dir``; saves ``run.json`` beside it.
+
+    ``resume``: ``auto`` resumes a checkpoint of the same model and data config (training
+    settings such as num_steps may change) and refuses any other; ``force`` also resumes
+    one on other data (the new data starts from its beginning); ``overwrite`` moves the
+    previous run aside into ``<work_dir>/replaced-<time>/`` and starts afresh.
+    """
     work_dir = Path(run.train.work_dir)
     saved = work_dir / RUN_FILE
-    if saved.exists() and RunConfig.load(work_dir).model != run.model:
-        raise ValueError(
-            f"{work_dir} holds a run with a different model config; use a new --train.work_dir"
-        )
+    _check_work_dir(run, resume)
+    new_data = saved.exists() and bool(run.differences(RunConfig.load(work_dir), "data"))
     tokenizer = load_tokenizer(run.data.tokenizer)
     train_set, eval_set = build_datasets(run.data, tokenizer)
     trainer = make_trainer(run, tokenizer)
     work_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         saved.write_text(json.dumps(run.to_dict(), indent=2))
-    records = trainer.fit(train_set, eval_set)
-    trainer.close()
+    try:
+        records = trainer.fit(train_set, eval_set, restore_data_position=not new_data)
+    finally:
+        trainer.close()
     return trainer, records
 
 

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer.fit(make_examples(4096, seed=0))
     metrics = trainer.evaluate(make_examples(512, seed=1))
     trainer.close()
-    print(f"held-out accuracy: {metrics['eval_correct']:.3f}")
+    print(f"held-out accuracy: {metrics['eval_accuracy']:.3f}")
     return metrics
 
 

@@ -10,6 +10,7 @@ host memory beyond the placed model stays near the size of the largest tensor. S
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, Sharding, SingleDeviceSharding
 
@@ -62,6 +64,7 @@ def load(
     hf_config = read_hf_config(hf_dir)
     family = family_for_hf(hf_config)
     config = _with_overrides(family.config_from_hf(hf_config), config_overrides)
+    config = _untie_distinct_head(hf_dir, family, config)
     params = read_params(
         hf_dir, config, mesh=mesh, param_specs=param_specs, param_dtype=param_dtype
     )
@@ -92,6 +95,28 @@ def read_params(
         else:
             flat[entry.path] = _place_stacked(reader, entry, shape, sharding, dtype)
     return traverse_util.unflatten_dict(flat)
+
+
+def _untie_distinct_head(hf_dir: str | os.PathLike, family: HFFamily, config: Any) -> Any:
+    """``config`` untied when it says the head is the embedding but the files hold an output
+    head with other values: ``transformers`` then uses that head (with a warning), so
+    dropping it would silently give other logits."""
+    if not getattr(config, "tie_embeddings", False):
+        return config
+    untied = dataclasses.replace(config, tie_embeddings=False)
+    keys = {entry.path: entry.key for entry in family.tensors(untied)}
+    head, embedding = keys.get(("lm_head", "kernel")), keys.get(("embed", "embedding"))
+    reader = SafetensorsReader(hf_dir)
+    stored = reader.keys()
+    if head not in stored or np.array_equal(reader.read(head), reader.read(embedding)):
+        return config
+    warnings.warn(
+        f"{hf_dir}: config.json ties the output head to the embedding "
+        f"(tie_word_embeddings=true) but the files hold a different {head!r}; loading the "
+        "head untied, as transformers does. Set tie_word_embeddings=false to silence this.",
+        stacklevel=3,
+    )
+    return untied
 
 
 def _with_overrides(config: Any, overrides: dict) -> Any:

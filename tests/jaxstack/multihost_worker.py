@@ -4,6 +4,8 @@
 checkpointed work dir for the restore test, then trains step 4 and writes its loss.
 ``resume`` (one process, 8 devices): restores the copied step-3 checkpoint onto a different
 mesh (tensor-parallel instead of FSDP), trains step 4 and writes its loss.
+``preempt`` (one of N processes): trains "forever" until the test sends SIGTERM to one of
+the processes; every process must stop and save at the same step, then writes it.
 """
 
 import argparse
@@ -24,13 +26,13 @@ from jaxstack.trainer import TrainConfig, Trainer
 TEXT = ["multi host training with jax on cpu devices and gloo. " * 8] * 40
 
 
-def build(work_dir: str, mesh_axes: dict) -> tuple[Trainer, PackedDataset]:
+def build(work_dir: str, mesh_axes: dict, num_steps: int = 4) -> tuple[Trainer, PackedDataset]:
     model = Llama(preset("tiny", num_layers=2, hidden_size=64, intermediate_size=128))
     loss_fn, pred_fn = lm_functions(model)
     config = TrainConfig(
         work_dir=work_dir,
         batch_size=16,
-        num_steps=4,
+        num_steps=num_steps,
         learning_rate=3e-3,
         save_every=3,
         log_every=1,
@@ -50,7 +52,7 @@ def build(work_dir: str, mesh_axes: dict) -> tuple[Trainer, PackedDataset]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("phase", choices=["train", "resume"])
+    parser.add_argument("phase", choices=["train", "resume", "preempt"])
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--copy-dir")
     parser.add_argument("--out", required=True)
@@ -58,6 +60,13 @@ def main() -> None:
     initialize()
     # the restore lands on a different mesh (and process count) than the save
     mesh_axes = dict(data=4, fsdp=2) if args.phase == "train" else dict(data=4, tensor=2)
+    if args.phase == "preempt":
+        trainer, data = build(args.work_dir, mesh_axes, num_steps=100000)
+        trainer.fit(data)
+        trainer.close()
+        with open(f"{args.out}.{jax.process_index()}", "w") as f:
+            json.dump({"step": trainer.step, "preempted": trainer.preempted}, f)
+        return
     trainer, data = build(args.work_dir, mesh_axes)
     if args.phase == "train":
         trainer.fit(data, stop_after=3)

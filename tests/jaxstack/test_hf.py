@@ -324,16 +324,31 @@ def test_unexpected_tensor_is_named(single_file_dir):
         hf.load(single_file_dir)
 
 
-def test_tied_lm_head_and_rope_buffers_in_files_are_tolerated(build, tmp_path, ids):
+def test_tied_lm_head_copy_and_rope_buffers_in_files_are_tolerated(build, tmp_path, ids):
     _, reference, _, config, params = build("llama3")  # tied embeddings
     directory = hf.save(tmp_path / "extra", config, params)
     stale = {
-        "lm_head.weight": np.zeros((VOCAB, 64), np.float32),
+        "lm_head.weight": np.asarray(params["embed"]["embedding"]),  # the tied head, stored
         "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(16, np.float32),
     }
     rewrite_tensors(directory, lambda t: t.update(stale))
-    model, _, loaded = hf.load(directory)
+    model, config, loaded = hf.load(directory)
+    assert config.tie_embeddings and "lm_head" not in loaded
     expected = torch_logits(reference, ids)
+    np.testing.assert_allclose(jax_logits(model, loaded, ids), expected, atol=1e-4)
+
+
+def test_distinct_lm_head_under_a_tied_config_loads_untied_like_transformers(
+    build, tmp_path, ids
+):
+    _, _, _, config, params = build("llama3")
+    directory = hf.save(tmp_path / "distinct", config, params)
+    head = np.random.default_rng(0).normal(0, 0.2, (VOCAB, 64)).astype(np.float32)
+    rewrite_tensors(directory, lambda t: t.update({"lm_head.weight": head}))
+    with pytest.warns(UserWarning, match="loading the head untied, as transformers does"):
+        model, loaded_config, loaded = hf.load(directory)
+    assert not loaded_config.tie_embeddings
+    expected = torch_logits(load_reference(directory), ids)  # transformers uses the head too
     np.testing.assert_allclose(jax_logits(model, loaded, ids), expected, atol=1e-4)
 
 

@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 WORKER = Path(__file__).with_name("multihost_worker.py")
@@ -58,3 +60,29 @@ def test_two_processes_train_and_one_process_restores(tmp_path):
     assert [r["step"] for r in resumed["records"]] == [4]
     step4_multi = next(r for r in multi["records"] if r["step"] == 4)
     assert abs(step4_multi["loss"] - resumed["records"][0]["loss"]) < 1e-5
+
+
+def test_sigterm_on_one_host_stops_every_process_at_the_same_saved_step(tmp_path):
+    port, work, out = _free_port(), tmp_path / "run", tmp_path / "stopped"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "preempt", "--work-dir", str(work), "--out", str(out)],
+            env=_env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank)),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in range(2)
+    ]  # fmt: skip
+    metrics, deadline = work / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert all(p.poll() is None for p in procs), [p.communicate()[0][-2000:] for p in procs]
+        assert time.monotonic() < deadline, "the processes never trained"
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)  # the preemption notice reaches one host only
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for proc, log in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, log[-3000:]
+    stopped = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(2)]
+    assert stopped[0] == stopped[1] and stopped[0]["preempted"], stopped
+    saved = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == stopped[0]["step"] >= 3
