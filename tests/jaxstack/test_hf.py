@@ -338,9 +338,7 @@ def test_tied_lm_head_copy_and_rope_buffers_in_files_are_tolerated(build, tmp_pa
     np.testing.assert_allclose(jax_logits(model, loaded, ids), expected, atol=1e-4)
 
 
-def test_distinct_lm_head_under_a_tied_config_loads_untied_like_transformers(
-    build, tmp_path, ids
-):
+def test_distinct_lm_head_under_a_tied_config_loads_untied_like_transformers(build, tmp_path, ids):
     _, _, _, config, params = build("llama3")
     directory = hf.save(tmp_path / "distinct", config, params)
     head = np.random.default_rng(0).normal(0, 0.2, (VOCAB, 64)).astype(np.float32)

@@ -101,9 +101,7 @@ def test_accumulation_over_unequal_token_counts_equals_the_large_batch(tmp_path,
     assert counts[0] > 4 * counts[1]  # really unequal
     sgd = optax.sgd(1.0)  # params move by -grad: equal params mean equal gradients
     big = lm_trainer(tmp_path / "big", optimizer=sgd, grad_clip=None)
-    accum = lm_trainer(
-        tmp_path / "accum", optimizer=sgd, grad_clip=None, grad_accum_steps=2
-    )
+    accum = lm_trainer(tmp_path / "accum", optimizer=sgd, grad_clip=None, grad_accum_steps=2)
     m_big, m_acc = big.train_step(batch), accum.train_step(batch)
     np.testing.assert_allclose(m_acc["loss"], m_big["loss"], rtol=2e-6)
     np.testing.assert_allclose(m_acc["accuracy"], m_big["accuracy"], rtol=2e-6)
