@@ -61,10 +61,16 @@ class MetricsLogger:
             self._file.close()
 
 
-def _plain(value) -> float | int | str:
-    if isinstance(value, int | str):
+def host_value(value) -> float | list:
+    """A metric as JSON: a scalar as float, a vector (per-expert load, say) as a list."""
+    array = np.asarray(value)
+    return float(array) if array.ndim == 0 else array.astype(float).tolist()
+
+
+def _plain(value) -> float | int | str | list:
+    if isinstance(value, int | str | list):
         return value
-    return float(value)
+    return host_value(value)
 
 
 def _fmt(value) -> str:

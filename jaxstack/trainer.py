@@ -33,7 +33,7 @@ from jaxstack.auto import choose_mesh_for
 from jaxstack.checkpoint import CheckpointManager
 from jaxstack.data import DataLoader, Prefix
 from jaxstack.mesh import MeshSpec, batch_divisor, batch_sharding, resolve_mesh
-from jaxstack.metrics import MetricsLogger, Throughput
+from jaxstack.metrics import MetricsLogger, Throughput, host_value
 from jaxstack.optim import optimizer_for, weight_decay_mask
 from jaxstack.perf import peak_flops
 from jaxstack.predictor import Predictor
@@ -486,7 +486,7 @@ class Trainer:
             if not (log_due or save_due):
                 logger.advance(step)
                 continue
-            record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            record = {k: host_value(v) for k, v in jax.device_get(metrics).items()}
             throughput.pause()
             self.checkpoints.check()
             failure = self._nonfinite_failure(step)
@@ -629,7 +629,7 @@ class Trainer:
         loss, weight, metrics = jax.device_get(sums)
         weight = weight if weight > 0 else 1.0
         result = {"eval_loss": float(loss / weight)}
-        result.update({f"eval_{k}": float(v / weight) for k, v in metrics.items()})
+        result.update({f"eval_{k}": host_value(v / weight) for k, v in metrics.items()})
         if self.eval_metric_fn is not None:
             predictions = self.predict(subset, batch_size=size)
             computed = self.eval_metric_fn(subset, predictions)
@@ -637,7 +637,7 @@ class Trainer:
                 raise TypeError(
                     f"eval_metric_fn must return a dict of floats, got {type(computed).__name__}"
                 )
-            result.update({f"eval_{k}": float(v) for k, v in computed.items()})
+            result.update({f"eval_{k}": host_value(v) for k, v in computed.items()})
         return result
 
     def close(self) -> None:

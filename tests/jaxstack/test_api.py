@@ -2,6 +2,7 @@
 model's head, meshes by name, load-then-predict on a mesh, the logged learning rate,
 evaluation metrics, throughput, config gaps and a quiet load."""
 
+import json
 import logging
 import time
 
@@ -238,3 +239,25 @@ def test_load_params_prints_no_orbax_warning(tmp_path, examples, caplog):
         params = js.load_params(tmp_path)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
     assert params["d"]["kernel"].shape == (32, VOCAB)
+
+
+def test_vector_metrics_are_logged_as_lists(tmp_path, examples):
+    def loss_with_vector(params, batch, rng):
+        loss, metrics = loss_fn(params, batch, rng)
+        logits = MODEL.apply({"params": params}, batch["ids"])
+        hits = (logits.argmax(-1) == batch["labels"]).mean(0)  # accuracy per position: [SEQ]
+        return loss, {**metrics, "position_accuracy": hits}
+
+    t = js.Trainer(
+        params=init, collate_fn=collate_fn, loss_fn=loss_with_vector,
+        config=js.TrainConfig(work_dir=str(tmp_path), batch_size=16, num_steps=2, log_every=1,
+                              grad_accum_steps=2, progress_bar=False),
+    )  # fmt: skip
+    records = t.fit(examples, examples[:32])
+    t.close()
+    vector = records[-1]["position_accuracy"]
+    assert isinstance(vector, list) and len(vector) == SEQ
+    np.testing.assert_allclose(np.mean(vector), records[-1]["accuracy"], rtol=1e-5)
+    assert len(records[-1]["eval_position_accuracy"]) == SEQ
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["position_accuracy"] == vector
