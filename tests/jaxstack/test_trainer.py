@@ -1,62 +1,25 @@
-"""Trainer: loss falls, exact resume, gradient accumulation, evaluation, bad input."""
+"""Trainer: loss falls, exact resume, the schedule, evaluation, bad input (accumulation:
+test_step.py)."""
 
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from lm_setup import lm_trainer, packed_dataset
 
 from jaxstack.checkpoint import load_params
-from jaxstack.data import ByteTokenizer, PackedDataset, lm_collate
-from jaxstack.lm import lm_functions
+from jaxstack.data import lm_collate
 from jaxstack.mesh import make_mesh
-from jaxstack.models import Llama, preset
-from jaxstack.trainer import TrainConfig, Trainer
-
-TEXT = [
-    "the quick brown fox jumps over the lazy dog. " * 6,
-    "pack my box with five dozen liquor jugs! " * 6,
-    "sphinx of black quartz, judge my vow. " * 6,
-] * 8
 
 
 @pytest.fixture(scope="module")
 def dataset():
-    return PackedDataset.from_texts(TEXT, ByteTokenizer(), seq_len=32)
-
-
-def _trainer(work_dir, dataset, **overrides):
-    model = Llama(preset("tiny", num_layers=2, hidden_size=64, intermediate_size=128))
-    loss_fn, pred_fn = lm_functions(model)
-    settings = dict(
-        work_dir=str(work_dir),
-        batch_size=16,
-        num_steps=8,
-        learning_rate=3e-3,
-        warmup_steps=2,
-        save_every=4,
-        log_every=1,
-        progress_bar=False,
-    )
-    optimizer = overrides.pop("optimizer", None)
-    mesh = overrides.pop("mesh", None)
-    config = TrainConfig(**{**settings, **overrides})
-    return Trainer(
-        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
-        collate_fn=lm_collate,
-        loss_fn=loss_fn,
-        pred_fn=pred_fn,
-        config=config,
-        optimizer=optimizer,
-        mesh=mesh,
-        flops_per_token=model.config.flops_per_token(32),
-    )
+    return packed_dataset()
 
 
 def test_loss_decreases_and_metrics_are_logged(tmp_path, dataset):
-    trainer = _trainer(tmp_path, dataset, num_steps=25, log_every=5)
+    trainer = lm_trainer(tmp_path, num_steps=25, log_every=5)
     records = trainer.fit(dataset, dataset)
     trainer.close()
     assert records[-1]["loss"] < records[0]["loss"] - 0.5
@@ -69,15 +32,15 @@ def test_loss_decreases_and_metrics_are_logged(tmp_path, dataset):
 
 
 def test_resume_is_bit_identical(tmp_path, dataset):
-    straight = _trainer(tmp_path / "straight", dataset)
+    straight = lm_trainer(tmp_path / "straight")
     straight.fit(dataset)
     straight.close()
 
-    first = _trainer(tmp_path / "resumed", dataset)
+    first = lm_trainer(tmp_path / "resumed")
     first.fit(dataset, stop_after=4)
     first.close()
     assert first.step == 4
-    second = _trainer(tmp_path / "resumed", dataset)
+    second = lm_trainer(tmp_path / "resumed")
     second.fit(dataset)
     second.close()
     assert second.step == 8
@@ -85,26 +48,9 @@ def test_resume_is_bit_identical(tmp_path, dataset):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_gradient_accumulation_matches_large_batch(tmp_path, dataset):
-    sgd = optax.sgd(0.5)
-    big = _trainer(tmp_path / "big", dataset, num_steps=1, warmup_steps=0, optimizer=sgd)
-    accum = _trainer(
-        tmp_path / "accum", dataset, num_steps=1, warmup_steps=0, grad_accum_steps=2, optimizer=sgd
-    )
-    batch = lm_collate([dataset[i] for i in range(16)])
-    m_big, m_acc = big.train_step(batch), accum.train_step(batch)
-    np.testing.assert_allclose(m_big["loss"], m_acc["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m_big["grad_norm"], m_acc["grad_norm"], rtol=1e-4)
-    for a, b in zip(jax.tree.leaves(big.params), jax.tree.leaves(accum.params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6)
-    big.close()
-    accum.close()
-
-
 def test_schedule_counts_optimizer_updates_not_micro_batches(tmp_path, dataset):
-    trainer = _trainer(
+    trainer = lm_trainer(
         tmp_path,
-        dataset,
         batch_size=32,
         num_steps=4,
         grad_accum_steps=4,
@@ -119,7 +65,7 @@ def test_schedule_counts_optimizer_updates_not_micro_batches(tmp_path, dataset):
 
 
 def test_load_params_for_inference(tmp_path, dataset):
-    trainer = _trainer(tmp_path, dataset, num_steps=2, warmup_steps=0)
+    trainer = lm_trainer(tmp_path, num_steps=2, warmup_steps=0)
     trainer.fit(dataset)
     trainer.close()
     params = load_params(tmp_path)
@@ -128,7 +74,7 @@ def test_load_params_for_inference(tmp_path, dataset):
 
 
 def test_predict_returns_outputs_in_dataset_order(tmp_path, dataset):
-    trainer = _trainer(tmp_path, dataset)
+    trainer = lm_trainer(tmp_path)
     subset = [dataset[i] for i in range(11)]  # not a multiple of the batch
     with pytest.raises(RuntimeError, match="no state yet"):
         trainer.predict(subset, batch_size=8)
@@ -142,7 +88,7 @@ def test_predict_returns_outputs_in_dataset_order(tmp_path, dataset):
 
 def test_sharded_batch_over_a_mesh(tmp_path, dataset):
     mesh = make_mesh(data=4, fsdp=2)
-    trainer = _trainer(tmp_path, dataset, mesh=mesh, num_steps=1, warmup_steps=0)
+    trainer = lm_trainer(tmp_path, mesh=mesh, num_steps=1, warmup_steps=0)
     batch = lm_collate([dataset[i] for i in range(16)])
     trainer.train_step(batch)
     assert trainer.to_global(batch)["input_ids"].sharding.spec[0] == ("data", "fsdp")
@@ -151,9 +97,9 @@ def test_sharded_batch_over_a_mesh(tmp_path, dataset):
 
 def test_batch_that_does_not_divide_devices_is_a_clear_error(tmp_path, dataset):
     with pytest.raises(ValueError, match="multiple of 8"):
-        _trainer(tmp_path, dataset, batch_size=12)
+        lm_trainer(tmp_path, batch_size=12)
     with pytest.raises(ValueError, match="not divisible by grad_accum_steps"):
-        _trainer(tmp_path, dataset, batch_size=16, grad_accum_steps=3)
+        lm_trainer(tmp_path, batch_size=16, grad_accum_steps=3)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
