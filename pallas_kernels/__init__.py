@@ -5,9 +5,12 @@ Public ops:
 * :func:`attention`: flash attention for training and prefill (``[b, s, h, d]``).
 * :func:`decode_attention`: one query token per row against a KV cache.
 * :func:`attention_reference`, :func:`decode_attention_reference`: the oracles.
+* :func:`gmm`, :func:`tgmm`: MoE grouped matmuls (:mod:`pallas_kernels.moe`), with the
+  ``jax.lax.ragged_dot`` oracles :func:`gmm_reference`, :func:`tgmm_reference`.
 """
 
 from pallas_kernels.dispatch import attention, decode_attention
+from pallas_kernels.moe import gmm, gmm_reference, tgmm, tgmm_reference
 from pallas_kernels.reference import attention_reference, decode_attention_reference
 
 __all__ = [
@@ -15,4 +18,8 @@ __all__ = [
     "attention_reference",
     "decode_attention",
     "decode_attention_reference",
+    "gmm",
+    "gmm_reference",
+    "tgmm",
+    "tgmm_reference",
 ]

@@ -1,5 +1,6 @@
 """The kernels lower for their real targets on this CPU-only machine: Triton for ``cuda``
-and Mosaic for ``tpu``, flash forward and backward (through ``jax.vjp``) and decode.
+and Mosaic for ``tpu``, flash forward and backward (through ``jax.vjp``) and decode, and
+the MoE grouped matmuls ``gmm`` / ``tgmm`` (Triton; megablox) forward and backward.
 
 Lowering is not compiling (Triton's and Mosaic's own compilers only run on the device),
 but it runs every kernel body through the target's Pallas lowering, which interpret mode
@@ -12,7 +13,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import attention, decode_attention, dispatch, flash_gpu
+from pallas_kernels import attention, decode_attention, dispatch, flash_gpu, gmm, tgmm
+from pallas_kernels.moe import dispatch as moe_dispatch
+from pallas_kernels.moe import gpu as moe_gpu
 
 TRITON_CALL = "stablehlo.custom_call @__gpu$xla.gpu.triton"
 MOSAIC_CALL = "stablehlo.custom_call @tpu_custom_call"
@@ -146,3 +149,90 @@ def test_mosaic_decode_lowers_for_tpu(tpu_backend):
     text = _lower(fn, ((2, 8, 128), jnp.bfloat16), cache, cache, ((2,), jnp.int32),
                   platform="tpu")  # fmt: skip
     assert _mosaic_kernels(text) == ["decode_attention_tpu"]
+
+
+# ---------------------------------------------------------------------------
+# MoE grouped matmuls (pallas_kernels.moe): gmm / tgmm, forward and backward.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def moe_backend(monkeypatch):
+    """``set(backend)``: MoE dispatch runs as on that host, whatever this host is."""
+    return lambda backend: monkeypatch.setattr(moe_dispatch, "_backend", lambda: backend)
+
+
+def _grouped(op: str, m: int, k: int, n: int, dtype, w_dtype, *, backward: bool, **kw):
+    """``(fn, arg specs)``: ``gmm`` [m, k] x [8, k, n] or ``tgmm`` [m, k] x [m, n], alone
+    or with its gradients (``jax.vjp``); the weights of ``gmm`` in ``w_dtype``."""
+    kw = dict(implementation="pallas", interpret=False, **kw)
+    if op == "gmm":
+        forward = lambda a, b, sizes: gmm(a, b, sizes, **kw)
+        args, out = (((m, k), dtype), ((8, k, n), w_dtype)), ((m, n), dtype)
+    else:
+        forward = lambda a, b, sizes: tgmm(a, b, sizes, preferred_element_type=w_dtype, **kw)
+        args, out = (((m, k), dtype), ((m, n), dtype)), ((8, k, n), w_dtype)
+
+    def fn(a, b, sizes, d_out):
+        if not backward:
+            return forward(a, b, sizes)
+        value, pullback = jax.vjp(lambda a, b: forward(a, b, sizes), a, b)
+        return (value, *pullback(d_out))
+
+    return fn, (*args, ((8,), jnp.int32), out)
+
+
+GROUPED_CASES = {  # ragged m, k, n; bf16 compute on f32 weights; f32
+    "bf16-f32-weights": (1000, 200, 300, jnp.bfloat16, jnp.float32),
+    "f32": (1000, 200, 300, jnp.float32, jnp.float32),
+}
+
+
+@pytest.mark.parametrize("name", GROUPED_CASES)
+@pytest.mark.parametrize("op", ["gmm", "tgmm"])
+def test_triton_grouped_matmuls_lower_for_cuda(moe_backend, op, name):
+    moe_backend("gpu")
+    m, k, n, dtype, w_dtype = GROUPED_CASES[name]
+    t_gmm, t_tgmm = moe_gpu.tiles_for(dtype, m, k, n)
+    fn, args = _grouped(op, *GROUPED_CASES[name], backward=False)
+    assert list(_triton_launches(_lower(fn, *args, platform="cuda"))) == [op]
+    fn, args = _grouped(op, *GROUPED_CASES[name], backward=True)
+    launches = _triton_launches(_lower(fn, *args, platform="cuda"))
+    assert sorted(launches) == ["gmm", "gmm_transposed_rhs", "tgmm"]
+    for kernel, tiles in (("gmm", t_gmm), ("tgmm", t_tgmm)):  # the table's launch parameters
+        got = launches[kernel]
+        assert (got["num_warps"], got["num_stages"]) == (tiles.num_warps, tiles.num_stages)
+    if op == "gmm":  # forward over row tiles of [m, n]; d_lhs over row tiles of [m, k]
+        assert launches["gmm"]["grid_x"] == -(-m // t_gmm.block_m)
+        assert launches["tgmm"]["grid_x"] == -(-k // t_tgmm.block_k)
+
+
+def test_auto_routes_grouped_matmul_to_triton_on_gpu(moe_backend):
+    moe_backend("gpu")
+    fn = lambda a, b, sizes: gmm(a, b, sizes)
+    args = ((256, 128), jnp.bfloat16), ((8, 128, 128), jnp.bfloat16), ((8,), jnp.int32)
+    assert list(_triton_launches(_lower(fn, *args, platform="cuda"))) == ["gmm"]
+
+
+def _mosaic_results(text: str) -> list[str]:
+    """Result type of every ``tpu_custom_call`` (megablox names all its kernels "kernel")."""
+    calls = [line for line in text.splitlines() if MOSAIC_CALL in line]
+    return sorted(re.search(r"-> (tensor<[^>]*>)", line).group(1) for line in calls)
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n"),
+    [(1000, 200, 300), (512, 1000, 640)],
+    ids=["ragged-m-whole-k-n-tiles", "ragged-k-n-tiles"],
+)
+def test_megablox_grouped_matmuls_lower_for_tpu(moe_backend, m, k, n):
+    moe_backend("tpu")
+    m_pad = -(-m // 128) * 128
+    gmm_out, tgmm_out = f"tensor<{m_pad}x{n}xbf16>", f"tensor<8x{k}x{n}xf32>"
+    d_lhs = f"tensor<{m_pad}x{k}xbf16>"
+    fn, args = _grouped("gmm", m, k, n, jnp.bfloat16, jnp.float32, backward=False)
+    assert _mosaic_results(_lower(fn, *args, platform="tpu")) == [gmm_out]
+    fn, args = _grouped("gmm", m, k, n, jnp.bfloat16, jnp.float32, backward=True)
+    assert _mosaic_results(_lower(fn, *args, platform="tpu")) == sorted([gmm_out, d_lhs, tgmm_out])
+    fn, args = _grouped("tgmm", m, k, n, jnp.bfloat16, jnp.float32, backward=True)
+    assert _mosaic_results(_lower(fn, *args, platform="tpu")) == sorted([tgmm_out, d_lhs, gmm_out])
