@@ -7,10 +7,13 @@ Public ops:
 * :func:`attention_reference`, :func:`decode_attention_reference`: the oracles.
 * :func:`gmm`, :func:`tgmm`: MoE grouped matmuls (:mod:`pallas_kernels.moe`), with the
   ``jax.lax.ragged_dot`` oracles :func:`gmm_reference`, :func:`tgmm_reference`.
+* :func:`ragged_paged_attention`, :func:`write_kv_pages`: serving attention of mixed
+  prefill/decode batches over a paged KV cache (:mod:`pallas_kernels.paged`).
 """
 
 from pallas_kernels.dispatch import attention, decode_attention
 from pallas_kernels.moe import gmm, gmm_reference, tgmm, tgmm_reference
+from pallas_kernels.paged import ragged_paged_attention, write_kv_pages
 from pallas_kernels.reference import attention_reference, decode_attention_reference
 
 __all__ = [
@@ -20,6 +23,8 @@ __all__ = [
     "decode_attention_reference",
     "gmm",
     "gmm_reference",
+    "ragged_paged_attention",
     "tgmm",
     "tgmm_reference",
+    "write_kv_pages",
 ]

@@ -1,6 +1,7 @@
 """The kernels lower for their real targets on this CPU-only machine: Triton for ``cuda``
 and Mosaic for ``tpu``, flash forward and backward (through ``jax.vjp``) and decode, and
-the MoE grouped matmuls ``gmm`` / ``tgmm`` (Triton; megablox) forward and backward.
+the MoE grouped matmuls ``gmm`` / ``tgmm`` (Triton; megablox) forward and backward, and
+ragged paged attention (our Triton kernel; jax's Mosaic kernel).
 
 Lowering is not compiling (Triton's and Mosaic's own compilers only run on the device),
 but it runs every kernel body through the target's Pallas lowering, which interpret mode
@@ -13,7 +14,15 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import attention, decode_attention, dispatch, flash_gpu, gmm, tgmm
+from pallas_kernels import (
+    attention,
+    decode_attention,
+    dispatch,
+    flash_gpu,
+    gmm,
+    ragged_paged_attention,
+    tgmm,
+)
 from pallas_kernels.moe import dispatch as moe_dispatch
 from pallas_kernels.moe import gpu as moe_gpu
 
@@ -236,3 +245,39 @@ def test_megablox_grouped_matmuls_lower_for_tpu(moe_backend, m, k, n):
     assert _mosaic_results(_lower(fn, *args, platform="tpu")) == sorted([gmm_out, d_lhs, tgmm_out])
     fn, args = _grouped("tgmm", m, k, n, jnp.bfloat16, jnp.float32, backward=True)
     assert _mosaic_results(_lower(fn, *args, platform="tpu")) == sorted([tgmm_out, d_lhs, gmm_out])
+
+
+# ---------------------------------------------------------------------------
+# Ragged paged attention (pallas_kernels.paged): Triton kernel; jax's Mosaic kernel.
+# ---------------------------------------------------------------------------
+
+
+def _paged(implementation: str, **options):
+    """``(fn, arg specs)``: 64 packed tokens of 4 sequences over a bf16 page cache, GQA 4."""
+
+    def fn(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
+        meta = (kv_lens, page_indices, cu_q_lens, num_seqs)
+        return ragged_paged_attention(
+            q, kv_pages, *meta, sm_scale=0.1, implementation=implementation, **options
+        )
+
+    i32 = jnp.int32
+    return fn, [((64, 8, 128), jnp.bfloat16), ((32, 16, 4, 128), jnp.bfloat16), ((4,), i32),
+                ((4, 8), i32), ((5,), i32), ((1,), i32)]  # fmt: skip
+
+
+def test_triton_ragged_paged_attention_lowers_for_cuda():
+    fn, args = _paged("pallas_gpu", sliding_window=32, sinks=4)
+    (launch,) = _triton_launches(_lower(fn, *args, platform="cuda")).items()
+    # 16 tokens x 4 heads per tile: cdiv(64, 16) + 4 sequences work items.
+    assert launch == ("ragged_paged_attention", {"num_warps": 4, "num_stages": 2, "grid_x": 8})
+
+
+def test_mosaic_ragged_paged_attention_lowers_for_tpu():
+    """jax's kernel asks the device for its TPU generation: lower for a v5e by name."""
+    fn, args = _paged("pallas_tpu", sliding_window=32)
+    device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = _lower(fn, *args, platform="tpu")
+    assert _mosaic_kernels(text) == ["ragged_paged_attention_kernel"]
