@@ -54,9 +54,10 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _file_link(record: Record) -> str:
-    """A link from docs/ to the record's file."""
-    return f"[{record['file']}](../benchmarks/results/{record['file']})"
+def _file_name(record: Record) -> str:
+    """The record's file, named from the repository root (plain text: the docs site holds
+    only docs/, so a relative link out of it would not resolve there)."""
+    return f"`benchmarks/results/{record['file']}`"
 
 
 def _code(record: Record) -> str:
@@ -79,7 +80,7 @@ def _source(records: list[Record]) -> str:
         load_text = "" if load is None else f", load average {load[0]:.2f} at the end"
         software = ", ".join(f"{name} {version}" for name, version in versions.items())
         lines.append(
-            f"- {_file_link(record)}: `{record['command']}`, {record['date']}; "
+            f"- {_file_name(record)}: `{record['command']}`, {record['date']}; "
             f"{machine['cpu']} ({machine['usable_cores']} cores, "
             f"{', '.join(machine.get('cpu_flags', [])) or 'no ISA flags read'}"
             f"{load_text}); {_code(record)}; {software}"

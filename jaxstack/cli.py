@@ -117,7 +117,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     if args.print_config:
         print(json.dumps(run.to_dict(), indent=2))
         return
-    initialize()  # joins the multi-host job under SLURM / TPU pods / JAX_* env vars
+    if initialize():  # joins the multi-host job under SLURM / TPU pods / JAX_* env vars
+        print(
+            f"jaxstack: process {jax.process_index()} of {jax.process_count()}, "
+            f"{jax.local_device_count()} of {jax.device_count()} devices"
+        )
     _library_logs_to(Path(run.train.work_dir) / ERROR_LOG)
     resume = "overwrite" if args.overwrite else "force" if args.resume else "auto"
     trainer, records = train(run, resume=resume)

@@ -8,6 +8,19 @@ count in the loss, and writes the result back as a Hugging Face directory::
     python recipes/sft_from_hf.py --hf /tmp/tiny-llama --out /tmp/tiny-sft --steps 100
 
 ``--data FILE`` reads a JSONL file of such examples; without it a toy addition task is used.
+
+How to run it:
+
+- CPU: the two commands above (a minute for the tiny model).
+- One GPU: ``pip install -e ".[gpu]"``, then ``--hf /models/Llama-3.2-1B``; every local GPU is
+  used (data-parallel; the model is placed by the automatic rules).
+- A GPU cluster: one process per node, e.g. ``srun --nodes=2 --ntasks-per-node=1 python
+  recipes/sft_from_hf.py --hf /shared/llama --out /shared/llama-sft --work-dir /shared/runs/sft``.
+- A TPU pod: the same command on every worker (``gcloud compute tpus tpu-vm ssh NAME
+  --worker=all --command "..."``), with paths every worker can read and write.
+
+On a cluster or pod ``jaxstack.distributed.initialize()`` joins the processes into one job;
+alone it does nothing.
 """
 
 import argparse
@@ -24,6 +37,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import jaxstack as js
 from jaxstack import hf
 from jaxstack.data import load_tokenizer
+from jaxstack.distributed import initialize
 
 
 def toy_examples() -> list[dict]:
@@ -151,6 +165,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.hf or not args.out:
         parser.error("--hf DIR and --out DIR are required (or --make-tiny-model DIR)")
 
+    initialize()
     examples = toy_examples() if args.data is None else read_examples(args.data)
     split = max(len(examples) // 10, args.batch_size)
     mesh = js.make_mesh()

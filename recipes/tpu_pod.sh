@@ -6,6 +6,11 @@
 #
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a WORK_DIR=gs://bucket/runs/8b \
 #     recipes/tpu_pod.sh --model.num_layers 32 --train.num_steps 10000
+#
+# WORK_DIR is one place every worker writes (checkpoints are written by all hosts): a
+# gs:// bucket path or a shared filesystem. Elsewhere run the same `jaxstack train` directly:
+#   CPU or one GPU / TPU VM:  jaxstack train --model.num_layers 32 --train.num_steps 10000
+#   a GPU cluster:            recipes/slurm_gpu.sbatch
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${ZONE:?set ZONE to the TPU zone}"
