@@ -262,11 +262,74 @@ def attention_table(records: list[Record]) -> str:
     return f"{_table(header, rows)}\n\nSources:\n\n{_source(runs)}"
 
 
+def checkpoint_table(records: list[Record]) -> str:
+    """One row per setup (preset, batch x seq, keep, stored codecs, whether the step after a
+    save updates the state in place): median iteration with a save every step and without,
+    the overhead, the blocked and background parts of a save, the CPU time of a write
+    uncompressed and with zstd, bytes and the restore."""
+    runs = _newest_per(
+        _of(records, "checkpoint"),
+        lambda r: (
+            r["result"]["setup"]["preset"],
+            r["result"]["setup"]["batch"],
+            r["result"]["setup"]["seq"],
+            r["result"]["setup"]["keep_checkpoints"],
+            tuple(r["result"]["checkpoint"]["codecs"]),
+            _donates_after_save(r),
+        ),
+    )
+    if not runs:
+        return "_No recorded run yet: `python benchmarks/checkpoint.py` records one._"
+    header = ["preset, batch x seq", "stored codec", "step after a save in place"]
+    header.append("state / on disk MB")
+    header += ["median step s: no save; save every step", "overhead: medians; paired; means"]
+    header += ["blocked in save call s (median)", "one save alone: blocked; to end of write s"]
+    header += ["one save alone: CPU s", "Orbax alone, write CPU s: uncompressed; zstd"]
+    header += ["restore s (GB/s)", "load 1/5/15 min", "file"]
+    rows = []
+    for record in runs:
+        result, setup = record["result"], record["result"]["setup"]
+        trainers, ckpt = result["trainers"], result["checkpoint"]
+        alone, codecs = result["median_isolated_save"], result["orbax_codecs"]
+        overhead = result["overhead"]
+        mark = "**" if overhead < result["goal_overhead"] else ""
+        restore = result["restore"]
+        load = record["machine"].get("load_average_1_5_15")
+        rows.append(
+            [
+                f"{setup['preset']}, {setup['batch']} x {setup['seq']}",
+                ", ".join(ckpt["codecs"]),
+                "yes" if _donates_after_save(record) else "no",
+                f"{ckpt['state_bytes'] / 1e6:,.0f} / {ckpt['bytes_on_disk'] / 1e6:,.0f}",
+                f"{trainers['no_save']['median_step_s']:.2f}; "
+                f"{trainers['save_every_step']['median_step_s']:.2f}",
+                f"{mark}{_percent(overhead)}{mark}; {_percent(result['overhead_paired'])}; "
+                f"{_percent(result['overhead_mean'])}",
+                f"{result['median_save_blocked_s']:.3f}",
+                f"{alone['blocked_s']:.3f}; {alone['total_s']:.2f}",
+                f"{alone['cpu_s']:.2f}",
+                f"{codecs['none']['save_cpu_s']:.2f}; {codecs['zstd']['save_cpu_s']:.2f}",
+                f"{restore['restore_s']:.2f} ({restore['restore_bytes_per_sec'] / 1e9:.2f})"
+                + ("" if restore["bit_identical"] else ", NOT bit-identical"),
+                "-" if load is None else " / ".join(f"{x:.1f}" for x in load),
+                record["file"],
+            ]
+        )
+    return f"{_table(header, rows)}\n\nSources:\n\n{_source(runs)}"
+
+
+def _donates_after_save(record: Record) -> bool:
+    """Whether the saving trainer's steps reused (donated) the state's buffers in most timed
+    iterations of a ``checkpoint`` record."""
+    return record["result"]["trainers"]["save_every_step"]["donated_fraction"] > 0.5
+
+
 TABLES: dict[str, Callable[[list[Record]], str]] = {
     "train_cpu": train_cpu_table,
     "sharding_cpu": sharding_cpu_table,
     "hf_load": hf_load_table,
     "attention": attention_table,
+    "checkpoint": checkpoint_table,
 }
 """Marker name in docs/benchmarks.md -> the function making that table from all records."""
 

@@ -16,19 +16,36 @@ Reliability:
 - A save that fails (read-only or full disk, ...) raises ``CheckpointError`` naming the path
   and the cause, at once when it fails on the spot or at the next ``check()`` when the
   asynchronous part fails, and leaves no partial checkpoint a restart would use.
+
+Storage: the state's arrays are stored uncompressed, as Zarr v3 shards whose index carries a
+CRC32C checksum, inside Orbax's OCDBT files. A truncated or zeroed data file then fails to
+read, so damage is detected as with Orbax's default zstd; neither reliably notices flipped bits in
+the array data. zstd saved about a fifth of the bytes of a float32 training state but
+multiplied the CPU time of the background write about fivefold, and on a CPU host that time is
+taken from the training step (``benchmarks/checkpoint.py``, docs/benchmarks.md).
+
+Cost: a save blocks the caller while Orbax takes a host view of the arrays; the write runs in
+the background. On CPU, where device memory is host memory, that view is the state's own
+buffers: the next (donating) step could not reuse them and would allocate and page-fault a
+whole new state. So on CPU a save first copies the state into staging buffers kept between
+saves (one state of RAM, the same peak as without them) and writes those; the step then
+updates the state in place. A save waits for the previous write first, since it refills the
+buffers that write reads.
 """
 
 import datetime
+import functools
 import os
-import shutil
 import socket
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
+from jaxstack.workdir import work_path
 from sharding_rules.paths import leaves_with_paths
 
 DAMAGED_DIR = "checkpoints.damaged"
@@ -43,15 +60,37 @@ class CheckpointMismatchError(ValueError):
 
 
 def _handlers() -> dict[str, ocp.CheckpointHandler]:
-    return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    """The state as uncompressed Zarr v3 (module doc: checksummed shard index), the data
+    position as JSON. Reading takes the format from the files, so older zstd checkpoints
+    restore too."""
+    state = ocp.PyTreeCheckpointHandler(use_zarr3=True, use_compression=False)
+    return {"state": state, "data": ocp.JsonCheckpointHandler()}
+
+
+def _restore_args(item: Any, **kwargs: Any) -> ocp.args.PyTreeRestore:
+    """Orbax arguments restoring the arrays of ``item`` (``ShapeDtypeStruct``-s with
+    shardings) straight into their placement."""
+    return ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), **kwargs
+    )
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _copy_into(staging: list[jax.Array], arrays: list[jax.Array]) -> list[jax.Array]:
+    """``arrays`` written into the (donated) buffers of ``staging``: no new allocation."""
+    return [buffer.at[...].set(x) for buffer, x in zip(staging, arrays, strict=True)]
+
+
+_copy = jax.jit(lambda arrays: [jnp.copy(x) for x in arrays])
 
 
 class CheckpointManager:
     """Asynchronous saves every ``save_every`` steps (and on demand), keeping the last ``keep``."""
 
-    def __init__(self, directory: str | Path, *, save_every: int = 1000, keep: int = 3):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, *, save_every: int = 1000, keep: int = 3):
+        self.directory = work_path(directory)
         self.save_every = save_every
+        self._staging: tuple[Any, list[jax.Array]] | None = None
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
         try:
             self._manager = ocp.CheckpointManager(
@@ -67,7 +106,7 @@ class CheckpointManager:
             return
         for path in self.directory.iterdir():
             if ".orbax-checkpoint-tmp" in path.name:
-                shutil.rmtree(path, ignore_errors=True)
+                path.rmtree(missing_ok=True)
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None when the directory holds no checkpoint."""
@@ -92,16 +131,40 @@ class CheckpointManager:
             return False
         try:
             self._probe_writable()
+            self._manager.wait_until_finished()  # the previous write reads the staging buffers
             return self._manager.save(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+                    state=ocp.args.PyTreeSave(self._staged(state)),
+                    data=ocp.args.JsonSave(data_state),
                 ),
                 force=True,
             )
         except Exception as error:  # orbax / tensorstore / OS errors alike
             self.remove_unfinished()
             raise CheckpointError(_describe(self.directory / str(step), error)) from error
+
+    def _staged(self, state: Any) -> Any:
+        """``state`` with its CPU arrays copied into the staging buffers (module doc); the
+        buffers are reused from the previous save when the arrays match it, else made anew.
+        States with arrays off the CPU are returned as they are: a host copy is taken anyway."""
+        leaves, treedef = jax.tree.flatten(state)
+        staged = [i for i, x in enumerate(leaves) if _stageable(x)]
+        if not staged or any(
+            device.platform != "cpu" for i in staged for device in leaves[i].devices()
+        ):
+            return state
+        arrays = [leaves[i] for i in staged]
+        key = (treedef, [(x.shape, x.dtype, x.sharding) for x in arrays])
+        if self._staging is not None and self._staging[0] == key:
+            buffers = _copy_into(self._staging[1], arrays)
+        else:
+            self._staging = None  # free the old buffers first
+            buffers = _copy(arrays)
+        self._staging = (key, buffers)
+        for i, buffer in zip(staged, buffers, strict=True):
+            leaves[i] = buffer
+        return jax.tree.unflatten(treedef, leaves)
 
     def _probe_writable(self) -> None:
         """Fail on the spot where the directory cannot be written (read-only, no permission,
@@ -130,12 +193,12 @@ class CheckpointManager:
             CheckpointMismatchError: the checkpoint's tree is not ``target``'s.
             Exception: whatever reading a damaged checkpoint raised.
         """
-        step = self._resolve(step)
+        step = _resolve(self.directory, self.all_steps(), step)
         self._check_structure(step, target)
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract(target)), data=ocp.args.JsonRestore()
+                state=_restore_args(abstract(target)), data=ocp.args.JsonRestore()
             ),
         )
         return restored["state"], restored["data"]
@@ -192,13 +255,13 @@ class CheckpointManager:
                 "a different model or optimizer; use another work dir"
             )
 
-    def _move_aside(self, step: int) -> Path:
+    def _move_aside(self, step: int) -> epath.Path:
         source = self.directory / str(step)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         dest = self.directory.parent / DAMAGED_DIR / f"{step}-{stamp}"
         if jax.process_index() == 0:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(source, dest)
+            source.rename(dest)
         self._manager.reload()
         return dest
 
@@ -216,26 +279,39 @@ class CheckpointManager:
         self.check()
 
     def close(self) -> None:
-        """Finish pending saves and release the manager."""
+        """Finish pending saves and release the manager (and the staging buffers)."""
         try:
             self.wait()
         finally:
+            self._staging = None
             self._manager.close()
 
-    def _resolve(self, step: int | None) -> int:
-        steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(
-                f"no checkpoint in {self.directory}; train first (jaxstack train) or point to "
-                "the work dir of a run that saved one"
-            )
-        if step is None:
-            return steps[-1]
-        if step not in steps:
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; saved steps: {steps}"
-            )
-        return step
+
+def _resolve(directory: epath.Path, steps: list[int], step: int | None) -> int:
+    """``step`` if it is one of the saved ``steps`` (ascending), the newest when None.
+
+    Raises:
+        FileNotFoundError: no checkpoint at all, or none at ``step``.
+    """
+    if not steps:
+        raise FileNotFoundError(
+            f"no checkpoint in {directory}; train first (jaxstack train) or point to the work "
+            "dir of a run that saved one"
+        )
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(
+            f"no checkpoint for step {step} in {directory}; saved steps: {steps}"
+        )
+    return step
+
+
+def _stageable(x: Any) -> bool:
+    """Whether ``x`` is a numeric ``jax.Array`` a save copies into staging buffers."""
+    return isinstance(x, jax.Array) and (
+        jnp.issubdtype(x.dtype, jnp.number) or x.dtype == jnp.bool_
+    )
 
 
 def _first_line(error: BaseException) -> str:
@@ -250,7 +326,7 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
-def _describe(path: Path, error: BaseException) -> str:
+def _describe(path: epath.Path, error: BaseException) -> str:
     cause = _root_cause(error)
     return f"saving a checkpoint to {path} failed: {type(cause).__name__}: {_first_line(cause)}"
 
@@ -267,7 +343,7 @@ def abstract(tree: Any) -> Any:
     )
 
 
-def saved_param_shapes(work_dir: str | Path, step: int | None = None) -> Any:
+def saved_param_shapes(work_dir: str | os.PathLike, step: int | None = None) -> Any:
     """The params of a run's checkpoint as ``ShapeDtypeStruct`` (no sharding), read from its
     metadata without loading any array."""
     with _Reader(work_dir) as reader:
@@ -278,8 +354,8 @@ def saved_param_shapes(work_dir: str | Path, step: int | None = None) -> Any:
 class _Reader:
     """Read-only access to a run's checkpoints that can restore part of the state."""
 
-    def __init__(self, work_dir: str | Path):
-        self.directory = Path(work_dir).absolute() / "checkpoints"
+    def __init__(self, work_dir: str | os.PathLike):
+        self.directory = work_path(work_dir) / "checkpoints"
         if not self.directory.exists():
             raise FileNotFoundError(
                 f"no checkpoints directory at {self.directory}; pass the work dir of a training run"
@@ -287,23 +363,12 @@ class _Reader:
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(create=False, save_interval_steps=0),
-            item_handlers={
-                "state": ocp.PyTreeCheckpointHandler(),
-                "data": ocp.JsonCheckpointHandler(),
-            },
+            item_handlers=_handlers(),
         )
 
     def step(self, step: int | None) -> int:
-        steps = sorted(self.manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}; train first")
-        if step is None:
-            return steps[-1]
-        if step not in steps:
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; saved steps: {steps}"
-            )
-        return step
+        """``step`` if saved, the newest when None (``FileNotFoundError`` otherwise)."""
+        return _resolve(self.directory, sorted(self.manager.all_steps()), step)
 
     def __enter__(self) -> "_Reader":
         return self
@@ -313,7 +378,7 @@ class _Reader:
 
 
 def load_params(
-    work_dir: str | Path,
+    work_dir: str | os.PathLike,
     target: Any | None = None,
     step: int | None = None,
     *,
@@ -351,12 +416,6 @@ def load_params(
     with _Reader(work_dir) as reader:
         restored = reader.manager.restore(
             reader.step(step),
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(
-                    item=item,
-                    restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                    partial_restore=True,
-                )
-            ),
+            args=ocp.args.Composite(state=_restore_args(item, partial_restore=True)),
         )
     return restored["state"]["params"]

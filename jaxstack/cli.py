@@ -27,7 +27,7 @@ from jaxstack.overrides import apply_overrides, field_names
 from jaxstack.planning import choose_mesh, plan_run
 from jaxstack.run import RUN_FILE, RunConfig, load_run, train
 from jaxstack.trainer import NonFiniteError, TrainConfig
-from jaxstack.workdir import ERROR_LOG, WorkDirBusyError
+from jaxstack.workdir import ERROR_LOG, WorkDirBusyError, is_local, work_path
 from sharding_rules import format_plan
 
 RUN_FAILURES = (CheckpointError, NonFiniteError, WorkDirBusyError)
@@ -122,7 +122,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
             f"jaxstack: process {jax.process_index()} of {jax.process_count()}, "
             f"{jax.local_device_count()} of {jax.device_count()} devices"
         )
-    _library_logs_to(Path(run.train.work_dir) / ERROR_LOG)
+    work_dir = work_path(run.train.work_dir)
+    # a remote work dir cannot take a streaming log: library logs then stay on this host
+    log_dir = Path(work_dir) if is_local(work_dir) else Path(tempfile.mkdtemp(prefix="jaxstack-"))
+    _library_logs_to(log_dir / ERROR_LOG)
     resume = "overwrite" if args.overwrite else "force" if args.resume else "auto"
     trainer, records = train(run, resume=resume)
     if records:

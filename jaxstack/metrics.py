@@ -2,13 +2,16 @@
 
 import json
 import math
+import os
 import sys
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from jaxstack.workdir import append_text, work_path
 
 
 class MetricsLogger:
@@ -19,13 +22,14 @@ class MetricsLogger:
     interruption and about to be redone), so every step appears once in the file.
     """
 
-    def __init__(self, work_dir: str | Path, total_steps: int, start_step: int, show: bool = True):
+    def __init__(
+        self, work_dir: str | os.PathLike, total_steps: int, start_step: int, show: bool = True
+    ):
         self.is_main = jax.process_index() == 0
-        self.path = Path(work_dir) / "metrics.jsonl"
+        self.path = work_path(work_dir) / "metrics.jsonl"
         if self.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _drop_records_after(self.path, start_step)
-        self._file = open(self.path, "a") if self.is_main else None  # noqa: SIM115
         self._progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -42,9 +46,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record ``metrics`` for ``step`` and refresh the progress bar."""
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        if self._file:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+        if self.is_main:
+            append_text(self.path, json.dumps(record) + "\n")
         shown = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_sec", "examples_per_sec",
                  "mfu")  # fmt: skip
         status = "  ".join(f"{k}={_fmt(record[k])}" for k in shown if k in record)
@@ -55,10 +58,8 @@ class MetricsLogger:
         self._progress.update(self._task, completed=step)
 
     def close(self) -> None:
-        """Stop the progress bar and close the file."""
+        """Stop the progress bar."""
         self._progress.stop()
-        if self._file:
-            self._file.close()
 
 
 def host_value(value) -> float | list:
@@ -79,7 +80,7 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _drop_records_after(path: Path, step: int) -> None:
+def _drop_records_after(path: epath.Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines()

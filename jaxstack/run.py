@@ -7,7 +7,6 @@ only on the public pieces (``Trainer``, ``lm_functions``, ``generate``), like a 
 import dataclasses
 import datetime
 import json
-import shutil
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from jaxstack.models.llama import Llama, LlamaConfig, preset
 from jaxstack.overrides import check_types
 from jaxstack.planning import mesh_axis_sizes
 from jaxstack.trainer import TrainConfig, Trainer
+from jaxstack.workdir import work_path
 
 RUN_FILE = "run.json"
 
@@ -83,7 +83,7 @@ class RunConfig:
     @classmethod
     def load(cls, work_dir: str | Path) -> "RunConfig":
         """The config saved in a run's work dir (``run.json``)."""
-        saved = Path(work_dir) / RUN_FILE
+        saved = work_path(work_dir) / RUN_FILE
         if not saved.exists():
             raise FileNotFoundError(
                 f"{saved} not found; pass the --work-dir of a jaxstack train/demo run"
@@ -182,7 +182,7 @@ RESUME_CHOICES = ("auto", "force", "overwrite")
 
 def _check_work_dir(run: RunConfig, resume: str) -> None:
     """Refuse to resume a work dir whose saved run differs, unless asked (``train``'s doc)."""
-    work_dir = Path(run.train.work_dir)
+    work_dir = work_path(run.train.work_dir)
     if resume not in RESUME_CHOICES:
         raise ValueError(f"resume={resume!r}; choose one of {', '.join(RESUME_CHOICES)}")
     if not (work_dir / RUN_FILE).exists():
@@ -194,7 +194,7 @@ def _check_work_dir(run: RunConfig, resume: str) -> None:
             aside.mkdir()
             for name in (RUN_FILE, "checkpoints", "metrics.jsonl", "checkpoints.damaged"):
                 if (work_dir / name).exists():
-                    shutil.move(work_dir / name, aside / name)
+                    (work_dir / name).rename(aside / name)
             print(f"jaxstack: the previous run in {work_dir} was moved to {aside}")
         return
     saved = RunConfig.load(work_dir)
@@ -221,7 +221,7 @@ def train(run: RunConfig, resume: str = "auto") -> tuple[Trainer, list[dict]]:
     one on other data (the new data starts from its beginning); ``overwrite`` moves the
     previous run aside into ``<work_dir>/replaced-<time>/`` and starts afresh.
     """
-    work_dir = Path(run.train.work_dir)
+    work_dir = work_path(run.train.work_dir)
     saved = work_dir / RUN_FILE
     _check_work_dir(run, resume)
     new_data = saved.exists() and bool(run.differences(RunConfig.load(work_dir), "data"))

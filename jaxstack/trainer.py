@@ -20,7 +20,6 @@ import functools
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -40,7 +39,7 @@ from jaxstack.predictor import Predictor
 from jaxstack.preemption import PreemptionGuard
 from jaxstack.step import LossFn, TrainState, make_eval_step, make_train_step
 from jaxstack.train_config import DEFAULT_NUM_STEPS, TrainConfig, global_batch_size
-from jaxstack.workdir import WorkDirLock, log_traceback
+from jaxstack.workdir import WorkDirLock, log_traceback, work_path
 from sharding_rules import (
     MemoryPlan,
     ModelAnalysis,
@@ -198,7 +197,7 @@ class Trainer:
     def checkpoints(self) -> CheckpointManager:
         """The run's checkpoint manager (created on first use, in ``work_dir/checkpoints``)."""
         return CheckpointManager(
-            Path(self.config.work_dir) / "checkpoints",
+            work_path(self.config.work_dir) / "checkpoints",
             save_every=self.config.save_every,
             keep=self.config.keep_checkpoints,
         )

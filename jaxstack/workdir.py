@@ -1,22 +1,68 @@
-"""One writer per work dir, and where a run's full tracebacks go.
+"""Where a run lives, one writer per work dir, and where a run's full tracebacks go.
+
+A work dir is a local path, a ``file://`` URL (the same, spelled as a URL) or a remote URL
+such as ``gs://bucket/runs/x`` that every host of a pod reaches (``work_path``). Remote
+URLs stay URLs, handled through ``etils.epath`` (and by Orbax and tensorstore for the
+checkpoints); they are never turned into a local path, which on a pod would give every host
+its own private copy.
 
 ``WorkDirLock`` holds ``<work_dir>/.lock`` with an exclusive ``flock`` for as long as a
 trainer trains there, and writes its host, pid and start time into the file. The kernel
 releases the lock when the process dies however it dies, so a lock file left by a killed
 run is stale by construction and the next run takes it over; a live holder makes a second
-trainer refuse with an error naming it.
+trainer refuse with an error naming it. Object stores have no such lock: on a remote work
+dir the lock is not taken, and the trainer says so.
 """
 
 import datetime
 import fcntl
 import json
 import os
+import re
 import socket
 import traceback
 from pathlib import Path
 
+from etils import epath
+
 LOCK_FILE = ".lock"
 ERROR_LOG = "error.log"
+_URL = re.compile(r"^(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*)://")
+
+
+class WorkDirUnreachableError(ValueError):
+    """A remote work dir whose filesystem cannot be reached from this machine."""
+
+
+def work_path(work_dir: str | os.PathLike) -> epath.Path:
+    """``work_dir`` as a path every part of a run uses: a local path (absolute) for local
+    paths and ``file://`` URLs, the URL itself for remote ones (``gs://...``).
+
+    Raises:
+        WorkDirUnreachableError: the URL's filesystem cannot be reached (e.g. ``gs://``
+            without ``gcsfs`` installed), naming what to install or use instead.
+    """
+    text = os.fspath(work_dir)
+    match = _URL.match(text)
+    if match is None:
+        return epath.Path(Path(text).absolute())
+    if match["scheme"] == "file":
+        return epath.Path(Path(text[len("file://") :]).absolute())
+    path = epath.Path(text)
+    try:
+        path.exists()
+    except Exception as error:  # each backend has its own errors (ImportError, auth, ...)
+        raise WorkDirUnreachableError(
+            f"work dir {text} cannot be reached from this machine: {error}. For gs:// install "
+            "gcsfs (pip install gcsfs) and give this machine credentials that can write the "
+            "bucket, or use a path on a filesystem every host mounts"
+        ) from None
+    return path
+
+
+def is_local(path: epath.Path) -> bool:
+    """Whether ``path`` (from ``work_path``) is on this machine's filesystem."""
+    return _URL.match(os.fspath(path)) is None
 
 
 class WorkDirBusyError(RuntimeError):
@@ -26,12 +72,20 @@ class WorkDirBusyError(RuntimeError):
 class WorkDirLock:
     """Exclusive use of a work dir by this process (see the module doc)."""
 
-    def __init__(self, work_dir: str | Path):
-        self.path = Path(work_dir) / LOCK_FILE
+    def __init__(self, work_dir: str | os.PathLike):
+        self.work_dir = work_path(work_dir)
+        self.path = Path(self.work_dir / LOCK_FILE) if is_local(self.work_dir) else None
         self._file = None
 
     def acquire(self) -> None:
-        """Take the lock, or raise ``WorkDirBusyError`` naming the holder."""
+        """Take the lock, or raise ``WorkDirBusyError`` naming the holder. On a remote work
+        dir nothing is locked (module doc), which is said once."""
+        if self.path is None:
+            print(
+                f"jaxstack: {self.work_dir} is remote: no lock keeps a second trainer out of "
+                "it; make sure only one run uses it"
+            )
+            return
         if self._file is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,14 +119,23 @@ class WorkDirLock:
             self._file = None
 
 
-def log_traceback(work_dir: str | Path, error: BaseException) -> Path | None:
+def append_text(path: epath.Path, text: str) -> None:
+    """Append ``text`` to ``path``: in place on a local filesystem; object stores cannot
+    append, so there the file is read and written whole (fine for logs of this size)."""
+    if is_local(path):
+        with open(os.fspath(path), "a") as f:
+            f.write(text)
+    else:
+        path.write_text((path.read_text() if path.exists() else "") + text)
+
+
+def log_traceback(work_dir: str | os.PathLike, error: BaseException) -> epath.Path | None:
     """Append ``error``'s full traceback to ``<work_dir>/error.log``; the path, or None when
     the work dir cannot be written either."""
-    path = Path(work_dir) / ERROR_LOG
     try:
-        with open(path, "a") as f:
-            f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')}\n")
-            f.write("".join(traceback.format_exception(error)))
-    except OSError:
+        path = work_path(work_dir) / ERROR_LOG
+        stamp = datetime.datetime.now().isoformat(timespec="seconds")
+        append_text(path, f"--- {stamp}\n" + "".join(traceback.format_exception(error)))
+    except (OSError, WorkDirUnreachableError):
         return None
     return path
