@@ -18,10 +18,11 @@ After untimed warmup steps (the first compiles), timed steps alternate between t
 one step at a time, the order rotating every round, so that load from other processes on a
 shared machine falls on all alike. The run's record (tokens/s and MFU of each framework, the
 ratios jaxstack / plain JAX and jaxstack / PyTorch, the peak samples, the setup) is printed as
-JSON and written to ``benchmarks/results/`` (``benchmarks/common.py``), from which
-``python -m benchmarks.report`` makes the table in docs/benchmarks.md. ``--breakdown`` adds
-the forward / backward / optimizer split of a jaxstack and a PyTorch step; ``--profile``
-traces jaxstack steps with ``jax.profiler`` and sums XLA op time by phase and model part.
+JSON on stdout (side by side as a text table on stderr) and written to ``benchmarks/results/``
+(``benchmarks/common.py``), from which ``python -m benchmarks.report`` makes the table in
+docs/benchmarks.md. ``--breakdown`` adds the forward / backward / optimizer split of a
+jaxstack and a PyTorch step; ``--profile`` traces jaxstack steps with ``jax.profiler`` and
+sums XLA op time by phase and model part.
 
     python benchmarks/train_cpu.py                         # 100m preset, recorded setup
     python benchmarks/train_cpu.py --dtype bfloat16 --xla-flags=--xla_cpu_use_onednn=true
@@ -63,7 +64,8 @@ from jaxstack import Trainer
 from jaxstack.data import lm_collate
 from jaxstack.hf import config_to_hf
 from jaxstack.lm import lm_functions
-from jaxstack.models.llama import PRESETS, Llama, LlamaConfig, preset
+from jaxstack.models import model_for
+from jaxstack.models.llama import PRESETS, LlamaConfig, preset
 
 DTYPES = ("float32", "bfloat16")
 FRAMEWORKS = ("jaxstack", "plain_jax", "torch")
@@ -133,13 +135,14 @@ def torch_matmul_flops(size: int, dtype: str, repeats: int = 3) -> float:
 
 # ---------------------------------------------------------------------------------- jaxstack
 class JaxstackRun:
-    """A ``jaxstack.Trainer`` on ``Llama(setup.config)`` stepping on one fixed batch."""
+    """A ``jaxstack.Trainer`` on the model of ``setup.config`` (``jaxstack.models.model_for``:
+    ``Llama``, or ``Mixtral`` for ``benchmarks/moe.py``) stepping on one fixed batch."""
 
     name = "jaxstack"
 
     def __init__(self, setup: Setup, batch: dict[str, np.ndarray]):
         self.setup, self.batch = setup, batch
-        model = Llama(setup.config)
+        model = model_for(setup.config)
         self.loss_fn, pred_fn = lm_functions(model)
         dummy_ids = jnp.zeros((1, setup.seq), jnp.int32)
         self.work_dir = tempfile.mkdtemp(prefix="jaxstack-bench-")
@@ -222,9 +225,8 @@ class PlainJaxRun:
         if setup.config.scan_layers:
             raise ValueError("the plain JAX step unrolls its layers; drop plain_jax or scan")
         optimizer = plain_llama.optimizer(common.LEARNING_RATE, common.BETAS, common.GRAD_CLIP)
-        self.params = jax.jit(plain_llama.init_params, static_argnums=0)(
-            config, jax.random.PRNGKey(0)
-        )
+        # eager: jitted whole, XLA:CPU spends minutes constant-folding the initialisers
+        self.params = plain_llama.init_params(config, jax.random.PRNGKey(0))
         if (count := sum(x.size for x in jax.tree.leaves(self.params))) != config.num_params():
             raise RuntimeError(
                 f"the plain JAX model has {count} parameters but the jaxstack config has "
@@ -664,8 +666,24 @@ def main(argv: list[str] | None = None) -> Path:
     finally:
         if dump_dir:
             shutil.rmtree(dump_dir, ignore_errors=True)
+    print(side_by_side(report), file=sys.stderr)
     versions = common.versions("flax", "optax", "numpy", "torch", "transformers")
     return common.write_result("train_cpu", report, versions, args.results_dir)
+
+
+def side_by_side(report: dict) -> str:
+    """The run's frameworks as a text table (tokens/s and MFU over all steps and of the best
+    step) followed by the ratios and the MFU denominator: what ``main`` prints on stderr."""
+    lines = [f"{'framework':<10} {'tok/s':>8} {'MFU':>6} {'best tok/s':>11} {'best MFU':>9}"]
+    for name, run_ in report["frameworks"].items():
+        lines.append(
+            f"{name:<10} {run_['tokens_per_sec']:>8.1f} {run_['mfu']:>6.1%} "
+            f"{run_['best_step_tokens_per_sec']:>11.1f} {run_['best_step_mfu']:>9.1%}"
+        )
+    lines += [f"{name}: {ratio:.2f}x" for name, ratio in report["ratios"].items()]
+    peak = report["matmul_peak_flops"] / 1e9
+    lines.append(f"MFU against the measured matmul peak, {peak:.1f} GFLOP/s")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
