@@ -1,0 +1,190 @@
+"""The device side of serving: the paged KV pages, and one jitted step (paged forward of the
+model + per-row sampling) compiled for a fixed set of shape buckets at start-up.
+
+A step packs the scheduled tokens into ``T`` flat slots and their sequences into ``S`` rows,
+``S`` rounded up to the smallest sequence bucket and ``T`` to the smallest token bucket that
+holds the tokens and is at least ``S``; padding tokens write nowhere
+(slot -1) and padding rows attend to nothing, so every step reuses a compiled executable.
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from rich.progress import track
+
+from jaxstack.layers.attention import PagedBatch, PagedCache
+from jaxstack.models.llama import Llama
+from jaxstack.serve.sampling import sample_rows
+from jaxstack.serve.scheduler import Sequence
+from sharding_rules import fitting_spec, infer_param_specs
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """Host arrays of one step (shapes: one bucket ``[T]`` and ``[S]``)."""
+
+    tokens: np.ndarray  # i32[T]
+    positions: np.ndarray  # i32[T]
+    batch: PagedBatch  # numpy leaves
+    last_rows: np.ndarray  # i32[S] row of each sequence's last token
+    temperature: np.ndarray  # f32[S]
+    top_k: np.ndarray  # i32[S]
+    top_p: np.ndarray  # f32[S]
+    seeds: np.ndarray  # u32[S]
+    counters: np.ndarray  # i32[S]
+
+
+def bucket(n: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket >= ``n``."""
+    for size in buckets:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+class ModelRunner:
+    """Owns the KV pages (per layer ``[num_pages, page_size, 2 * kv_heads, head_dim]``) and
+    runs steps. With a ``mesh``, params are placed by ``sharding_rules`` (traced from the model's
+    forward, as in training) and the pages split their KV heads over ``tensor``.
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        params,
+        *,
+        num_pages: int,
+        page_size: int,
+        pages_per_seq: int,
+        token_buckets: tuple[int, ...],
+        seq_buckets: tuple[int, ...],
+        mesh: Mesh | None = None,
+    ):
+        cfg = model.config
+        self.model, self.mesh = model, mesh
+        self.page_size, self.pages_per_seq = page_size, pages_per_seq
+        self.token_buckets = tuple(sorted(token_buckets))
+        self.seq_buckets = tuple(sorted(seq_buckets))
+        layer = (num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim_)
+        self.num_traces = 0
+        """How often the step was traced (each trace is one compilation)."""
+        if mesh is None:
+            self.params, self.pages = params, self._zero_pages(layer)
+            self._step = jax.jit(self._forward, donate_argnums=1)
+            return
+        sizes = dict(mesh.shape)
+        ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+        forward = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+        specs = infer_param_specs(forward, params, ids, mesh_axis_sizes=sizes)
+        param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+        pages = self._zero_pages(layer)
+        kv_heads = lambda x: NamedSharding(  # noqa: E731
+            mesh, fitting_spec(x.shape, (None,) * (x.ndim - 2) + ("kv_heads", None), sizes)
+        )
+        pages_sh = jax.tree.map(kv_heads, pages)
+        self.params = jax.device_put(params, param_sh)
+        self.pages = jax.device_put(pages, pages_sh)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self._step = jax.jit(
+            self._forward,
+            in_shardings=(param_sh, pages_sh) + (replicated,) * 9,
+            out_shardings=(replicated, pages_sh),
+            donate_argnums=1,
+        )
+
+    def _zero_pages(self, layer: tuple[int, ...]):
+        """Empty pages: a tuple of per-layer arrays (each updated in place), or one stacked
+        array for scanned layers."""
+        cfg = self.model.config
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.scan_layers:
+            return jnp.zeros((cfg.num_layers, *layer), dtype)
+        return tuple(jnp.zeros(layer, dtype) for _ in range(cfg.num_layers))
+
+    def _forward(self, params, pages, tokens, positions, batch, last_rows, *sampling):
+        self.num_traces += 1
+        hidden, cache = self.model.apply(
+            {"params": params},
+            tokens[None],
+            positions[None],
+            cache=PagedCache(pages, batch),
+            return_hidden=True,
+        )
+        last = hidden[0, last_rows]  # [S, d]
+        head = self.model.head_kernel(params).astype(last.dtype)
+        logits = jnp.dot(last, head).astype(jnp.float32)  # [S, vocab]
+        return sample_rows(logits, *sampling), cache.pages
+
+    def _context(self):
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+
+    def run(self, inputs: StepInputs) -> np.ndarray:
+        """Run one step; the pages are updated in place. Returns the sampled token of every
+        row (only rows whose sequence finished its pending tokens mean anything)."""
+        with self._context():
+            tokens, self.pages = self._step(
+                self.params,
+                self.pages,
+                inputs.tokens,
+                inputs.positions,
+                inputs.batch,
+                inputs.last_rows,
+                inputs.temperature,
+                inputs.top_k,
+                inputs.top_p,
+                inputs.seeds,
+                inputs.counters,
+            )
+        return np.asarray(tokens)
+
+    @property
+    def buckets(self) -> list[tuple[int, int]]:
+        """Every (tokens, sequences) shape a step can take: no more sequences than tokens."""
+        return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compile every bucket now, with a progress bar."""
+        buckets = self.buckets
+        for t, s in track(buckets, description="compiling serving buckets", disable=not progress):
+            self.run(self.pack([], num_tokens=t, num_seqs=s))
+
+    def pack(
+        self,
+        step: list[tuple[Sequence, int]],
+        *,
+        num_tokens: int | None = None,
+        num_seqs: int | None = None,
+    ) -> StepInputs:
+        """Host arrays of ``step`` ([(sequence, tokens to compute)]), padded to its buckets
+        (or to ``num_tokens`` / ``num_seqs``)."""
+        s = num_seqs or bucket(len(step), self.seq_buckets)
+        t = num_tokens or bucket(max(sum(n for _, n in step), s), self.token_buckets)
+        tokens, positions = np.zeros(t, np.int32), np.zeros(t, np.int32)
+        slots = np.full(t, -1, np.int32)
+        kv_lens, cu = np.zeros(s, np.int32), np.zeros(s + 1, np.int32)
+        table = np.zeros((s, self.pages_per_seq), np.int32)
+        temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
+        top_k, counters = np.zeros(s, np.int32), np.zeros(s, np.int32)
+        seeds = np.zeros(s, np.uint32)
+        start, ps = 0, self.page_size
+        for row, (seq, n) in enumerate(step):
+            pos = np.arange(seq.num_computed, seq.num_computed + n)
+            pages = np.asarray(seq.pages, np.int32)
+            tokens[start : start + n] = seq.tokens[seq.num_computed : seq.num_computed + n]
+            positions[start : start + n] = pos
+            slots[start : start + n] = pages[pos // ps] * ps + pos % ps
+            kv_lens[row], cu[row + 1] = seq.num_computed + n, start + n
+            table[row, : len(pages)] = pages
+            p = seq.params
+            temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
+            seeds[row], counters[row] = seq.seed, len(seq.output)
+            start += n
+        cu[len(step) + 1 :] = start
+        batch = PagedBatch(slots, kv_lens, table, cu, np.array([len(step)], np.int32))
+        last_rows = np.maximum(cu[1:] - 1, 0)
+        sampling = (temperature, top_k, top_p, seeds, counters)
+        return StepInputs(tokens, positions, batch, last_rows, *sampling)

@@ -1,0 +1,175 @@
+"""Iteration-level scheduling with chunked prefill (Sarathi-Serve) over the paged KV cache.
+
+Every engine step the scheduler picks, under a token budget, what each sequence computes:
+
+1. running sequences, oldest first, decodes (one pending token) before prefill chunks, so a
+   long prompt never stalls running decodes; when the cache has no page for one, the newest
+   running sequence is preempted (its pages freed, its tokens recomputed later);
+2. then waiting requests in arrival order, each starting with the longest prefix the prefix
+   cache already holds, taking a chunk of what is left of the budget and the free pages.
+
+A sequence's pending tokens are its prompt plus outputs minus the tokens whose keys are in
+the cache, so a decode, a prefill chunk and the recompute after preemption are one case.
+"""
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+from jaxstack.serve.kv_cache import KVCacheManager, PageKey, page_keys
+from jaxstack.serve.sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's tokens and its place in the KV cache (owned by the engine thread)."""
+
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    arrival: int
+    """Admission order: lower is older (preemption takes the highest first)."""
+    output: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    """Tokens from the start whose keys and values are in the cache."""
+    num_registered: int = 0
+    """Leading pages offered to the prefix cache."""
+    last_key: PageKey = b""
+    """Prefix key of page ``num_registered - 1``."""
+
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt then outputs."""
+        return self.prompt + self.output
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens to compute before the next one can be sampled."""
+        return self.num_tokens - self.num_computed
+
+
+@dataclass
+class SchedulerStats:
+    """Counters since start-up."""
+
+    computed_tokens: int = 0
+    """Tokens run through the model."""
+    prefill_tokens: int = 0
+    """Of those, prompt tokens (a prefix-cache hit lowers this)."""
+    prefix_hit_tokens: int = 0
+    """Prompt and output tokens taken from the prefix cache instead of computed."""
+    preemptions: int = 0
+
+
+class Scheduler:
+    """Decides each step's ``[(sequence, tokens to compute)]`` and keeps page tables.
+
+    ``max_num_tokens`` is the token budget per step, ``max_num_seqs`` the most sequences
+    running (and in one step). Not thread-safe: the engine thread owns it.
+    """
+
+    def __init__(self, cache: KVCacheManager, *, max_num_tokens: int, max_num_seqs: int):
+        self.cache = cache
+        self.max_num_tokens, self.max_num_seqs = max_num_tokens, max_num_seqs
+        self.waiting: list[Sequence] = []  # sorted by arrival
+        self.running: list[Sequence] = []  # sorted by arrival
+        self.stats = SchedulerStats()
+
+    def add(self, seq: Sequence) -> None:
+        """Queue ``seq`` (a new request, arrival order)."""
+        bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop ``seq`` (finished or cancelled) and free its pages."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._free(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """This step's sequences and how many of their pending tokens each computes."""
+        chosen: dict[Sequence, int] = {}
+        for seq in sorted(self.running, key=lambda s: (s.num_pending > 1, s.arrival)):
+            budget = self.max_num_tokens - sum(chosen.values())
+            if budget == 0:
+                break
+            if seq in self.running:  # not preempted by an older sequence in this loop
+                self._grow_or_preempt(seq, min(seq.num_pending, budget), chosen)
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            budget = self.max_num_tokens - sum(chosen.values())
+            if budget == 0 or not self._admit(self.waiting[0], budget, chosen):
+                break
+        return list(chosen.items())
+
+    def advance(self, step: list[tuple[Sequence, int]]) -> None:
+        """Record that ``step`` ran: its tokens' keys are in the cache; full pages enter the
+        prefix cache."""
+        for seq, n in step:
+            self.stats.computed_tokens += n
+            self.stats.prefill_tokens += max(0, min(len(seq.prompt) - seq.num_computed, n))
+            seq.num_computed += n
+            full = seq.num_computed // self.cache.page_size
+            if full > seq.num_registered:
+                ps = self.cache.page_size
+                span = seq.tokens[seq.num_registered * ps : full * ps]
+                for key in page_keys(span, ps, seq.last_key):
+                    self.cache.register(seq.pages[seq.num_registered], key)
+                    seq.num_registered, seq.last_key = seq.num_registered + 1, key
+
+    def _pages_for(self, seq: Sequence, n: int) -> int:
+        """New pages ``seq`` needs to compute ``n`` more tokens."""
+        return max(0, math.ceil((seq.num_computed + n) / self.cache.page_size) - len(seq.pages))
+
+    def _grow_or_preempt(self, seq: Sequence, n: int, chosen: dict[Sequence, int]) -> None:
+        """Schedule ``n`` tokens of running ``seq``, preempting the newest running sequences
+        (``seq`` itself last) until its pages fit."""
+        while (pages := self.cache.allocate(self._pages_for(seq, n))) is None:
+            victim = self.running[-1]
+            chosen.pop(victim, None)
+            self._preempt(victim)
+            if victim is seq:
+                return
+        seq.pages += pages
+        chosen[seq] = n
+
+    def _admit(self, seq: Sequence, budget: int, chosen: dict[Sequence, int]) -> bool:
+        """Start waiting ``seq`` with a chunk of at most ``budget`` tokens; False (and nothing
+        changed) when no page is free for even one token."""
+        ps = self.cache.page_size
+        # the last token is always computed: its logits give the next token
+        keys = page_keys(seq.tokens[: seq.num_tokens - 1], ps)
+        cached = self.cache.acquire_prefix(keys)
+        seq.pages, seq.num_computed = cached, len(cached) * ps
+        seq.num_registered = len(cached)
+        seq.last_key = keys[len(cached) - 1] if cached else b""
+        n = min(seq.num_pending, budget, self.cache.num_free * ps)
+        pages = self.cache.allocate(self._pages_for(seq, n)) if n > 0 else None
+        if pages is None:
+            self._free(seq)
+            return False
+        self.stats.prefix_hit_tokens += seq.num_computed
+        seq.pages += pages
+        self.waiting.remove(seq)
+        bisect.insort(self.running, seq, key=lambda s: s.arrival)
+        chosen[seq] = n
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free(seq)
+        bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
+        self.stats.preemptions += 1
+
+    def _free(self, seq: Sequence) -> None:
+        self.cache.release(seq.pages)
+        seq.pages, seq.num_computed, seq.num_registered, seq.last_key = [], 0, 0, b""

@@ -1,0 +1,197 @@
+"""The real HTTP server on 127.0.0.1, driven by the ``openai`` client and ``httpx``."""
+
+import asyncio
+import json
+import socket
+import struct
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from jaxstack.serve import SamplingParams
+from jaxstack.serve.engine import QueueFullError
+from jaxstack.serve.server import create_app
+
+PROMPT = "def add(a, b):"
+
+
+@pytest.fixture(scope="module")
+def base_url(llm):
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(llm, retry_after_s=2), host="127.0.0.1", port=0, log_level="warning"
+        )  # fmt: skip
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(base_url):
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+
+
+def wait_until_idle(engine, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.scheduler.running or engine.scheduler.waiting or engine.cache.num_used:
+        assert time.monotonic() < deadline, f"{engine.cache.num_used} pages still in use"
+        time.sleep(0.02)
+
+
+def cancelled(engine) -> float:
+    """Requests the engine finished as cancelled so far."""
+    labels = {"reason": "cancelled"}
+    value = engine.metrics.registry.get_sample_value("jaxstack_requests_finished_total", labels)
+    return value or 0.0
+
+
+def test_completions_plain_and_streamed(client, llm):
+    expected = llm.generate(PROMPT, SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    done = client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert done.choices[0].text == expected.text
+    assert done.choices[0].finish_reason == "length"
+    assert done.usage.completion_tokens == 12
+    assert done.usage.prompt_tokens == len(expected.prompt_token_ids)
+    chunks = list(
+        client.completions.create(
+            prompt=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            model="tiny",
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
+    )
+    assert "".join(c.choices[0].text for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_chat_plain_and_streamed(client, llm):
+    # no chat_template in this model: the fallback renders "user: hi\nassistant: " (no BOS)
+    prompt = llm.tokenizer.encode("user: hi\nassistant: ")
+    expected = llm.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    options = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                   temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+    done = client.chat.completions.create(**options)
+    assert done.choices[0].message.content == expected.text
+    assert done.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(**options, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_64_concurrent_requests_complete_in_bounded_time(base_url, llm):
+    async def run() -> list:
+        client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+        requests = [
+            client.completions.create(model="tiny", prompt=f"{i} + {i} =", max_tokens=6,
+                                      temperature=0.7, seed=i, extra_body={"ignore_eos": True})
+            for i in range(64)
+        ]  # fmt: skip
+        return await asyncio.wait_for(asyncio.gather(*requests), timeout=180)
+
+    start = time.monotonic()
+    results = asyncio.run(run())
+    assert len(results) == 64 and all(r.usage.completion_tokens == 6 for r in results)
+    assert time.monotonic() - start < 180
+    wait_until_idle(llm.engine)
+
+
+def test_models_health_and_metrics(base_url):
+    assert httpx.get(f"{base_url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{base_url}/v1/models").json()["data"][0]["object"] == "model"
+    text = httpx.get(f"{base_url}/metrics").text
+    for name in (
+        "jaxstack_queue_depth",
+        "jaxstack_running_requests",
+        "jaxstack_kv_pages_used",
+        "jaxstack_generation_tokens_per_second",
+        "jaxstack_time_to_first_token_seconds_bucket",
+        "jaxstack_time_per_output_token_seconds_bucket",
+    ):
+        assert name in text
+    assert "jaxstack_generation_tokens_total 0.0" not in text  # earlier tests made tokens
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            {"prompt": "x" * 130, "max_tokens": 4},
+            "131 tokens and max_tokens is 4: 135 tokens, more than the model's context of 128",
+        ),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "n": 2}, "n=2"),
+        ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
+        ({"max_tokens": 3}, "prompt"),
+    ],
+)
+def test_bad_requests_get_400(base_url, body, message):
+    response = httpx.post(f"{base_url}/v1/completions", json=body)
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+
+
+def test_full_queue_gets_429_with_retry_after(base_url, llm):
+    engine, fillers = llm.engine, []
+    try:
+        while True:  # long requests until the queue is full (8 run, the rest wait)
+            fillers.append(engine.submit([1, 2, 3], SamplingParams(max_tokens=100), lambda o: None))
+    except QueueFullError:
+        pass
+    response = httpx.post(f"{base_url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    for request_id in fillers:
+        engine.cancel(request_id)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "2"
+    wait_until_idle(engine)
+
+
+def test_client_disconnect_mid_stream_frees_pages(base_url, llm):
+    engine = llm.engine
+    wait_until_idle(engine)
+    before = cancelled(engine)
+    body = {"prompt": PROMPT, "max_tokens": 100, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert engine.cache.num_used > 0
+    wait_until_idle(engine, timeout=10)
+    assert cancelled(engine) == before + 1  # cancelled, not run to its 100 tokens
+
+
+def test_client_gone_before_a_whole_answer_frees_pages(base_url, llm):
+    engine = llm.engine
+    wait_until_idle(engine)
+    before = cancelled(engine)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True}).encode()
+    host, port = base_url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:  # a client that will hang up
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        deadline = time.monotonic() + 30
+        while not engine.scheduler.running:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.001)
+    wait_until_idle(engine, timeout=10)
+    assert cancelled(engine) == before + 1  # cancelled, not run to its 100 tokens
