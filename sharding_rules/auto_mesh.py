@@ -1,10 +1,16 @@
 """``mesh="auto"``: the (data, fsdp, tensor) shape that fits and communicates least.
 
-Every factorisation ``data * fsdp * tensor == num_devices`` is a candidate (``expert`` and
-``sequence`` stay 1). A candidate is rejected when the rules cannot shard the model over it
-(``ShardingRuleError``: e.g. tensor does not divide the heads) or when its memory plan
+Every factorisation ``data * fsdp * tensor == num_devices`` is a candidate (``expert``
+stays 1; ``sequence`` too unless ``split_sequence``, see below). A candidate is rejected
+when the rules cannot shard the model over it (``ShardingRuleError``: e.g. tensor does not
+divide the heads) or when its memory plan
 (params + grads + optimizer state + activations per device) exceeds the device memory.
 Among the rest the least communication per step wins, ties going to more data parallelism.
+
+With ``split_sequence`` (a model with context parallelism) the factorisations with
+``sequence`` > 1 are candidates too, but the smallest ``sequence`` that fits wins before
+any cost is compared: the sequence is split only when a long one does not fit otherwise
+(its ring traffic, K/V blocks per layer, is not in the cost model below).
 
 Cost model: bytes each device sends per training step, ring collectives (a collective over
 ``n`` devices moves ``(n - 1) / n`` of its buffer per pass; an all-reduce is two passes):
@@ -146,6 +152,7 @@ def auto_mesh(
     grad_dtype: Any = None,
     activation_bytes_fn: Callable[[dict[str, int]], int] | None = None,
     training: bool = True,
+    split_sequence: bool = False,
 ) -> AutoMeshResult:
     """Pick the mesh axis sizes for ``num_devices`` devices of ``device_memory_bytes`` each.
 
@@ -164,6 +171,8 @@ def auto_mesh(
       grad_dtype: gradient dtype (default: each parameter's).
       activation_bytes_fn: axis sizes -> per-device activation bytes (default 0).
       training: plan gradients and count training traffic (False: inference).
+      split_sequence: also consider ``sequence`` > 1, taking the smallest that fits (module
+        doc); ``activation_bytes_fn`` should then divide the activations by it.
 
     Returns:
       The cheapest fitting candidate.
@@ -178,34 +187,39 @@ def auto_mesh(
             "must be positive"
         )
     candidates = []
-    for t in divisors(num_devices):
-        for f in divisors(num_devices // t):
-            sizes = {a: 1 for a in MESH_AXES}
-            sizes.update(data=num_devices // (t * f), fsdp=f, tensor=t)
-            try:
-                specs = spec_fn(dict(sizes))
-            except ShardingRuleError as err:
-                candidates.append(MeshCandidate(sizes, None, float("inf"), str(err)))
-                continue
-            act = activation_bytes_fn(dict(sizes)) if activation_bytes_fn else 0
-            plan = make_plan(
-                params,
-                specs,
-                sizes,
-                opt_state=opt_state,
-                grad_dtype=grad_dtype,
-                activation_bytes=act,
-                gradients=training,
-            )
-            traffic = tensor_allreduce_bytes
-            if callable(traffic):
-                traffic = traffic(specs) if sizes["tensor"] > 1 else 0.0
-            cost = communication_bytes(
-                plan, grad_dtype=grad_dtype, tensor_allreduce_bytes=traffic, training=training
-            )
-            over = plan.total_bytes > device_memory_bytes
-            why = f"needs {format_bytes(plan.total_bytes)} per device" if over else None
-            candidates.append(MeshCandidate(sizes, plan, cost, why))
+    shapes = [
+        (s, t, f)
+        for s in (divisors(num_devices) if split_sequence else (1,))
+        for t in divisors(num_devices // s)
+        for f in divisors(num_devices // (s * t))
+    ]
+    for s, t, f in shapes:
+        sizes = {a: 1 for a in MESH_AXES}
+        sizes.update(data=num_devices // (s * t * f), fsdp=f, tensor=t, sequence=s)
+        try:
+            specs = spec_fn(dict(sizes))
+        except ShardingRuleError as err:
+            candidates.append(MeshCandidate(sizes, None, float("inf"), str(err)))
+            continue
+        act = activation_bytes_fn(dict(sizes)) if activation_bytes_fn else 0
+        plan = make_plan(
+            params,
+            specs,
+            sizes,
+            opt_state=opt_state,
+            grad_dtype=grad_dtype,
+            activation_bytes=act,
+            gradients=training,
+        )
+        traffic = tensor_allreduce_bytes
+        if callable(traffic):
+            traffic = traffic(specs) if sizes["tensor"] > 1 else 0.0
+        cost = communication_bytes(
+            plan, grad_dtype=grad_dtype, tensor_allreduce_bytes=traffic, training=training
+        )
+        over = plan.total_bytes > device_memory_bytes
+        why = f"needs {format_bytes(plan.total_bytes)} per device" if over else None
+        candidates.append(MeshCandidate(sizes, plan, cost, why))
     fitting = [c for c in candidates if c.rejected is None]
     if not fitting:
         planned = [c for c in candidates if c.plan is not None]
@@ -216,9 +230,15 @@ def auto_mesh(
         raise ShardingRuleError(
             f"no mesh of {num_devices} devices fits {format_bytes(device_memory_bytes)} per "
             f"device: the smallest plan (data={best.axis_sizes['data']}, "
-            f"fsdp={best.axis_sizes['fsdp']}, tensor={best.axis_sizes['tensor']}) needs "
+            f"fsdp={best.axis_sizes['fsdp']}, tensor={best.axis_sizes['tensor']}, "
+            f"sequence={best.axis_sizes['sequence']}) needs "
             f"{format_bytes(best.plan.total_bytes)} per device. Use more devices, a smaller "
             "batch or more rematerialisation, or a smaller optimizer state."
         )
-    best = min(fitting, key=lambda c: (c.comm_bytes, -c.axis_sizes["data"], -c.axis_sizes["fsdp"]))
+    best = min(
+        fitting,
+        key=lambda c: (
+            c.axis_sizes["sequence"], c.comm_bytes, -c.axis_sizes["data"], -c.axis_sizes["fsdp"],
+        ),
+    )  # fmt: skip
     return AutoMeshResult(best.axis_sizes, best.plan, best.comm_bytes, tuple(candidates))

@@ -1,0 +1,287 @@
+"""Context-parallel attention: the sequence is split over a mesh axis; every device keeps its
+queries and meets every key block of the sequence, one block per step.
+
+Called inside ``shard_map`` on each device's shard (q, k, v ``[b, s, h, d]`` with the global
+sequence split over ``axis_name`` in a :mod:`~pallas_kernels.collectives.layout`). Two
+strategies, the same math:
+
+* ``"ring"``: K/V blocks travel the ring with ``ppermute``; at step ``t`` device ``r`` holds
+  the block of device ``r - t``, starts sending it on, and meanwhile attends its queries to
+  it. Only two K/V blocks are alive per device. The backward runs the ring again (it is a
+  ``custom_vjp`` that recomputes each block): K/V travel once more, and the dK/dV
+  accumulators travel with them, arriving home after ``n`` hops.
+* ``"all_gather"``: K/V are all-gathered once (what MaxText does by default), then visited
+  block by block; the backward reduce-scatters dK/dV.
+
+Each step is one :mod:`~pallas_kernels.collectives.block` and partial results merge with the
+online softmax, so no ``[s, S]`` score matrix exists. Under a causal mask in the ``zigzag``
+layout every step after the first computes exactly half of the block pair, the half that can
+be visible (an early key chunk is seen by both local query chunks; a late one only by the
+late query chunk), so devices share the work evenly; in the ``contiguous`` layout the blocks
+after a device's own are skipped, which leaves the last device with the most work.
+Masks (causal, sliding window with sinks, segment ids) are decided from global indices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.collectives import block
+from pallas_kernels.collectives.layout import check_layout, shard_positions
+from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.validation import check_attention_inputs
+
+STRATEGIES = ("ring", "all_gather")
+
+Region = tuple[slice, slice] | None
+"""Query rows and key rows of a block pair to compute (None: nothing is visible)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    axis_name: str
+    strategy: str
+    layout: str
+    spec: MaskSpec
+    scale: float
+    cap: float | None
+
+
+def context_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    *,
+    axis_name: str,
+    strategy: str = "ring",
+    layout: str = "zigzag",
+    causal: bool = True,
+    sliding_window: int | None = None,
+    num_sink_tokens: int = 0,
+    logit_soft_cap: float | None = None,
+    scale: float | None = None,
+) -> jax.Array:
+    """Self-attention over a sequence split along ``axis_name`` (per-device code).
+
+    Args:
+      q: ``[b, s, hq, d]`` this device's queries; k, v: ``[b, s, hkv, d]`` its keys and
+        values (``hq % hkv == 0``). ``s`` is the local length: the global sequence is ``s``
+        times the size of ``axis_name``, laid out as ``layout`` says.
+      q_segment_ids, kv_segment_ids: ``[b, s]`` int of the local positions (packing);
+        ``kv_segment_ids`` defaults to ``q_segment_ids``.
+      axis_name: the mesh axis the sequence is split over (inside ``shard_map``).
+      strategy: ``"ring"`` or ``"all_gather"`` (module doc).
+      layout: ``"zigzag"`` (balanced under a causal mask) or ``"contiguous"``.
+      causal, sliding_window, num_sink_tokens, logit_soft_cap, scale: as
+        ``pallas_kernels.attention`` on the global sequence.
+
+    Returns:
+      ``[b, s, hq, d]`` in ``q.dtype``: this device's rows of attention over the global
+      sequence.
+
+    Raises:
+      ValueError / TypeError: bad shapes, options, or a local length the layout cannot
+        split (``zigzag`` needs it even).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    check_attention_inputs(
+        q, k, v, q_segment_ids, kv_segment_ids, sliding_window, num_sink_tokens,
+        logit_soft_cap, scale,
+    )  # fmt: skip
+    b, s, hq, d = q.shape
+    if k.shape[1] != s:
+        raise ValueError(
+            f"context-parallel attention is self-attention: q and k must hold the same local "
+            f"length, got {s} and {k.shape[1]}."
+        )
+    num_shards = lax.axis_size(axis_name)
+    check_layout(layout, s * num_shards, num_shards)
+    if q_segment_ids is not None and kv_segment_ids is None:
+        kv_segment_ids = q_segment_ids
+    cfg = _Config(
+        axis_name=axis_name,
+        strategy=strategy,
+        layout=layout,
+        spec=MaskSpec(
+            causal=causal,
+            sliding_window=sliding_window,
+            num_sink_tokens=num_sink_tokens if sliding_window is not None else 0,
+        ),
+        scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+        cap=logit_soft_cap,
+    )
+    hkv = k.shape[2]
+    q5 = q.astype(jnp.float32).reshape(b, s, hkv, hq // hkv, d)
+    f32 = (x.astype(jnp.float32) for x in (k, v))
+    out = _attention(cfg, q5, *f32, q_segment_ids, kv_segment_ids)
+    return out.reshape(b, s, hq, d).astype(q.dtype)
+
+
+def ring_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, **options) -> jax.Array:
+    """:func:`context_attention` with ``strategy="ring"``."""
+    return context_attention(q, k, v, q_segment_ids, kv_segment_ids, strategy="ring", **options)
+
+
+def all_gather_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, **options) -> jax.Array:
+    """:func:`context_attention` with ``strategy="all_gather"``."""
+    return context_attention(
+        q, k, v, q_segment_ids, kv_segment_ids, strategy="all_gather", **options
+    )
+
+
+def _kv_blocks(cfg: _Config, kv: tuple) -> Iterator[tuple[jax.Array, tuple]]:
+    """``(source device, its K/V block)`` for each step (module doc)."""
+    ax = cfg.axis_name
+    n, r = lax.axis_size(ax), lax.axis_index(ax)
+    if cfg.strategy == "all_gather":
+        s = kv[0].shape[1]
+        full = jax.tree.map(lambda x: lax.all_gather(x, ax, axis=1, tiled=True), kv)
+        for t in range(n):
+            src = (r - t) % n
+            yield (
+                src,
+                jax.tree.map(lambda x, src=src: lax.dynamic_slice_in_dim(x, src * s, s, 1), full),
+            )
+        return
+    for t in range(n):
+        # send the block on before computing with it, so the transfer overlaps the step
+        nxt = _shift(kv, ax) if t < n - 1 else None
+        yield (r - t) % n, kv
+        kv = nxt
+
+
+def _shift(x, axis_name: str):
+    """Every device's ``x`` moved to the next device of the ring."""
+    n = lax.axis_size(axis_name)
+    return lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
+
+
+def _regions(cfg: _Config, t: int, s: int) -> tuple[Region, Region] | None:
+    """The block pair to compute at step ``t`` when the keys come from an earlier device
+    and when from a later one; None when the whole pair is computed (module doc)."""
+    if t == 0 or not cfg.spec.causal:
+        return None
+    everything = (slice(0, s), slice(0, s))
+    if cfg.layout == "contiguous":
+        return everything, None
+    c = s // 2
+    return (slice(0, s), slice(0, c)), (slice(c, s), slice(0, s))
+
+
+def _run_step(cfg: _Config, t: int, src, s: int, compute: Callable[[Region], tuple]):
+    """``compute`` over the step's region, picked on device when it depends on ``src``."""
+    regions = _regions(cfg, t, s)
+    if regions is None:
+        return compute((slice(0, s), slice(0, s)))
+    earlier, later = regions
+    r = lax.axis_index(cfg.axis_name)
+    return lax.cond(src < r, lambda: compute(earlier), lambda: compute(later))
+
+
+def _pad(x: jax.Array, rows: slice, length: int, value: float) -> jax.Array:
+    """``x`` (rows ``rows`` of a ``length``-row array along axis 1) padded with ``value``."""
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (rows.start, length - rows.stop)
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _rows(x: jax.Array | None, rows: slice) -> jax.Array | None:
+    return None if x is None else x[:, rows]
+
+
+def _forward(cfg: _Config, q, k, v, q_seg, kv_seg):
+    """``(o, lse)`` of the local queries over the whole sequence (module doc)."""
+    n, r = lax.axis_size(cfg.axis_name), lax.axis_index(cfg.axis_name)
+    s = q.shape[1]
+    q_index = shard_positions(cfg.layout, s, r, n)
+    o, lse = jnp.zeros_like(q), jnp.full(q.shape[:-1], MASK_VALUE, q.dtype)
+    for t, (src, (k_t, v_t, seg_t)) in enumerate(_kv_blocks(cfg, (k, v, kv_seg))):
+        kv_index = shard_positions(cfg.layout, s, src, n)
+
+        def compute(region: Region, k_t=k_t, v_t=v_t, seg_t=seg_t, kv_index=kv_index):
+            if region is None:
+                return jnp.zeros_like(q), jnp.full(q.shape[:-1], MASK_VALUE, q.dtype)
+            qs, ks = region
+            mask = block.visible(
+                cfg.spec, q_index[qs], kv_index[ks], _rows(q_seg, qs), _rows(seg_t, ks)
+            )
+            o_b, lse_b = block.block_forward(
+                q[:, qs], k_t[:, ks], v_t[:, ks], mask, scale=cfg.scale, cap=cfg.cap
+            )
+            return _pad(o_b, qs, s, 0.0), _pad(lse_b, qs, s, MASK_VALUE)
+
+        o, lse = block.merge(o, lse, *_run_step(cfg, t, src, s, compute))
+    return o, lse
+
+
+def _backward(cfg: _Config, residuals, do):
+    """dq, dk, dv: the ring (or gathered blocks) visited again, dK/dV sent home."""
+    q, k, v, q_seg, kv_seg, o, lse = residuals
+    ax = cfg.axis_name
+    n, r = lax.axis_size(ax), lax.axis_index(ax)
+    s = q.shape[1]
+    q_index = shard_positions(cfg.layout, s, r, n)
+    delta = jnp.sum(do * o, axis=-1)
+    dq = jnp.zeros_like(q)
+    if cfg.strategy == "ring":
+        dkv = (jnp.zeros_like(k), jnp.zeros_like(v))  # travels with the block it belongs to
+    else:
+        dkv = (jnp.zeros((k.shape[0], n * s, *k.shape[2:]), k.dtype),) * 2
+    for t, (src, (k_t, v_t, seg_t)) in enumerate(_kv_blocks(cfg, (k, v, kv_seg))):
+        kv_index = shard_positions(cfg.layout, s, src, n)
+
+        def compute(region: Region, k_t=k_t, v_t=v_t, seg_t=seg_t, kv_index=kv_index):
+            if region is None:
+                return jnp.zeros_like(q), jnp.zeros_like(k_t), jnp.zeros_like(v_t)
+            qs, ks = region
+            mask = block.visible(
+                cfg.spec, q_index[qs], kv_index[ks], _rows(q_seg, qs), _rows(seg_t, ks)
+            )
+            dq_b, dk_b, dv_b = block.block_backward(
+                q[:, qs], k_t[:, ks], v_t[:, ks], do[:, qs], lse[:, qs], delta[:, qs], mask,
+                scale=cfg.scale, cap=cfg.cap,
+            )  # fmt: skip
+            return _pad(dq_b, qs, s, 0.0), _pad(dk_b, ks, s, 0.0), _pad(dv_b, ks, s, 0.0)
+
+        dq_t, dk_t, dv_t = _run_step(cfg, t, src, s, compute)
+        dq = dq + dq_t
+        if cfg.strategy == "ring":
+            dkv = _shift((dkv[0] + dk_t, dkv[1] + dv_t), ax)
+        else:
+            dkv = tuple(
+                lax.dynamic_update_slice_in_dim(
+                    acc, lax.dynamic_slice_in_dim(acc, src * s, s, 1) + part, src * s, 1
+                )
+                for acc, part in zip(dkv, (dk_t, dv_t), strict=True)
+            )
+    if cfg.strategy == "all_gather":
+        dkv = tuple(lax.psum_scatter(x, ax, scatter_dimension=1, tiled=True) for x in dkv)
+    return dq, *dkv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg: _Config, q, k, v, q_seg, kv_seg):
+    """q: [b, s, h, g, d], k, v: [b, s, h, d] float32 -> o: [b, s, h, g, d]."""
+    return _forward(cfg, q, k, v, q_seg, kv_seg)[0]
+
+
+def _attention_fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
+    o, lse = _forward(cfg, q, k, v, q_seg, kv_seg)
+    return o, (q, k, v, q_seg, kv_seg, o, lse)
+
+
+def _attention_bwd(cfg: _Config, residuals, do):
+    return *_backward(cfg, residuals, do), None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
