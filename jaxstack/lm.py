@@ -1,7 +1,9 @@
 """The three functions for causal language modelling, ready to hand to the Trainer.
 
 ``collate_fn`` is ``jaxstack.data.lm_collate`` (stacks packed examples); ``lm_functions``
-returns ``loss_fn`` and ``pred_fn`` for a model, written only against the public API.
+returns ``loss_fn`` and ``pred_fn`` for a model, written only against the public API. A
+mixture-of-experts model's routing losses (what its layers sow into ``MOE_COLLECTION``) are
+added to the loss and reported as metrics.
 """
 
 from collections.abc import Callable
@@ -11,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from jaxstack.layers.moe import MOE_COLLECTION, moe_summary
 from jaxstack.losses import (
     DEFAULT_CHUNK_SIZE,
     CrossEntropyOutput,
@@ -37,20 +40,27 @@ def lm_functions(
     that micro-batches can be weighted by it); ``pred_fn`` returns per-example ``loss`` and
     ``accuracy``.
 
+    For a model with MoE layers (``jaxstack.models.Mixtral``) the loss also holds their
+    weighted load-balancing and router z-losses (mean over MoE layers, computed per
+    micro-batch), and the metrics add ``aux_loss``, ``z_loss`` (the router's; unweighted),
+    ``expert_load`` (``[E]``: the fraction of routed assignments per expert, mean over
+    layers) and ``expert_load_max`` (the busiest expert's load over the mean, worst layer).
+
     Raises:
       ValueError: ``chunk_size`` is not a positive int.
     """
     chunk_layout(1, chunk_size)  # a bad chunk_size fails here, where it enters
 
-    def token_stats(params, batch) -> CrossEntropyOutput:
-        hidden = model.apply(
+    def token_stats(params, batch) -> tuple[CrossEntropyOutput, dict]:
+        hidden, sown = model.apply(
             {"params": params},
             batch["input_ids"],
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
             return_hidden=True,
+            mutable=[MOE_COLLECTION],
         )
-        return fused_cross_entropy(
+        out = fused_cross_entropy(
             hidden,
             model.head_kernel(params),
             batch["targets"],
@@ -58,15 +68,21 @@ def lm_functions(
             chunk_size=chunk_size,
             z_loss=z_loss,
         )
+        return out, sown
 
     def loss_fn(params, batch, rng: jax.Array):
-        out = token_stats(params, batch)
+        out, sown = token_stats(params, batch)
         denom = jnp.maximum(out.num_tokens, 1.0)
         metrics = {"accuracy": out.num_correct / denom, "num_tokens": out.num_tokens}
-        return out.loss_sum / denom, metrics
+        loss = out.loss_sum / denom
+        moe = moe_summary(sown.get(MOE_COLLECTION, {}))
+        if moe is not None:
+            loss = loss + moe.loss
+            metrics.update(moe.metrics())
+        return loss, metrics
 
     def pred_fn(params, batch, rng: jax.Array):
-        out = token_stats(params, batch)
+        out, _ = token_stats(params, batch)
         denom = jnp.maximum(batch["loss_mask"].astype(jnp.float32).sum(-1), 1.0)
         return {
             "loss": out.token_loss.sum(-1) / denom,

@@ -9,8 +9,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from sharding_rules import MESH_AXES
 
-BATCH_AXES = ("data", "fsdp")
-"""Mesh axes the global batch is split over."""
+BATCH_AXES = ("data", "fsdp", "expert")
+"""Mesh axes the global batch is split over (``expert`` too: outside the mixture-of-experts
+layers it is one more data-parallel axis; inside them tokens travel to their experts)."""
 
 
 def make_mesh(
@@ -54,8 +55,12 @@ def make_mesh(
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-    """Sharding for a batch array: leading dim over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+    """Sharding for a batch array: leading dim over ``BATCH_AXES``; the second (the sequence
+    of ``[batch, seq, ...]`` arrays) over ``sequence`` when that axis is larger than 1 (context
+    parallelism); the rest replicated."""
+    seq = ["sequence"] if ndim > 1 and mesh.shape.get("sequence", 1) > 1 else []
+    rest = [None] * (ndim - 1 - len(seq))
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *seq, *rest))
 
 
 def batch_divisor(mesh: Mesh) -> int:

@@ -145,7 +145,7 @@ class TrainConfig:
 
 def global_batch_size(config: TrainConfig, batch_shards: int) -> int:
     """Examples per optimizer update of ``config`` on a mesh with ``batch_shards`` batch
-    shards (data x fsdp)."""
+    shards (data x fsdp x expert)."""
     if config.batch_size is not None:
         return config.batch_size
     if config.per_device_batch_size is not None:

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
 
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # expert: data-parallel outside the MoE layers
     "seq": ("sequence",),
     "embed": (),
     "heads": ("tensor",),

@@ -8,8 +8,9 @@
 - :func:`generate_text`: the ``jaxstack generate --hf DIR`` command.
 - :func:`config_from_hf` / :func:`config_to_hf`: ``config.json`` dict <-> model config.
 
-Supported model types are the keys of :data:`FAMILIES` (Llama 2/3, Mistral, Qwen2, Qwen3);
-each family's key map lives beside its model (``jaxstack/models/llama.py``).
+Supported model types are the keys of :data:`FAMILIES` (Llama 2/3, Mistral, Qwen2, Qwen3;
+the mixtures of experts Mixtral, Qwen2-MoE, Qwen3-MoE); each family's key map lives beside
+its model (``jaxstack/models/llama.py``, ``jaxstack/models/mixtral.py``).
 """
 
 from typing import Any

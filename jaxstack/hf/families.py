@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxstack.models import llama
+from jaxstack.models import llama, mixtral
 from jaxstack.models.llama import HFTensor
 
 
@@ -39,7 +39,19 @@ LLAMA = HFFamily(
     llama.hf_ignored_tensor,
 )
 
-FAMILIES: dict[str, HFFamily] = {model_type: LLAMA for model_type in llama.HF_ARCHITECTURES}
+MIXTRAL = HFFamily(
+    mixtral.MixtralConfig,
+    mixtral.Mixtral,
+    mixtral.config_from_hf,
+    mixtral.config_to_hf,
+    mixtral.hf_tensors,
+    llama.hf_ignored_tensor,
+)
+
+FAMILIES: dict[str, HFFamily] = {
+    **{model_type: LLAMA for model_type in llama.HF_ARCHITECTURES},
+    **{model_type: MIXTRAL for model_type in mixtral.HF_ARCHITECTURES},
+}
 """HF ``model_type`` -> family."""
 
 

@@ -5,7 +5,8 @@ jaxstack layout (reshape/transpose views, no copy), and placed with
 ``jax.make_array_from_callback`` so that every device receives only its own shard; dtype
 conversion then runs on the devices. The host buffer is dropped before the next tensor, so
 host memory beyond the placed model stays near the size of the largest tensor. Stacked
-(scanned-layer) parameters are filled one layer at a time into a preallocated sharded array.
+parameters (scanned layers, experts) are filled one HF tensor at a time into a preallocated
+sharded array.
 """
 
 import dataclasses
@@ -162,7 +163,7 @@ def _check_tensors(
         )
     used = set()
     for entry in entries:
-        for key in (entry.key,) if isinstance(entry.key, str) else entry.key:
+        for key, _ in entry.names():
             used.add(key)
             shape = reader.info(key).shape
             if shape != entry.hf_shape:
@@ -211,13 +212,14 @@ def _place_stacked(
     sharding: Sharding,
     dtype: jnp.dtype,
 ) -> jax.Array:
-    layer_sharding = sharding
-    if isinstance(sharding, NamedSharding):
-        layer_sharding = NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[1:]))
     stacked = jax.jit(partial(jnp.zeros, shape, dtype), out_shardings=sharding)()
-    for index, key in enumerate(entry.key):
-        layer = _place(reader, key, entry, shape[1:], layer_sharding, dtype)
-        stacked = _set_index(stacked, layer, index, sharding=sharding)
+    for key, index in entry.names():
+        piece_sharding = sharding  # the stacked axes' sharding dropped
+        if isinstance(sharding, NamedSharding):
+            spec = PartitionSpec(*sharding.spec[len(index) :])
+            piece_sharding = NamedSharding(sharding.mesh, spec)
+        piece = _place(reader, key, entry, shape[len(index) :], piece_sharding, dtype)
+        stacked = _set_index(stacked, piece, index, sharding=sharding)
     return stacked
 
 
@@ -228,5 +230,7 @@ def _astype(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 @partial(jax.jit, donate_argnums=0, static_argnames="sharding")
 def _set_index(stacked: jax.Array, value: jax.Array, index, *, sharding: Sharding) -> jax.Array:
-    updated = jax.lax.dynamic_update_index_in_dim(stacked, value, index, 0)
+    """``stacked[index] = value`` for an ``index`` into its leading axes."""
+    starts = (*index, *[0] * value.ndim)
+    updated = jax.lax.dynamic_update_slice(stacked, value[(None,) * len(index)], starts)
     return jax.lax.with_sharding_constraint(updated, sharding)

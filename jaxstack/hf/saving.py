@@ -85,14 +85,12 @@ def save(
             shutil.copyfile(path, out_dir / path.name)
     sources = {}
     for entry in family.tensors(config):
-        keys = (entry.key,) if isinstance(entry.key, str) else entry.key
-        for index, key in enumerate(keys):
-            layer = None if isinstance(entry.key, str) else index
-            sources[key] = (flat[entry.path], layer, entry.hf_shape, entry.in_axes)
+        for key, index in entry.names():
+            sources[key] = (flat[entry.path], index, entry.hf_shape, entry.in_axes)
 
     def fetch(key: str) -> np.ndarray:
-        x, layer, hf_shape, in_axes = sources[key]
-        return _to_host(_to_hf(x, layer, hf_shape=hf_shape, in_axes=in_axes, dtype=dtype))
+        x, index, hf_shape, in_axes = sources[key]
+        return _to_host(_to_hf(x, index, hf_shape=hf_shape, in_axes=in_axes, dtype=dtype))
 
     tensors = [(key, source[2], dtype) for key, source in sources.items()]
     write_safetensors(out_dir, tensors, fetch, max_shard_bytes=max_shard_bytes, write=writer)
@@ -206,10 +204,11 @@ def _tokenizer_files(directory: str | os.PathLike | None, required: bool = True)
 
 
 @partial(jax.jit, static_argnames=("hf_shape", "in_axes", "dtype"))
-def _to_hf(x: jax.Array, layer, *, hf_shape, in_axes: int, dtype) -> jax.Array:
-    """One HF tensor from a parameter (or one layer of a stacked one), on the devices."""
-    if layer is not None:
-        x = jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
+def _to_hf(x: jax.Array, index, *, hf_shape, in_axes: int, dtype) -> jax.Array:
+    """One HF tensor from a parameter, or from a stacked one (layers, experts) at ``index``
+    into its leading axes, on the devices."""
+    for i in index:
+        x = jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
     return jax_to_hf(x, hf_shape, in_axes).astype(dtype)
 
 

@@ -24,7 +24,9 @@ import jaxstack.hf as hf
 from jaxstack.checkpoint import load_params
 from jaxstack.generate import generate
 from jaxstack.hf.safetensors_io import CorruptFileError, SafetensorsReader, write_safetensors
+from jaxstack.lm import lm_param_specs
 from jaxstack.mesh import make_mesh
+from jaxstack.models import Mixtral
 from jaxstack.models.llama import LlamaConfig
 
 VOCAB = 128
@@ -75,6 +77,40 @@ FAMILIES = {
 }
 
 
+# mixtures of experts: name -> (transformers config class, config kwargs)
+MOE_FAMILIES = {
+    "mixtral": (  # every layer MoE, renormalised top-2 of 4
+        transformers.MixtralConfig,
+        dict(num_attention_heads=4, num_key_value_heads=2, num_local_experts=4),
+    ),
+    "qwen2_moe": (  # gated shared expert, weights not renormalised, layer 0 dense (step 2)
+        transformers.Qwen2MoeConfig,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            decoder_sparse_step=2,
+        ),
+    ),
+    "qwen3_moe": (  # QK norm, top-3 of 8 renormalised, layer 0 dense (mlp_only_layers)
+        transformers.Qwen3MoeConfig,
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            num_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[0],
+        ),
+    ),
+}
+
+
 def make_tokenizer(directory: Path) -> None:
     """A word-level tokenizer over the test vocabulary: <unk>=0, <s>=1, </s>=2, w0..."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
@@ -87,7 +123,7 @@ def make_tokenizer(directory: Path) -> None:
 
 def make_hf_model(name: str, directory: Path) -> torch.nn.Module:
     """Save a random model of family ``name`` to ``directory``; return it reloaded in float32."""
-    config_cls, kwargs, save_kwargs = FAMILIES[name]
+    config_cls, kwargs, save_kwargs = FAMILIES.get(name) or (*MOE_FAMILIES[name], {})
     torch.manual_seed(sum(map(ord, name)))
     model = transformers.AutoModelForCausalLM.from_config(config_cls(**SIZES, **kwargs))
     with torch.no_grad():
@@ -194,8 +230,9 @@ def test_config_reads_every_variant(family):
     assert {jnp.dtype(x.dtype) for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
 
 
-def test_greedy_generation_matches_transformers(family):
-    _, _, reference, model, _, params = family
+def assert_greedy_tokens_equal(model, params, reference: torch.nn.Module) -> None:
+    """20 greedy tokens (KV-cache generation) for two prompts of unequal lengths equal
+    transformers' ``generate``."""
     prompts = [[5, 17, 99, 3, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15]]
     ours = generate(model, params, prompts, max_new_tokens=20)
     for prompt, tokens in zip(prompts, ours, strict=True):
@@ -204,6 +241,11 @@ def test_greedy_generation_matches_transformers(family):
                 torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0
             )
         assert tokens == out[0, len(prompt) :].tolist()
+
+
+def test_greedy_generation_matches_transformers(family):
+    _, _, reference, model, _, params = family
+    assert_greedy_tokens_equal(model, params, reference)
 
 
 def test_export_reloads_in_transformers_with_equal_logits(family, ids, tmp_path):
@@ -545,3 +587,88 @@ def test_sft_recipe_trains_and_exports_a_transformers_model(recipe, tmp_path, id
     np.testing.assert_allclose(
         jax_logits(model, params, ids), torch_logits(reference, ids), atol=1e-4
     )
+
+
+# ------------------------------------------------------------------------ mixtures of experts
+@pytest.fixture(scope="module", params=list(MOE_FAMILIES))
+def moe_family(request, build):
+    """(name, directory, transformers reference, jaxstack model, config, params)."""
+    return request.param, *build(request.param)
+
+
+def test_moe_config_logits_and_greedy_tokens_match_transformers(moe_family, ids):
+    name, _, reference, model, config, params = moe_family
+    hf_config = reference.config
+    assert config.num_experts == hf_config.num_experts
+    assert config.experts_per_token == hf_config.num_experts_per_tok
+    assert config.moe_layers == ((0, 1) if name == "mixtral" else (1,))
+    assert config.normalize_router_weights == (name != "qwen2_moe")
+    assert (config.shared_intermediate_size, config.shared_expert_gate) == (
+        (48, True) if name == "qwen2_moe" else (0, False)
+    )
+    ours, theirs = jax_logits(model, params, ids), torch_logits(reference, ids)
+    assert np.abs(ours - theirs).max() < 1e-4
+    assert np.abs(theirs).max() > 1.0
+    assert_greedy_tokens_equal(model, params, reference)
+
+
+def test_moe_export_reloads_equal_in_jaxstack_and_transformers(moe_family, ids, tmp_path):
+    _, directory, reference, _, config, params = moe_family
+    out = hf.save(tmp_path / "export", config, params, max_shard_bytes=100_000)
+    assert len(list(out.glob("*.safetensors"))) > 1  # experts spread over several files
+    _, reloaded_config, reloaded = hf.load(out)
+    assert reloaded_config == config
+    for a, b in zip(jax.tree.leaves(reloaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    original, exported = SafetensorsReader(directory), SafetensorsReader(out)
+    assert original.keys() == exported.keys()
+    theirs = load_reference(out)
+    np.testing.assert_allclose(torch_logits(theirs, ids), torch_logits(reference, ids), atol=1e-6)
+
+
+def test_mixtral_loads_scanned_on_an_expert_mesh_and_exports_exactly(build, ids, tmp_path):
+    """Stacked [layers, experts, ...] weights stream onto expert=4 x data=2 shards."""
+    directory, _, model, config, params = build("mixtral")
+    mesh = make_mesh(data=2, expert=4)
+    scan_model = Mixtral(config.replace(scan_layers=True))
+    specs = lm_param_specs(scan_model, 16)
+    _, scan_config, scanned = hf.load(directory, mesh=mesh, param_specs=specs, scan_layers=True)
+    gate = scanned["layers"]["block"]["mlp"]["experts"]["gate"]
+    assert gate.shape == (2, 4, 64, 96) and gate.sharding.spec[:2] == (None, "expert")
+    assert gate.addressable_shards[0].data.shape == (2, 1, 64, 96)
+    np.testing.assert_allclose(
+        jax_logits(scan_model, scanned, ids, mesh), jax_logits(model, params, ids), atol=1e-5
+    )
+    out = hf.save(tmp_path / "scan", scan_config, scanned)
+    original, exported = SafetensorsReader(directory), SafetensorsReader(out)
+    assert original.keys() == exported.keys()
+    for key in sorted(original.keys()):
+        assert original.read(key).tobytes() == exported.read(key).tobytes()
+
+
+def test_moe_config_mapping_rejects_what_hf_cannot_express():
+    base = dict(
+        model_type="qwen2_moe",
+        num_attention_heads=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        **SIZES,
+    )
+    with pytest.raises(ValueError, match=r"MoE layers \[0, 2\].*mlp_only_layers=\[1\]"):
+        hf.config_from_hf({**base, "num_hidden_layers": 3, "mlp_only_layers": [1]})
+    config = hf.config_from_hf(base)
+    assert config.router_aux_loss_weight == 0.0 and config.moe_layers == (0, 1)
+    with pytest.raises(ValueError, match="router_score='sigmoid' cannot be written"):
+        hf.config_to_hf(config.replace(router_score="sigmoid"))
+    with pytest.raises(ValueError, match="cannot be written as HF model_type 'mixtral'"):
+        hf.config_to_hf(
+            config.replace(
+                shared_intermediate_size=0,
+                shared_expert_gate=False,
+                normalize_router_weights=True,
+                first_dense_layers=1,
+                extra={"hf_model_type": "mixtral"},
+            )
+        )
