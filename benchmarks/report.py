@@ -324,12 +324,131 @@ def _donates_after_save(record: Record) -> bool:
     return record["result"]["trainers"]["save_every_step"]["donated_fraction"] > 0.5
 
 
+def moe_table(records: list[Record]) -> str:
+    """The newest ``moe.py`` run per device: the expert computation's forward + backward by
+    route (tokens/s, active TFLOP/s, speed relative to the layer's gmm path, largest
+    difference from it), then training tokens/s of the MoE preset against its dense twin."""
+    runs = _newest_per(_of(records, "moe"), lambda r: r["result"]["device_kind"])
+    if not runs:
+        return "_No recorded run yet: `python -m benchmarks.moe` records one._"
+    header = ["device", "tokens x d x f, E, k, dtype", "route", "tokens/s", "active TFLOP/s"]
+    header += ["vs gmm (ours)", "max abs diff"]
+    rows = []
+    for record in runs:
+        layer = record["result"]["layer"]
+        shape = (
+            f"{layer['tokens']} x {layer['hidden']} x {layer['expert_width']}, "
+            f"{layer['experts']}, {layer['top_k']}, {layer['dtype']}"
+        )
+        rows += [
+            [
+                record["result"]["device_kind"],
+                shape,
+                row["route"],
+                _number(row["tokens_per_s"], 0),
+                _number(row["active_tflops"], 4),
+                f"{row['speedup_vs_gmm']:.2f}x",
+                f"{row['max_abs_diff_vs_first']:.1e}",
+            ]
+            for row in layer["rows"]
+        ]
+    train_header = ["device", "preset, batch x seq, dtype", "model", "params (active)"]
+    train_header += ["tokens/s", "MoE / dense tokens/s", "load 1/5/15 min"]
+    train_rows = []
+    for record in runs:
+        training, load = record["result"]["training"], record["machine"].get("load_average_1_5_15")
+        for name in ("moe", "dense"):
+            model = training[name]
+            train_rows.append(
+                [
+                    record["result"]["device_kind"],
+                    f"{training['preset']}, {training['batch']} x {training['seq']}, "
+                    f"{training['dtype']}",
+                    name,
+                    f"{model['params']:,} ({model['active_params']:,})",
+                    _number(model["tokens_per_s"], 0),
+                    f"{training['moe_over_dense_tokens_per_s']:.2f}",
+                    "-" if load is None else " / ".join(f"{x:.1f}" for x in load),
+                ]
+            )
+    return (
+        f"{_table(header, rows)}\n\n{_table(train_header, train_rows)}\n\n"
+        f"Sources:\n\n{_source(runs)}"
+    )
+
+
+def serve_table(records: list[Record]) -> str:
+    """The newest run of ``serve.py`` per way transformers served: per concurrency, jaxstack's
+    engine and transformers side by side (output tokens/s, TTFT and TPOT p50/p99) and the
+    throughput ratio."""
+    runs = _newest_per(_of(records, "serve"), lambda r: r["result"]["setup"]["transformers_method"])
+    if not runs:
+        return "_No recorded run yet: `python benchmarks/serve.py` records one._"
+    header = ["transformers serving", "concurrency", "framework", "output tok/s", "TTFT p50"]
+    header += ["TTFT p99", "TPOT p50", "TPOT p99", "tok/s vs transformers"]
+    ms = lambda seconds: f"{seconds * 1e3:,.1f} ms"  # noqa: E731
+    rows = []
+    for record in runs:
+        method = record["result"]["setup"]["transformers_method"]
+        levels: dict[int, dict[str, Record]] = {}
+        for row in record["result"]["rows"]:
+            levels.setdefault(row["concurrency"], {})[row["framework"]] = row
+        for level, frameworks in sorted(levels.items()):
+            base = frameworks["transformers"]["output_tokens_per_s"]
+            for name in ("jaxstack", "transformers"):
+                row = frameworks[name]
+                rows.append([
+                    method, str(level), name, _number(row["output_tokens_per_s"]),
+                    ms(row["ttft_p50_s"]), ms(row["ttft_p99_s"]),
+                    ms(row["tpot_p50_s"]), ms(row["tpot_p99_s"]),
+                    f"{row['output_tokens_per_s'] / base:.2f}x",
+                ])  # fmt: skip
+    setups = {
+        (s["params"], s["max_tokens"], s["prompt_tokens"])
+        for s in (r["result"]["setup"] for r in runs)
+    }
+    note = "; ".join(
+        f"{params:,}-parameter Llama, {tokens} output tokens per request, prompts {prompt} tokens"
+        for params, tokens, prompt in sorted(setups)
+    )
+    return f"{note}.\n\n{_table(header, rows)}\n\nSources:\n\n{_source(runs)}"
+
+
+def collectives_table(records: list[Record]) -> str:
+    """The newest ``collectives.py`` run per device: training step time of each variant of a
+    group (tensor-parallel modes, context-parallel attention strategies) beside the group's
+    first variant, with the first step's loss (equal within a group up to rounding)."""
+    runs = _newest_per(_of(records, "collectives"), lambda r: r["result"]["device_kind"])
+    if not runs:
+        return "_No recorded run yet: `python -m benchmarks.collectives` records one._"
+    header = ["device", "width, layers, batch x seq", "group", "variant", "step ms"]
+    header += ["vs first", "first loss", "load 1/5/15 min"]
+    rows = []
+    for record in runs:
+        setup, load = record["result"]["setup"], record["machine"].get("load_average_1_5_15")
+        shape = f"{setup['hidden']}, {setup['layers']}, {setup['batch']} x {setup['seq']}"
+        for group, result in record["result"]["groups"].items():
+            rows += [
+                [
+                    record["result"]["device_kind"], shape, group, row["variant"],
+                    _number(row["median_step_s"] * 1e3), f"{row['step_time_vs_baseline']:.2f}x",
+                    f"{row['first_loss']:.5f}",
+                    "-" if load is None else " / ".join(f"{x:.1f}" for x in load),
+                ]
+                for row in result["rows"]
+            ]  # fmt: skip
+    return f"{_table(header, rows)}\n\nSources:\n\n{_source(runs)}"
+
+
 TABLES: dict[str, Callable[[list[Record]], str]] = {
     "train_cpu": train_cpu_table,
     "sharding_cpu": sharding_cpu_table,
     "hf_load": hf_load_table,
     "attention": attention_table,
     "checkpoint": checkpoint_table,
+    "moe": moe_table,
+    "serve": serve_table,
+    "collectives": collectives_table,
 }
 """Marker name in docs/benchmarks.md -> the function making that table from all records."""
 

@@ -2,9 +2,10 @@
 
 ``import jaxstack as js``: ``js.Trainer`` / ``js.TrainConfig`` run ``collate_fn``,
 ``loss_fn`` and ``pred_fn``; ``js.Predictor`` runs ``pred_fn`` alone; ``js.models`` holds the
-model families; ``js.generate`` decodes with a KV cache; ``js.hf`` loads and exports Hugging Face
-checkpoints; ``js.make_mesh`` builds meshes; ``js.sharding`` holds the sharding rules, plans
-and overrides.
+model families; ``js.generate`` decodes with a KV cache; ``js.LLM`` serves batches of
+prompts with continuous batching over a paged KV cache (``js.serve``: the engine and HTTP
+server); ``js.hf`` loads and exports Hugging Face checkpoints; ``js.make_mesh`` builds meshes;
+``js.sharding`` holds the sharding rules, plans and overrides.
 """
 
 from jaxstack import hf, models, sharding
@@ -12,12 +13,15 @@ from jaxstack.checkpoint import CheckpointManager, load_params
 from jaxstack.generate import generate
 from jaxstack.mesh import make_mesh
 from jaxstack.predictor import Predictor
+from jaxstack.serve import LLM, SamplingParams
 from jaxstack.trainer import NonFiniteError, TrainConfig, Trainer
 
 __all__ = [
+    "LLM",
     "CheckpointManager",
     "NonFiniteError",
     "Predictor",
+    "SamplingParams",
     "TrainConfig",
     "Trainer",
     "generate",

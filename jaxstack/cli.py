@@ -1,4 +1,4 @@
-"""The ``jaxstack`` command: demo, train, plan, generate, convert.
+"""The ``jaxstack`` command: demo, train, plan, generate, convert, serve.
 
 Every bad input (unknown config key, a batch that does not divide over the devices, a
 missing checkpoint, ...) ends in one line ``jaxstack: error: ...`` that says how to fix it.
@@ -23,11 +23,16 @@ from jaxstack.checkpoint import CheckpointError
 from jaxstack.data import load_tokenizer
 from jaxstack.distributed import initialize
 from jaxstack.generate import complete
+from jaxstack.mesh import make_mesh
+from jaxstack.models import PRESETS, preset
 from jaxstack.overrides import apply_overrides, field_names
 from jaxstack.planning import choose_mesh, plan_run
 from jaxstack.run import RUN_FILE, RunConfig, load_run, train
+from jaxstack.serve import LLM
+from jaxstack.serve.server import serve
 from jaxstack.trainer import NonFiniteError, TrainConfig
 from jaxstack.workdir import ERROR_LOG, WorkDirBusyError, is_local, work_path
+from jaxstack.xla_flags import apply_xla_flags
 from sharding_rules import format_plan
 
 RUN_FAILURES = (CheckpointError, NonFiniteError, WorkDirBusyError)
@@ -59,8 +64,16 @@ def _print_samples(prompts: list[str], samples: list[str]) -> None:
         print(f"--- prompt {prompt!r}\n{prompt}{sample}\n")
 
 
+def _say_xla_flags(args: argparse.Namespace) -> None:
+    """Say which XLA flags ``main`` applied at start-up, in the run's own output (stdout,
+    beside "resuming from step ..."), once the command's input is known to be good; stderr
+    keeps only a failure's one line."""
+    print(f"jaxstack: {args.xla_flags}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     """Train the tiny model on this Python's stdlib sources, then sample from it."""
+    _say_xla_flags(args)
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="jaxstack-demo-")
     devices = jax.device_count()
     run = RunConfig(
@@ -98,7 +111,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
-    run = RunConfig()
+    run = RunConfig(model=preset(args.model)) if args.model else RunConfig()
     if args.config:
         path = Path(args.config)
         if not path.exists():
@@ -107,7 +120,7 @@ def _run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"config file {path} is not valid JSON: {error}") from None
-        run = RunConfig.from_dict(_merge(run.to_dict(), raw))
+        run = RunConfig.from_dict(_merge(run.with_family_of(raw).to_dict(), raw))
     return apply_overrides(run, _split_overrides(extra))
 
 
@@ -117,6 +130,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     if args.print_config:
         print(json.dumps(run.to_dict(), indent=2))
         return
+    _say_xla_flags(args)
     if initialize():  # joins the multi-host job under SLURM / TPU pods / JAX_* env vars
         print(
             f"jaxstack: process {jax.process_index()} of {jax.process_count()}, "
@@ -213,6 +227,28 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dest}")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Serve a run's checkpoint or a Hugging Face directory over an OpenAI-compatible API."""
+    _say_xla_flags(args)
+    buckets = lambda text: tuple(int(n) for n in text.split(","))  # noqa: E731
+    options = dict(page_size=args.page_size, num_pages=args.num_pages, max_queue=args.max_queue)
+    options.update(max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching)
+    if args.token_buckets:
+        options["token_buckets"] = buckets(args.token_buckets)
+    if args.seq_buckets:
+        options["seq_buckets"] = buckets(args.seq_buckets)
+    mesh = None
+    if args.tensor > 1:
+        mesh = make_mesh(data=1, tensor=args.tensor, devices=jax.devices()[: args.tensor])
+    source = {"hf": args.hf} if args.hf else {"work_dir": args.work_dir}
+    llm = LLM(**source, mesh=mesh, **options)
+    print(f"serving {llm.name} on http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        serve(llm, args.host, args.port)
+    finally:
+        llm.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of the ``jaxstack`` command."""
     parser = argparse.ArgumentParser(prog="jaxstack", description=__doc__.splitlines()[0])
@@ -222,12 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300, help="optimizer updates (default 300)")
     demo.add_argument("--work-dir", help="where to keep the run (default: a new temp dir)")
 
-    keys = ", ".join(field_names(RunConfig()))
+    base = field_names(RunConfig())
+    moe = [key for key in field_names(RunConfig(model=preset("tiny-moe"))) if key not in base]
+    keys = ", ".join(base) + "; with a mixture-of-experts --model also: " + ", ".join(moe)
+    presets = ", ".join(PRESETS)
     tr = sub.add_parser(
         "train",
         help="train a run: --config FILE.json and/or --section.key value overrides",
         epilog=f"override keys: {keys}",
     )
+    tr.add_argument("--model", help=f"start from a model preset: {presets}")
     tr.add_argument("--config", help="JSON file with (part of) a RunConfig")
     tr.add_argument("--print-config", action="store_true", help="print the resolved config")
     choice = tr.add_mutually_exclusive_group()
@@ -247,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print each parameter's sharding and the memory per device, allocating nothing",
         epilog=f"override keys: {keys}",
     )
+    pl.add_argument("--model", help=f"start from a model preset: {presets}")
     pl.add_argument("--config", help="JSON file with (part of) a RunConfig")
     pl.add_argument("--devices", type=int, help="plan for this many devices (default: local)")
     pl.add_argument("--device-memory-gb", type=float, help="memory per device for mesh=auto")
@@ -267,6 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("source", help="HF directory (--to jaxstack) or run work dir (--to hf)")
     conv.add_argument("dest", help="work dir to create (--to jaxstack) or HF directory (--to hf)")
     conv.add_argument("--dtype", help="tensor dtype of an HF export (default float32)")
+    srv = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    source = srv.add_mutually_exclusive_group(required=True)
+    source.add_argument("--work-dir", help="work dir of a train/demo run")
+    source.add_argument("--hf", help="a local Hugging Face model directory")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices")
+    srv.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    srv.add_argument("--num-pages", type=int, default=1024, help="KV pages per layer")
+    srv.add_argument("--max-model-len", type=int, help="longest prompt + output")
+    srv.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429")
+    srv.add_argument("--token-buckets", help="tokens per step to compile, e.g. 16,64,256")
+    srv.add_argument("--seq-buckets", help="sequences per step to compile, e.g. 4,16,64")
+    srv.add_argument("--no-prefix-caching", action="store_true")
     return parser
 
 
@@ -277,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "plan"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command in ("demo", "train", "serve"):  # before any computation starts XLA
+        args.xla_flags = apply_xla_flags().describe()  # said once the run starts
     try:
         if args.command == "demo":
             cmd_demo(args)
@@ -286,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_plan(args, extra)
         elif args.command == "convert":
             cmd_convert(args)
+        elif args.command == "serve":
+            cmd_serve(args)
         else:
             cmd_generate(args)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as error:

@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxstack.auto import device_memory_bytes
+from jaxstack.layers.moe import expert_capacity
 from jaxstack.lm import lm_analysis
 from jaxstack.losses import DEFAULT_CHUNK_SIZE, chunk_layout
-from jaxstack.mesh import parse_mesh
-from jaxstack.models.llama import Llama, LlamaConfig
+from jaxstack.mesh import BATCH_AXES, parse_mesh
+from jaxstack.models import Llama, LlamaConfig, MixtralConfig, model_for
 from jaxstack.optim import optimizer_for
 from jaxstack.train_config import global_batch_size
 from sharding_rules import (
@@ -48,34 +49,72 @@ def activation_bytes(
     keeps only each layer's input (plus one layer recomputed at a time); ``dots`` policies
     keep the matmul outputs. The loss (``jaxstack.losses.fused_cross_entropy`` with
     ``chunk_size``) adds the float32 logits of one chunk of positions and their gradient,
-    and a float32 logsumexp per token. Tensor-parallel parts divide by ``tensor``; tokens
-    divide over ``data x fsdp``.
+    and a float32 logsumexp per token. Tensor-parallel parts divide by ``tensor`` (the
+    residual stream and norms too with ``tensor_parallel`` other than ``plain``); tokens
+    divide over the batch axes (``data x fsdp x expert``) and each sequence over ``sequence``
+    (context parallelism). Context-parallel attention keeps no scores for the backward (it
+    recomputes them ring step by ring step) but a float32 log-sum-exp per query and head;
+    its one live step holds the scores and probabilities of a ``[s / sequence]^2`` block per
+    head, counted once.
+
+    An MoE layer (``MixtralConfig``) keeps, in place of the dense SwiGLU hidden tensors, its
+    routing buffers (``moe_layer_bytes``).
     """
     itemsize = jnp.dtype(config.dtype).itemsize
     tensor = axis_sizes.get("tensor", 1)
-    rows = math.ceil(micro_batch / (axis_sizes.get("data", 1) * axis_sizes.get("fsdp", 1)))
-    tokens = rows * seq_len
+    rows = math.ceil(micro_batch / batch_shards(axis_sizes))
+    local_seq = math.ceil(seq_len / axis_sizes.get("sequence", 1))
+    tokens = rows * local_seq
+    context_parallel = config.context_parallel != "none" and axis_sizes.get("sequence", 1) > 1
     d, hd, f = config.hidden_size, config.head_dim_, config.intermediate_size
+    # the residual stream and norms: split over tensor too with sequence parallelism
+    resid = d / tensor if config.tensor_parallel != "plain" else d
     qkvo = (2 * config.num_heads + 2 * config.num_kv_heads) * hd / tensor
     xla = config.attention_impl == "xla" or (
         config.attention_impl == "auto" and jax.default_backend() == "cpu"
     )
-    scores = seq_len * config.num_heads / tensor * 4 if xla else 0
-    full_layer = tokens * (itemsize * (4 * d + qkvo + 3 * f / tensor) + scores)
-    kept = {
-        "none": full_layer,
-        "full": tokens * itemsize * d,
-        "dots": tokens * itemsize * (d + qkvo + 2 * f / tensor),
-        "dots_no_batch": tokens * itemsize * (d + qkvo + 2 * f / tensor),
-    }[config.remat]
-    recompute = 0 if config.remat == "none" else full_layer
-    chunk_tokens = rows * chunk_layout(seq_len, chunk_size)[1]
+    heads = config.num_heads / tensor
+    # float32 per token: context parallel keeps a log-sum-exp per head, XLA attention a row of
+    # scores per head, the flash kernels nothing
+    per_key = 0 if context_parallel or not xla else seq_len
+    scores = 4 * heads * (1 if context_parallel else per_key)
+    live_block = 2 * rows * local_seq * local_seq * heads * 4 if context_parallel else 0
+    moe_layers = len(config.moe_layers) if isinstance(config, MixtralConfig) else 0
+    moe = moe_layer_bytes(config, tokens, axis_sizes) if moe_layers else 0
+    dense_mlp = tokens * itemsize * 3 * f / tensor
+    mlp = ((config.num_layers - moe_layers) * dense_mlp + moe_layers * moe) / config.num_layers
+    full_layer = tokens * (itemsize * (4 * resid + qkvo) + scores) + mlp
+    dots = tokens * itemsize * (resid + qkvo) + 2 / 3 * mlp  # the matmul outputs of the MLP
+    kept = {"none": full_layer, "full": tokens * itemsize * resid}.get(config.remat, dots)
+    recompute = (0 if config.remat == "none" else full_layer) + live_block
+    chunk_tokens = rows * chunk_layout(local_seq, chunk_size)[1]
     logits = 2 * chunk_tokens * config.vocab_size / tensor * 4 + tokens * 4
     return int(config.num_layers * kept + recompute + logits)
 
 
+def moe_layer_bytes(config: MixtralConfig, tokens: int, axis_sizes: dict[str, int]) -> int:
+    """Bytes one MoE MLP keeps per device for its ``tokens`` tokens: the float32 router logits
+    and scores ``[tokens, E]``; the rows ``[a, d]`` gathered for the experts and their
+    outputs in assignment order (``a = tokens * k``); the expert buffer ``[r, d]`` with its
+    gate, up and activation ``[r, f / tensor]`` (``r = a``, or with expert parallelism the
+    worst-case receive buffer ``a * expert``, ``E * capacity`` with a capacity factor); the
+    shared expert's three hidden tensors."""
+    itemsize = jnp.dtype(config.dtype).itemsize
+    expert, tensor = axis_sizes.get("expert", 1), axis_sizes.get("tensor", 1)
+    d, k, e = config.hidden_size, config.experts_per_token, config.num_experts
+    assignments = tokens * k
+    received = assignments * expert
+    capacity = expert_capacity(tokens, k, e, config.capacity_factor)
+    if capacity is not None:
+        received = min(received, capacity * e)
+    router = tokens * e * 4 * 2
+    experts = received * (d + 3 * config.expert_intermediate_size / tensor)
+    shared = tokens * 3 * config.shared_intermediate_size / tensor
+    return int(router + itemsize * (2 * assignments * d + experts + shared))
+
+
 def _abstract(run: "RunConfig"):
-    model = Llama(run.model)
+    model = model_for(run.model)
     params = jax.eval_shape(
         lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
         jax.random.PRNGKey(0),
@@ -84,10 +123,14 @@ def _abstract(run: "RunConfig"):
     return model, params, opt_state
 
 
+def batch_shards(sizes: dict[str, int]) -> int:
+    """How many ways a mesh of axis ``sizes`` splits the batch (``BATCH_AXES``)."""
+    return math.prod(sizes.get(name, 1) for name in BATCH_AXES)
+
+
 def micro_batch_size(run: "RunConfig", sizes: dict[str, int]) -> int:
     """Global examples per micro-batch of ``run`` on a mesh of axis ``sizes``."""
-    shards = sizes.get("data", 1) * sizes.get("fsdp", 1)
-    return global_batch_size(run.train, shards) // run.train.grad_accum_steps
+    return global_batch_size(run.train, batch_shards(sizes)) // run.train.grad_accum_steps
 
 
 def _rules_fn(run: "RunConfig", model: Llama, params):
@@ -95,11 +138,17 @@ def _rules_fn(run: "RunConfig", model: Llama, params):
     analysis = lm_analysis(model, run.data.seq_len, params)
 
     def rules_fn(sizes: dict[str, int]):
-        shards = sizes.get("data", 1) * sizes.get("fsdp", 1)
+        shards = batch_shards(sizes)
         micro = micro_batch_size(run, sizes)
         if micro % shards:
             raise ShardingRuleError(
-                f"micro-batch of {micro} does not divide over data x fsdp = {shards}"
+                f"micro-batch of {micro} does not divide over data x fsdp x expert = {shards}"
+            )
+        split = 2 * sizes.get("sequence", 1)  # the zig-zag layout of context parallelism
+        if split > 2 and run.data.seq_len % split:
+            raise ShardingRuleError(
+                f"sequence length {run.data.seq_len} does not split into {split} zig-zag "
+                f"chunks over sequence={split // 2}"
             )
         return param_rules(analysis, sizes)
 
@@ -119,7 +168,9 @@ def mesh_axis_sizes(run: "RunConfig", num_devices: int | None = None) -> dict[st
 
 
 def choose_mesh(run: "RunConfig", num_devices: int, memory_bytes: int | None = None):
-    """``mesh="auto"``: the fitting (data, fsdp, tensor) shape with the least communication."""
+    """``mesh="auto"``: the fitting (data, fsdp, tensor) shape with the least communication;
+    with context parallelism in the model, the smallest ``sequence`` split when a long
+    sequence fits no mesh without one."""
     model, params, opt_state = _abstract(run)
     cfg = run.model
     if run.train.per_device_batch_size is not None:
@@ -141,6 +192,7 @@ def choose_mesh(run: "RunConfig", num_devices: int, memory_bytes: int | None = N
         ),
         opt_state=opt_state,
         activation_bytes_fn=lambda sizes: activation_bytes(cfg, micro, run.data.seq_len, sizes),
+        split_sequence=cfg.context_parallel != "none",
     )
 
 

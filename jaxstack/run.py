@@ -19,12 +19,15 @@ from jaxstack.checkpoint import load_params
 from jaxstack.data import PackedDataset, Prefix, lm_collate, load_tokenizer
 from jaxstack.data.text import resolve_paths
 from jaxstack.data.tokenizers import Tokenizer
+from jaxstack.layers.moe import route_router_bias
 from jaxstack.layers.rope import Llama3RopeScaling
-from jaxstack.lm import lm_functions, lm_param_specs
+from jaxstack.lm import lm_analysis, lm_functions, lm_param_specs
 from jaxstack.mesh import make_mesh, parse_mesh
-from jaxstack.models.llama import Llama, LlamaConfig, preset
+from jaxstack.models import FAMILIES, Llama, LlamaConfig, family_of, model_for, preset
+from jaxstack.optim import optimizer_for, weight_decay_mask
 from jaxstack.overrides import check_types
 from jaxstack.planning import mesh_axis_sizes
+from jaxstack.train_config import DEFAULT_NUM_STEPS
 from jaxstack.trainer import TrainConfig, Trainer
 from jaxstack.workdir import work_path
 
@@ -59,6 +62,8 @@ class RunConfig:
     """Everything ``jaxstack train`` needs; overridable as ``--model.x``, ``--train.x``, ...."""
 
     model: LlamaConfig = field(default_factory=lambda: preset("tiny"))
+    """The model's config, of any registered family (``jaxstack.models.FAMILIES``: a
+    ``MixtralConfig`` is a mixture of experts)."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: str = "data=-1"
@@ -77,8 +82,24 @@ class RunConfig:
             parse_mesh(self.mesh)
 
     def to_dict(self) -> dict:
-        """A JSON-ready dict (the inverse of ``from_dict``)."""
-        return dataclasses.asdict(self)
+        """A JSON-ready dict (the inverse of ``from_dict``); ``model.family`` names the model
+        family (``jaxstack.models.FAMILIES``)."""
+        raw = dataclasses.asdict(self)
+        raw["model"] = {"family": family_of(self.model), **raw["model"]}
+        return raw
+
+    def with_family_of(self, raw: dict) -> "RunConfig":
+        """This config, or with the default model of the family ``raw["model"]["family"]``
+        names when that is another family: the base a partial config dict of that family is
+        merged onto.
+
+        Raises:
+            KeyError: an unknown family.
+        """
+        family = (raw.get("model") or {}).get("family")
+        if family is None or family == family_of(self.model):
+            return self
+        return dataclasses.replace(self, model=preset(_family(family).default))
 
     @classmethod
     def load(cls, work_dir: str | Path) -> "RunConfig":
@@ -98,13 +119,15 @@ class RunConfig:
             KeyError: an unknown section or key, named with its section.
             TypeError / ValueError: a value of the wrong type or range, naming its key.
         """
-        sections = {"model": LlamaConfig, "data": DataConfig, "train": TrainConfig}
+        model = dict(raw.get("model", {}))
+        family = _family(model.pop("family", "llama"))  # run.json files before families: llama
+        sections = {"model": family.config, "data": DataConfig, "train": TrainConfig}
         unknown = sorted(set(raw) - {*sections, "mesh"})
         if unknown:
             raise KeyError(f"unknown config sections {unknown}; valid: model, data, train, mesh")
         built = {}
         for name, kind in sections.items():
-            values = dict(raw.get(name, {}))
+            values = model if name == "model" else dict(raw.get(name, {}))
             valid = {f.name for f in dataclasses.fields(kind) if f.init}
             wrong = sorted(set(values) - valid)
             if wrong:
@@ -123,11 +146,19 @@ class RunConfig:
     def differences(self, other: "RunConfig", section: str) -> list[str]:
         """The keys of ``section`` (model / data / train) whose values differ from ``other``'s."""
         mine, theirs = getattr(self, section), getattr(other, section)
+        if type(mine) is not type(theirs):
+            return [f"{section}.family"]
         return [
             f"{section}.{f.name}"
             for f in dataclasses.fields(mine)
             if f.compare and getattr(mine, f.name) != getattr(theirs, f.name)
         ]
+
+
+def _family(name: str):
+    if name not in FAMILIES:
+        raise KeyError(f"unknown model family {name!r}; valid: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
 
 
 def _source_files(data: DataConfig) -> list[str]:
@@ -163,18 +194,41 @@ def make_trainer(run: RunConfig, tokenizer: Tokenizer) -> Trainer:
             f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
             f"{run.model.vocab_size}; pass --model.vocab_size {tokenizer.vocab_size}"
         )
-    model = Llama(run.model)
+    model = model_for(run.model)
     loss_fn, pred_fn = lm_functions(model)
+    init = lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]  # noqa: E731
     return Trainer(
-        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
+        params=init,
         collate_fn=lm_collate,
         loss_fn=loss_fn,
         pred_fn=pred_fn,
         config=run.train,
         mesh=make_mesh(**mesh_axis_sizes(run)),
+        optimizer=_router_bias_optimizer(run, model, init),
         param_specs_fn=lm_param_specs(model, run.data.seq_len),
         flops_per_token=run.model.flops_per_token(run.data.seq_len),
     )
+
+
+def _router_bias_optimizer(run: RunConfig, model: Llama, init):
+    """The Trainer's AdamW with the aux-loss-free balancing biases routed to their sign
+    update (``route_router_bias``), for a model that has them; None (the Trainer's default)
+    otherwise. Built here because the Trainer builds its default optimizer whole."""
+    rate = getattr(run.model, "router_bias_rate", 0.0)
+    if rate == 0:
+        return None
+    train = run.train
+    if train.num_steps is None and train.num_epochs is not None:
+        raise ValueError(
+            "model.router_bias_rate > 0 with train.num_epochs: the balancing biases' optimizer "
+            "is built before the epochs are counted; give --train.num_steps instead"
+        )
+    mask = None
+    if train.weight_decay > 0:
+        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+        mask = weight_decay_mask(lm_analysis(model, run.data.seq_len, abstract), train)
+    steps = train.num_steps or DEFAULT_NUM_STEPS
+    return route_router_bias(optimizer_for(train, steps, mask), rate)
 
 
 RESUME_CHOICES = ("auto", "force", "overwrite")
@@ -241,4 +295,4 @@ def train(run: RunConfig, resume: str = "auto") -> tuple[Trainer, list[dict]]:
 def load_run(work_dir: str | Path) -> tuple[RunConfig, Llama, dict]:
     """The config, model and latest params of a training run's work dir."""
     run = RunConfig.load(work_dir)
-    return run, Llama(run.model), load_params(work_dir)
+    return run, model_for(run.model), load_params(work_dir)

@@ -189,7 +189,7 @@ class Trainer:
             raise ValueError(
                 f"micro-batch of {micro} examples (batch_size={self.batch_size} / "
                 f"grad_accum_steps={self.config.grad_accum_steps}) does not divide over the "
-                f"{shards} batch shards of the mesh (data x fsdp); use a batch_size that "
+                f"{shards} batch shards of the mesh (data x fsdp x expert); use a batch_size that "
                 f"is a multiple of {shards * self.config.grad_accum_steps}"
             )
 

@@ -9,21 +9,37 @@ Public ops:
   ``jax.lax.ragged_dot`` oracles :func:`gmm_reference`, :func:`tgmm_reference`.
 * :func:`ragged_paged_attention`, :func:`write_kv_pages`: serving attention of mixed
   prefill/decode batches over a paged KV cache (:mod:`pallas_kernels.paged`).
+* :func:`context_attention` (``ring_attention``, ``all_gather_attention``), and
+  :func:`all_gather_matmul`, :func:`matmul_reduce_scatter`: per-device collective ops for a
+  sequence split over a mesh axis and overlapped tensor parallelism
+  (:mod:`pallas_kernels.collectives`; the Pallas TPU kernels in its ``tpu`` module).
 """
 
+from pallas_kernels.collectives import (
+    all_gather_attention,
+    all_gather_matmul,
+    context_attention,
+    matmul_reduce_scatter,
+    ring_attention,
+)
 from pallas_kernels.dispatch import attention, decode_attention
 from pallas_kernels.moe import gmm, gmm_reference, tgmm, tgmm_reference
 from pallas_kernels.paged import ragged_paged_attention, write_kv_pages
 from pallas_kernels.reference import attention_reference, decode_attention_reference
 
 __all__ = [
+    "all_gather_attention",
+    "all_gather_matmul",
     "attention",
     "attention_reference",
+    "context_attention",
     "decode_attention",
     "decode_attention_reference",
     "gmm",
     "gmm_reference",
+    "matmul_reduce_scatter",
     "ragged_paged_attention",
+    "ring_attention",
     "tgmm",
     "tgmm_reference",
     "write_kv_pages",

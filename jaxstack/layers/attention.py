@@ -1,8 +1,9 @@
 """Grouped-query self-attention with RoPE, optional QK-norm, and a KV cache.
 
 Every attention computation in jaxstack goes through ``pallas_kernels.attention`` (training
-and prefill) or ``pallas_kernels.decode_attention`` (one new token against the cache), so the
-kernel implementation is picked in one place by ``implementation``.
+and prefill), ``pallas_kernels.decode_attention`` (one new token against the cache) or
+``pallas_kernels.paged.ragged_paged_attention`` (serving: flat tokens of many sequences over a
+paged cache), so the kernel implementation is picked in one place by ``implementation``.
 """
 
 from typing import NamedTuple
@@ -12,9 +13,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from jaxstack.layers import context_parallel, tensor_parallel
 from jaxstack.layers.norms import RMSNorm
 from jaxstack.layers.rope import Llama3RopeScaling, apply_rope, inverse_frequencies
 from pallas_kernels import attention, decode_attention
+from pallas_kernels.paged import ragged_paged_attention, write_kv_pages
 from sharding_rules import constrain, fitting_spec, uses_our_axes
 
 
@@ -58,6 +61,35 @@ class LayerCache(NamedTuple):
     v: jax.Array
 
 
+class PagedBatch(NamedTuple):
+    """Where a flat batch of ``T`` new tokens from ``S`` sequences sits in a paged KV cache
+    (the layout of ``pallas_kernels.paged.ragged_paged_attention``).
+
+    slot_mapping: i32[T] cache slot (page * page_size + offset) of each token, -1 skips it;
+    kv_lens: i32[S] keys of each sequence after this batch; page_indices: i32[S, pages_per_seq];
+    cu_q_lens: i32[S + 1] token offsets of the sequences; num_seqs: i32[1] sequences in use.
+    """
+
+    slot_mapping: jax.Array
+    kv_lens: jax.Array
+    page_indices: jax.Array
+    cu_q_lens: jax.Array
+    num_seqs: jax.Array
+
+
+class PagedCache(NamedTuple):
+    """A paged KV cache and the batch that reads and writes it.
+
+    pages: [pages, page_size, 2 * kv_heads, head_dim] for one layer (K at even, V at odd
+    indices of axis 2). For the whole model: a tuple of those per layer (unrolled layers; each
+    is updated in place when donated), or one array with a leading [num_layers] axis (scanned
+    layers).
+    """
+
+    pages: jax.Array
+    batch: PagedBatch
+
+
 class Attention(nn.Module):
     """x: [b, s, embed] -> [b, s, embed].
 
@@ -65,6 +97,8 @@ class Attention(nn.Module):
     With a cache and ``decode_index`` None (prefill): attends over x causally and writes its
     keys/values to cache positions [0, s). With ``decode_index: [b]`` (decode, s == 1): writes
     the new key/value at each row's index and attends to cache positions [0, index].
+    With a ``PagedCache`` (serving): x is one row of packed tokens ([1, T, embed]) from the
+    sequences of ``cache.batch``; writes their keys/values to their slots and attends ragged.
     """
 
     num_heads: int
@@ -77,6 +111,14 @@ class Attention(nn.Module):
     norm_eps: float = 1e-6
     sliding_window: int | None = None
     implementation: str = "xla"
+    context_parallel: str = "none"
+    """``"ring"`` / ``"all_gather"``: under a ``sequence`` axis > 1, inputs arrive in the
+    zig-zag order of ``jaxstack.layers.context_parallel`` and attention runs per sequence
+    shard (the model reorders them); ``"none"``: attention sees whole sequences."""
+    tensor_parallel: str = "plain"
+    """The mode of ``jaxstack.layers.tensor_parallel`` that applies here (``Block`` resolves
+    it): in the split modes q/k/v all-gather x, split over the sequence on ``tensor``, and o
+    reduce-scatters back to that layout (``collective_matmul``: in overlapped ring steps)."""
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -86,6 +128,7 @@ class Attention(nn.Module):
             use_bias=self.qkv_bias,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            dot_general=tensor_parallel.dot_generals(self.tensor_parallel)[0],
             name=name,
         )(x)
 
@@ -95,9 +138,9 @@ class Attention(nn.Module):
         x: jax.Array,
         positions: jax.Array,
         segment_ids: jax.Array | None = None,
-        cache: LayerCache | None = None,
+        cache: LayerCache | PagedCache | None = None,
         decode_index: jax.Array | None = None,
-    ) -> tuple[jax.Array, LayerCache | None]:
+    ) -> tuple[jax.Array, LayerCache | PagedCache | None]:
         q = self._project(x, self.num_heads, "q")  # [b, s, h, d]
         k = self._project(x, self.num_kv_heads, "k")  # [b, s, kv, d]
         v = self._project(x, self.num_kv_heads, "v")
@@ -112,7 +155,9 @@ class Attention(nn.Module):
         local = self.implementation != "xla"  # kernels run per shard; XLA partitions itself
         bhd, bshd = ("batch", "heads", None), ("batch", None, "heads", None)
 
-        if decode_index is not None:
+        if isinstance(cache, PagedCache):
+            out, cache = self._paged(q, k, v, cache)
+        elif decode_index is not None:
             if cache is None or x.shape[1] != 1:
                 raise ValueError("decoding needs a cache and exactly one new token per row")
             rows = jnp.arange(x.shape[0])
@@ -128,6 +173,15 @@ class Attention(nn.Module):
             else:
                 out = decode(*args)
             out = out[:, None].astype(self.dtype)
+        elif (
+            cache is None
+            and not self.is_initializing()  # as the model, which does not reorder then
+            and context_parallel.active(self.context_parallel)
+        ):
+            out = context_parallel.attention(
+                q, k, v, segment_ids, strategy=self.context_parallel,
+                sliding_window=self.sliding_window,
+            )  # fmt: skip
         else:
             prefill = lambda q, k, v, seg: attention(q, k, v, q_segment_ids=seg, **masks)  # noqa: E731
             if local:
@@ -147,6 +201,45 @@ class Attention(nn.Module):
             use_bias=False,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            dot_general=tensor_parallel.dot_generals(self.tensor_parallel)[1],
             name="o",
         )(out)
         return y, cache
+
+    def _paged(self, q, k, v, cache: PagedCache) -> tuple[jax.Array, PagedCache]:
+        """q: [1, T, h, d], k/v: [1, T, kv, d] -> attention output [1, T, h, d] and the cache
+        with the new keys/values written. Runs per shard: KV heads split over ``tensor``."""
+        if q.shape[0] != 1:
+            raise ValueError(f"a paged cache takes one row of packed tokens, got {q.shape[0]}")
+        meta = cache.batch
+        thd, pages_axes, per_seq = (None, "heads", None), (None, None, "heads", None), (None,)
+        pages = per_shard(
+            write_kv_pages,
+            cache.pages,
+            k[0],
+            v[0],
+            meta.slot_mapping,
+            logical_axes=(pages_axes, thd, thd, per_seq),
+            out_axes=pages_axes,
+        )
+
+        def attend(q, pages, kv_lens, page_indices, cu_q_lens, num_seqs):
+            return ragged_paged_attention(
+                q, pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                sm_scale=self.head_dim**-0.5,
+                sliding_window=self.sliding_window,
+                implementation="xla" if self.implementation == "xla" else "auto",
+            )  # fmt: skip
+
+        out = per_shard(
+            attend,
+            q[0],
+            pages,
+            meta.kv_lens,
+            meta.page_indices,
+            meta.cu_q_lens,
+            meta.num_seqs,
+            logical_axes=(thd, pages_axes, per_seq, (None, None), per_seq, per_seq),
+            out_axes=thd,
+        )
+        return out[None].astype(self.dtype), PagedCache(pages, meta)

@@ -6,13 +6,15 @@ one module whose parameters carry a leading ``[num_layers]`` axis.
 """
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxstack.layers.attention import Attention, LayerCache
+from jaxstack.layers import context_parallel, tensor_parallel
+from jaxstack.layers.attention import Attention, LayerCache, PagedCache
 from jaxstack.layers.mlp import SwiGLU
 from jaxstack.layers.norms import RMSNorm
 from jaxstack.layers.rope import Llama3RopeScaling
@@ -69,6 +71,19 @@ class LlamaConfig:
     attention_impl: str = "auto"
     """``pallas_kernels.attention`` implementation: auto (Pallas on TPU, the fastest on GPU,
     XLA on CPU), pallas, cudnn or xla."""
+    context_parallel: str = "none"
+    """Attention over a sequence split on the ``sequence`` mesh axis: ``ring`` (K/V blocks
+    travel a ring), ``all_gather`` (K/V gathered once) or ``none``. Only active under a mesh
+    with ``sequence`` > 1; the length must then be a multiple of 2 x ``sequence``
+    (``jaxstack.layers.context_parallel``, docs/long_context.md)."""
+    tensor_parallel: str = "plain"
+    """How activations sit on the ``tensor`` axis between tensor-parallel regions: ``plain``
+    (whole), ``sequence_parallel`` (Megatron-SP: norms and residuals split over the sequence
+    on ``tensor`` too) or ``collective_matmul`` (that split, with the all-gather before q/k/v,
+    gate/up and the reduce-scatter after o, down overlapped with their matmuls). The split
+    modes act under a mesh with ``tensor`` > 1 and no KV cache, and need the head counts and
+    ``intermediate_size`` to be multiples of ``tensor`` (``jaxstack.layers.tensor_parallel``,
+    docs/long_context.md)."""
     initializer_range: float = 0.02
     """Std of the normal initialiser of weights."""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -94,6 +109,16 @@ class LlamaConfig:
             )
         if self.head_dim_ % 2:
             raise ValueError(f"head_dim={self.head_dim_} must be even for RoPE")
+        if self.context_parallel not in context_parallel.CONTEXT_PARALLEL:
+            raise ValueError(
+                f"context_parallel={self.context_parallel!r}; choose one of "
+                f"{context_parallel.CONTEXT_PARALLEL}"
+            )
+        if self.tensor_parallel not in tensor_parallel.TENSOR_PARALLEL:
+            raise ValueError(
+                f"tensor_parallel={self.tensor_parallel!r}; choose one of "
+                f"{tensor_parallel.TENSOR_PARALLEL}"
+            )
 
     @property
     def head_dim_(self) -> int:
@@ -215,6 +240,13 @@ class Block(nn.Module):
 
     config: LlamaConfig
 
+    def feed_forward(self) -> nn.Module:
+        """The block's MLP, named ``mlp`` (a family with other MLPs, such as mixtures of
+        experts, overrides this in a subclass)."""
+        cfg = self.config
+        return SwiGLU(cfg.intermediate_size, jnp.dtype(cfg.dtype),
+                      tensor_parallel=cfg.tensor_parallel, name="mlp")  # fmt: skip
+
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache, decode_index):
         cfg = self.config
@@ -231,35 +263,45 @@ class Block(nn.Module):
             norm_eps=cfg.rms_norm_eps,
             sliding_window=cfg.sliding_window,
             implementation=cfg.attention_impl,
+            context_parallel=cfg.context_parallel,
+            tensor_parallel=cfg.tensor_parallel,
             dtype=dtype,
             name="attn",
         )(norm("attn_norm")(x), positions, segment_ids, cache, decode_index)
-        x = constrain(x + attn_out, ("batch", "seq", "embed"))
-        x = x + SwiGLU(cfg.intermediate_size, dtype, name="mlp")(norm("mlp_norm")(x))
-        return constrain(x, ("batch", "seq", "embed")), cache
+        x = tensor_parallel.constrain_residual(x + attn_out, cfg.tensor_parallel)
+        x = x + self.feed_forward()(norm("mlp_norm")(x))
+        return tensor_parallel.constrain_residual(x, cfg.tensor_parallel), cache
 
 
 class ScannedBlock(nn.Module):
-    """``Block`` in the (carry, xs) -> (carry, ys) form that ``nn.scan`` expects."""
+    """A ``block`` in the (carry, xs) -> (carry, ys) form that ``nn.scan`` expects."""
 
     config: LlamaConfig
+    block: type[Block] = Block
 
     @nn.compact
     def __call__(self, x, cache, positions, segment_ids, decode_index):
-        return Block(self.config, name="block")(x, positions, segment_ids, cache, decode_index)
+        return self.block(self.config, name="block")(x, positions, segment_ids, cache, decode_index)
 
 
 class Llama(nn.Module):
     """Decoder-only LM: token ids [b, s] -> logits [b, s, vocab] (float32).
 
     ``positions`` [b, s] default to 0..s-1; ``segment_ids`` [b, s] restrict attention to equal
-    ids (packed documents). With ``cache`` (from ``init_cache``) returns ``(logits, cache)``.
+    ids (packed documents). With ``cache`` (from ``init_cache``) returns ``(logits, cache)``;
+    a ``PagedCache`` (serving, ``jaxstack.serve``) takes one row of packed tokens of many
+    sequences with their ``positions`` ([1, T]) and returns the cache with their keys written.
     With ``return_hidden=True`` returns the final-norm hidden states [b, s, hidden] (compute
     dtype) in place of the logits, for a loss that applies ``head_kernel(params)`` itself
     (``jaxstack.losses.fused_cross_entropy``).
     """
 
     config: LlamaConfig
+
+    def block_type(self, layer: int) -> type[Block]:
+        """The block class of layer ``layer`` (a family with other blocks overrides this)."""
+        del layer
+        return Block
 
     def _layer(self, remat_cls):
         policy = REMAT_POLICIES[self.config.remat]
@@ -273,7 +315,7 @@ class Llama(nn.Module):
         input_ids: jax.Array,
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-        cache: LayerCache | None = None,
+        cache: LayerCache | PagedCache | None = None,
         decode_index: jax.Array | None = None,
         return_hidden: bool = False,
     ):
@@ -285,6 +327,30 @@ class Llama(nn.Module):
             start = 0 if decode_index is None else decode_index[:, None]
             positions = start + jnp.arange(input_ids.shape[1])[None, :]
             positions = jnp.broadcast_to(positions, input_ids.shape)
+        # context parallelism: tokens in zig-zag order while the layers run (module doc of
+        # jaxstack.layers.context_parallel), back in natural order after the final norm
+        # (not while initialising: parameters do not depend on it, and init's dummy ids need
+        # not split)
+        initializing = self.is_initializing()
+        reorder = (
+            cache is None and not initializing and context_parallel.active(cfg.context_parallel)
+        )
+        if reorder:
+            input_ids, positions, segment_ids = (
+                context_parallel.to_shards(a) for a in (input_ids, positions, segment_ids)
+            )
+        # sequence-parallel tensor parallelism: the blocks get the mode that applies here
+        # ("plain" with a cache, at init or without a tensor axis; layers.tensor_parallel)
+        cfg = cfg.replace(
+            tensor_parallel=tensor_parallel.mode(
+                cfg.tensor_parallel, cache is not None or initializing
+            )
+        )
+        if cfg.tensor_parallel != "plain":
+            widths = {"num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,
+                      "intermediate_size": cfg.intermediate_size}  # fmt: skip
+            zigzag = 2 * context_parallel.sequence_shards() if reorder else 1
+            tensor_parallel.check(widths, input_ids.shape[1], multiple=zigzag)
         init = nn.initializers.normal(cfg.initializer_range)
         embed = nn.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, embedding_init=init, name="embed"
@@ -293,31 +359,46 @@ class Llama(nn.Module):
         # its use: a table still split over fsdp would make the gather's output split over the
         # width, which XLA cannot turn into the batch split below without a full remat.
         table = constrain(embed.embedding, ("vocab", "embed"))
-        x = constrain(jnp.take(table, input_ids, axis=0).astype(dtype), ("batch", "seq", "embed"))
+        x = jnp.take(table, input_ids, axis=0).astype(dtype)
+        x = tensor_parallel.constrain_residual(x, cfg.tensor_parallel)
 
         if cfg.scan_layers:
             stack = nn.scan(
                 self._layer(ScannedBlock),
-                variable_axes={"params": 0},
+                variable_axes={True: 0},  # params and anything the layers sow: per layer
                 split_rngs={"params": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                # a paged cache scans its pages per layer; the batch layout is shared
+                in_axes=(
+                    PagedCache(0, nn.broadcast) if isinstance(cache, PagedCache) else 0,
+                    nn.broadcast,
+                    nn.broadcast,
+                    nn.broadcast,
+                ),
                 length=cfg.num_layers,
             )
-            x, cache = stack(cfg, name="layers")(x, cache, positions, segment_ids, decode_index)
+            x, layers_cache = stack(cfg, self.block_type(0), name="layers")(
+                x, cache, positions, segment_ids, decode_index
+            )
+            paged = isinstance(cache, PagedCache)
+            cache = PagedCache(layers_cache.pages, cache.batch) if paged else layers_cache
         else:
             new_layers = []
             for i in range(cfg.num_layers):
-                layer_cache = None if cache is None else LayerCache(cache.k[i], cache.v[i])
-                x, layer_cache = self._layer(Block)(cfg, name=f"layers_{i}")(
+                layer_cache = None if cache is None else _layer_cache(cache, i)
+                x, layer_cache = self._layer(self.block_type(i))(cfg, name=f"layers_{i}")(
                     x, positions, segment_ids, layer_cache, decode_index
                 )
                 new_layers.append(layer_cache)
-            if cache is not None:
+            if isinstance(cache, PagedCache):  # per-layer pages, each updated in place
+                cache = PagedCache(tuple(c.pages for c in new_layers), cache.batch)
+            elif cache is not None:
                 cache = LayerCache(
                     jnp.stack([c.k for c in new_layers]), jnp.stack([c.v for c in new_layers])
                 )
 
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
+        if reorder:
+            x = context_parallel.from_shards(x)
         if return_hidden:
             return x if cache is None else (x, cache)
         if cfg.tie_embeddings:
@@ -335,6 +416,13 @@ class Llama(nn.Module):
         if self.config.tie_embeddings:
             return params["embed"]["embedding"].T
         return params["lm_head"]["kernel"]
+
+
+def _layer_cache(cache: LayerCache | PagedCache, layer: int) -> LayerCache | PagedCache:
+    """Layer ``layer``'s part of a whole-model cache."""
+    if isinstance(cache, PagedCache):
+        return PagedCache(cache.pages[layer], cache.batch)
+    return LayerCache(cache.k[layer], cache.v[layer])
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_len: int, dtype=None) -> LayerCache:
@@ -361,30 +449,63 @@ HF_ARCHITECTURES: dict[str, str] = {
 class HFTensor:
     """Where one jaxstack parameter lives in a Hugging Face checkpoint.
 
-    ``key`` is the HF tensor name, or a tuple of names stacked along a new leading axis
-    (scanned layers). ``hf_shape`` is the shape of each HF tensor. ``in_axes`` is 0 when the
-    values only need a reshape (embeddings, norms, biases), or n > 0 for an HF ``nn.Linear``
-    weight ``[out, in]`` whose jaxstack kernel is ``[*in, *out]`` with ``in`` on its first n axes.
+    ``key`` is the HF tensor name, or a tuple of names (or of such tuples) stacked along new
+    leading axes, one per level of nesting: scanned layers, then experts (an MoE layer's
+    ``[E, d, f]`` weight is one HF tensor per expert). ``hf_shape`` is the shape of each HF
+    tensor. ``in_axes`` is 0 when the values only need a reshape (embeddings, norms, biases),
+    or n > 0 for an HF ``nn.Linear`` weight ``[out, in]`` whose jaxstack kernel is
+    ``[*in, *out]`` with ``in`` on its first n axes.
     """
 
     path: tuple[str, ...]
-    key: str | tuple[str, ...]
+    key: "str | tuple"
     hf_shape: tuple[int, ...]
     in_axes: int = 0
+
+    def names(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Each HF tensor name with its index on the parameter's stacked leading axes (``()``
+        for a parameter that is one HF tensor)."""
+        found, todo = [], [(self.key, ())]
+        while todo:
+            key, index = todo.pop(0)
+            if isinstance(key, str):
+                found.append((key, index))
+            else:
+                todo[:0] = [(sub, (*index, i)) for i, sub in enumerate(key)]
+        return found
+
+
+LayerTensor = tuple[tuple[str, ...], "str | tuple", tuple[int, ...], int]
+"""(path inside a block, name(s) inside ``model.layers.{i}``, HF shape, in_axes) of one
+parameter of a decoder block; a tuple of names is stacked (experts)."""
+
+
+def hf_mlp_tensors(
+    hidden: int, width: int, prefix: str = "mlp", path: tuple[str, ...] = ("mlp",)
+) -> list[LayerTensor]:
+    """A SwiGLU MLP of ``width`` at ``path`` whose HF tensors are ``{prefix}.gate_proj`` ..."""
+    return [
+        ((*path, "gate", "kernel"), f"{prefix}.gate_proj.weight", (width, hidden), 1),
+        ((*path, "up", "kernel"), f"{prefix}.up_proj.weight", (width, hidden), 1),
+        ((*path, "down", "kernel"), f"{prefix}.down_proj.weight", (hidden, width), 1),
+    ]
 
 
 def hf_tensors(config: LlamaConfig) -> list[HFTensor]:
     """Every parameter of ``Llama(config)`` with its Hugging Face tensor(s) and layout."""
-    d, hd, f = config.hidden_size, config.head_dim_, config.intermediate_size
+    mlp = hf_mlp_tensors(config.hidden_size, config.intermediate_size)
+    return hf_model_tensors(config, lambda layer: hf_attention_tensors(config) + mlp)
+
+
+def hf_attention_tensors(config: LlamaConfig) -> list[LayerTensor]:
+    """A block's attention and its two norms."""
+    d, hd = config.hidden_size, config.head_dim_
     q, kv = config.num_heads * hd, config.num_kv_heads * hd
-    layer = [  # (path inside a block, name inside model.layers.{i}, HF shape, in_axes)
+    layer = [
         (("attn", "q", "kernel"), "self_attn.q_proj.weight", (q, d), 1),
         (("attn", "k", "kernel"), "self_attn.k_proj.weight", (kv, d), 1),
         (("attn", "v", "kernel"), "self_attn.v_proj.weight", (kv, d), 1),
         (("attn", "o", "kernel"), "self_attn.o_proj.weight", (d, q), 2),
-        (("mlp", "gate", "kernel"), "mlp.gate_proj.weight", (f, d), 1),
-        (("mlp", "up", "kernel"), "mlp.up_proj.weight", (f, d), 1),
-        (("mlp", "down", "kernel"), "mlp.down_proj.weight", (d, f), 1),
         (("attn_norm", "scale"), "input_layernorm.weight", (d,), 0),
         (("mlp_norm", "scale"), "post_attention_layernorm.weight", (d,), 0),
     ]
@@ -399,20 +520,42 @@ def hf_tensors(config: LlamaConfig) -> list[HFTensor]:
             (("attn", "q_norm", "scale"), "self_attn.q_norm.weight", (hd,), 0),
             (("attn", "k_norm", "scale"), "self_attn.k_norm.weight", (hd,), 0),
         ]
+    return layer
+
+
+def hf_model_tensors(
+    config: LlamaConfig, layer_tensors: Callable[[int], list[LayerTensor]]
+) -> list[HFTensor]:
+    """The embedding, final norm and head, and ``layer_tensors(i)`` of every block ``i``
+    (stacked over the layers when ``scan_layers``: every block then has the same tensors)."""
+    d = config.hidden_size
     tensors = [
         HFTensor(("embed", "embedding"), "model.embed_tokens.weight", (config.vocab_size, d)),
         HFTensor(("final_norm", "scale"), "model.norm.weight", (d,)),
     ]
     if not config.tie_embeddings:
         tensors.append(HFTensor(("lm_head", "kernel"), "lm_head.weight", (config.vocab_size, d), 1))
-    layers = range(config.num_layers)
-    for path, name, shape, in_axes in layer:
-        keys = tuple(f"model.layers.{i}.{name}" for i in layers)
-        if config.scan_layers:
+    blocks = [
+        [
+            (path, _prefixed(name, f"model.layers.{i}."), shape, axes)
+            for path, name, shape, axes in layer_tensors(i)
+        ]
+        for i in range(config.num_layers)
+    ]
+    if config.scan_layers:
+        for j, (path, _, shape, in_axes) in enumerate(blocks[0]):
+            keys = tuple(block[j][1] for block in blocks)
             tensors.append(HFTensor(("layers", "block", *path), keys, shape, in_axes))
-        else:
-            tensors += [HFTensor((f"layers_{i}", *path), keys[i], shape, in_axes) for i in layers]
+        return tensors
+    for i, block in enumerate(blocks):
+        tensors += [HFTensor((f"layers_{i}", *path), *rest) for path, *rest in block]
     return tensors
+
+
+def _prefixed(name: "str | tuple", prefix: str) -> "str | tuple":
+    if isinstance(name, str):
+        return prefix + name
+    return tuple(_prefixed(sub, prefix) for sub in name)
 
 
 def hf_ignored_tensor(config: LlamaConfig, key: str) -> bool:
@@ -436,13 +579,24 @@ def config_from_hf(hf: dict) -> LlamaConfig:
         ValueError: the model type, activation, RoPE type, biases or attention layout is not
             one this model implements, or a required key is missing.
     """
+    return LlamaConfig(**hf_decoder_fields(hf, HF_ARCHITECTURES, hf.get("model_type")))
+
+
+def hf_decoder_fields(hf: dict, architectures: dict[str, str], attention: str) -> dict:
+    """The ``LlamaConfig`` fields of a Hugging Face ``config.json`` of one of the model types
+    ``architectures`` names (a family's map model type -> architecture), whose attention is
+    that of the dense model type ``attention`` (llama, mistral, qwen2 or qwen3).
+
+    Raises:
+        ValueError: as ``config_from_hf``.
+    """
     model_type = hf.get("model_type")
-    if model_type not in HF_ARCHITECTURES:
+    if model_type not in architectures:
         raise ValueError(
-            f"config.json model_type={model_type!r} is not a Llama-family model; "
-            f"supported model types: {sorted(HF_ARCHITECTURES)}"
+            f"config.json model_type={model_type!r} is not a model of this family; "
+            f"supported model types: {sorted(architectures)}"
         )
-    architecture = HF_ARCHITECTURES[model_type]
+    architecture = architectures[model_type]
     for name in hf.get("architectures") or [architecture]:
         if name != architecture:
             raise ValueError(
@@ -453,29 +607,29 @@ def config_from_hf(hf: dict) -> LlamaConfig:
         raise ValueError(f"config.json hidden_act={hf['hidden_act']!r}; only 'silu' is supported")
     if hf.get("mlp_bias"):
         raise ValueError("config.json mlp_bias=true: MLP biases are not supported")
-    if hf.get("attention_bias") and model_type != "qwen2":
+    if hf.get("attention_bias") and attention != "qwen2":
         raise ValueError(
             f"config.json attention_bias=true: {model_type} then has an o_proj bias, which "
             "jaxstack's Llama does not implement"
         )
     rope_theta, rope_scaling = _rope_from_hf(hf)
-    num_heads = _required(hf, "num_attention_heads")
-    hidden = _required(hf, "hidden_size")
-    return LlamaConfig(
-        vocab_size=_required(hf, "vocab_size"),
+    num_heads = hf_required(hf, "num_attention_heads")
+    hidden = hf_required(hf, "hidden_size")
+    return dict(
+        vocab_size=hf_required(hf, "vocab_size"),
         hidden_size=hidden,
-        num_layers=_required(hf, "num_hidden_layers"),
+        num_layers=hf_required(hf, "num_hidden_layers"),
         num_heads=num_heads,
         num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         head_dim=hf.get("head_dim") or hidden // num_heads,
-        intermediate_size=_required(hf, "intermediate_size"),
+        intermediate_size=hf_required(hf, "intermediate_size"),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3",
-        sliding_window=_sliding_window_from_hf(hf, model_type),
+        qkv_bias=attention == "qwen2",
+        qk_norm=attention == "qwen3",
+        sliding_window=_sliding_window_from_hf(hf, attention),
         max_seq_len=hf.get("max_position_embeddings", 4096),
         initializer_range=hf.get("initializer_range", 0.02),
         extra={
@@ -497,12 +651,29 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
         ValueError: the config has a feature that HF model type cannot express.
     """
     model_type = config.extra.get("hf_model_type") or _infer_model_type(config)
-    if model_type not in HF_ARCHITECTURES:
+    return hf_decoder_config(config, dtype, model_type, HF_ARCHITECTURES, model_type)
+
+
+def hf_decoder_config(
+    config: LlamaConfig,
+    dtype: str,
+    model_type: str,
+    architectures: dict[str, str],
+    attention: str,
+) -> dict:
+    """The ``config.json`` entries of ``config``'s decoder for ``model_type``, one of
+    ``architectures`` (a family's map model type -> architecture), whose attention is that of
+    the dense model type ``attention`` (see ``hf_decoder_fields``).
+
+    Raises:
+        ValueError: as ``config_to_hf``.
+    """
+    if model_type not in architectures:
         raise ValueError(
-            f"extra['hf_model_type']={model_type!r}; choose one of {sorted(HF_ARCHITECTURES)}"
+            f"extra['hf_model_type']={model_type!r}; choose one of {sorted(architectures)}"
         )
-    expected = {"qkv_bias": model_type == "qwen2", "qk_norm": model_type == "qwen3"}
-    if model_type == "llama":
+    expected = {"qkv_bias": attention == "qwen2", "qk_norm": attention == "qwen3"}
+    if attention == "llama":
         expected["sliding_window"] = None
     for name, value in expected.items():
         if getattr(config, name) != value:
@@ -513,7 +684,7 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
             )
     scaling = config.rope_scaling
     hf = {
-        "architectures": [HF_ARCHITECTURES[model_type]],
+        "architectures": [architectures[model_type]],
         "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -539,13 +710,13 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
             if k in config.extra
         }
     )
-    if model_type in ("llama", "qwen3"):
+    if attention in ("llama", "qwen3"):
         hf["attention_bias"] = False
-    if model_type == "llama":
+    if attention == "llama":
         hf["mlp_bias"] = False
-    if model_type == "mistral":
+    if attention == "mistral":
         hf["sliding_window"] = config.sliding_window
-    if model_type in ("qwen2", "qwen3"):
+    if attention in ("qwen2", "qwen3"):
         window = config.sliding_window
         hf.update(
             use_sliding_window=window is not None,
@@ -556,7 +727,7 @@ def config_to_hf(config: LlamaConfig, dtype: str = "float32") -> dict:
     return hf
 
 
-def _required(hf: dict, key: str):
+def hf_required(hf: dict, key: str):
     if hf.get(key) is None:
         raise ValueError(f"config.json has no {key!r}; it is required for a Llama-family model")
     return hf[key]
@@ -586,7 +757,9 @@ def _rope_from_hf(hf: dict) -> tuple[float, Llama3RopeScaling | None]:
         low_freq_factor=float(params["low_freq_factor"]),
         high_freq_factor=float(params["high_freq_factor"]),
         original_max_position_embeddings=int(
-            params.get("original_max_position_embeddings", _required(hf, "max_position_embeddings"))
+            params.get(
+                "original_max_position_embeddings", hf_required(hf, "max_position_embeddings")
+            )
         ),
     )
     return theta, scaling
@@ -598,7 +771,7 @@ def _sliding_window_from_hf(hf: dict, model_type: str) -> int | None:
         return window
     if model_type == "llama" or not hf.get("use_sliding_window") or window is None:
         return None
-    num_layers = _required(hf, "num_hidden_layers")
+    num_layers = hf_required(hf, "num_hidden_layers")
     first_sliding = hf.get("max_window_layers", 28)
     layer_types = hf.get("layer_types") or [
         "sliding_attention" if i >= first_sliding else "full_attention" for i in range(num_layers)

@@ -24,7 +24,7 @@ TINY_RUN = [
 # its arguments under SLURM's environment (jaxstack finds the job through JAX's SLURM
 # detection); `gcloud ... ssh --worker=all --command C` runs `bash -c C` with the JAX_*
 # variables a pod's metadata would give.
-FAKE = '''#!{python}
+FAKE = """#!{python}
 import os, subprocess, sys
 argv = sys.argv[1:]
 if "{name}" == "gcloud":
@@ -38,7 +38,7 @@ else:
                  SLURM_LOCALID=str(rank), SLURM_STEP_NODELIST="127.0.0.1") for rank in range(2)]
 procs = [subprocess.Popen(command, env={{**os.environ, **env}}) for env in envs]
 sys.exit(max(p.wait() for p in procs))
-'''
+"""
 
 
 def _free_port() -> int:
