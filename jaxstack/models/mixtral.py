@@ -17,11 +17,13 @@ transposed), ``score_bias [E]`` (DeepSeek-V3 ``e_score_correction_bias``),
 (Qwen2-MoE ``shared_expert_gate``).
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax.numpy as jnp
 
 from jaxstack.layers.moe import EXCHANGES, SCORE_FUNCTIONS, MoE
+from jaxstack.models.llama import PRESETS as LLAMA_PRESETS
 from jaxstack.models.llama import (
     Block,
     HFTensor,
@@ -153,31 +155,23 @@ class MixtralConfig(LlamaConfig):
         return super().flops_per_token(seq_len, training) + 2 * extra * (3 if training else 1)
 
 
+def _with_experts(dense: LlamaConfig, **fields) -> MixtralConfig:
+    """``dense``'s config as a ``MixtralConfig``, with ``fields`` (the experts) set."""
+    return MixtralConfig(**{**dataclasses.asdict(dense), **fields})
+
+
 PRESETS: dict[str, MixtralConfig] = {
-    "tiny-moe": MixtralConfig(
-        vocab_size=259,
-        hidden_size=128,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=384,
-        num_experts=8,
-        experts_per_token=2,
-        expert_intermediate_size=128,
-        max_seq_len=512,
+    # the dense presets' attention and widths, with experts in the MLPs
+    "tiny-moe": _with_experts(
+        LLAMA_PRESETS["tiny"], num_experts=8, experts_per_token=2, expert_intermediate_size=128
     ),
-    "mixtral-8x7b": MixtralConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        num_layers=32,
-        num_heads=32,
-        num_kv_heads=8,
-        intermediate_size=14336,
+    "mixtral-8x7b": _with_experts(
+        LLAMA_PRESETS["mistral-7b"],
         num_experts=8,
         experts_per_token=2,
         expert_intermediate_size=14336,
         rope_theta=1e6,
-        max_seq_len=32768,
+        sliding_window=None,
     ),
     "qwen2-moe-a2.7b": MixtralConfig(  # Qwen1.5-MoE-A2.7B: 60 experts, gated shared expert
         vocab_size=151936,

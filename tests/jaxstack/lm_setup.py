@@ -6,10 +6,11 @@ from collections import Counter
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from jaxstack.data import ByteTokenizer, PackedDataset, lm_collate
-from jaxstack.lm import lm_functions
-from jaxstack.models import Llama, preset
+from jaxstack.lm import lm_functions, lm_param_specs
+from jaxstack.models import Llama, LlamaConfig, preset
 from jaxstack.trainer import TrainConfig, Trainer
 
 TEXT = [
@@ -82,3 +83,26 @@ def count_compilations():
 def batch_of(dataset, start: int = 0, size: int = 16) -> dict:
     """Examples ``start .. start + size`` collated."""
     return lm_collate([dataset[i] for i in range(start, start + size)])
+
+
+def rules_trainer(work_dir, mesh, config: LlamaConfig, *, forward_rules: bool = True, **options):
+    """A one-step Trainer of ``Llama(config)`` with the LM functions (batch 8, no clipping) on
+    ``mesh``; parameter rules from the forward pass at ``SEQ_LEN`` unless ``forward_rules`` is
+    False (then the Trainer's default: traced from ``loss_fn``)."""
+    model = Llama(config)
+    loss_fn, _ = lm_functions(model)
+    return Trainer(
+        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
+        collate_fn=lm_collate,
+        loss_fn=loss_fn,
+        config=TrainConfig(work_dir=str(work_dir), batch_size=8, num_steps=1, grad_clip=None),
+        mesh=mesh,
+        param_specs_fn=lm_param_specs(model, SEQ_LEN) if forward_rules else None,
+        **options,
+    )
+
+
+def sgd_trainer(work_dir, mesh, config: LlamaConfig) -> Trainer:
+    """``rules_trainer`` with SGD at rate 1: params move by exactly -grad, so comparing params
+    after one step compares gradients."""
+    return rules_trainer(work_dir, mesh, config, optimizer=optax.sgd(1.0))

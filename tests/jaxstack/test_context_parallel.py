@@ -9,17 +9,15 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from lm_setup import SEQ_LEN, sgd_trainer
 
 from jaxstack import xla_flags
 from jaxstack.data import ByteTokenizer, PackedDataset, lm_collate
-from jaxstack.lm import lm_functions, lm_param_specs
 from jaxstack.mesh import make_mesh
 from jaxstack.models import Llama, preset
-from jaxstack.trainer import TrainConfig, Trainer
+from jaxstack.trainer import TrainConfig
 
-SEQ_LEN = 32
 CONFIG = preset(
     "tiny", vocab_size=264, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
     intermediate_size=128, sliding_window=12,
@@ -34,25 +32,10 @@ def batch():
     return lm_collate([data[i] for i in range(8)])
 
 
-def _sgd_trainer(tmp_path, mesh, config):
-    # params move by exactly -grad: comparing params after one step compares gradients
-    model = Llama(config)
-    loss_fn, _ = lm_functions(model)
-    return Trainer(
-        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
-        collate_fn=lm_collate,
-        loss_fn=loss_fn,
-        config=TrainConfig(work_dir=str(tmp_path), batch_size=8, num_steps=1, grad_clip=None),
-        mesh=mesh,
-        param_specs_fn=lm_param_specs(model, SEQ_LEN),
-        optimizer=optax.sgd(1.0),
-    )
-
-
 @pytest.fixture(scope="module")
 def single_device_step(tmp_path_factory, batch):
     mesh = make_mesh(devices=jax.devices()[:1])
-    trainer = _sgd_trainer(tmp_path_factory.mktemp("one"), mesh, CONFIG)
+    trainer = sgd_trainer(tmp_path_factory.mktemp("one"), mesh, CONFIG)
     metrics = trainer.train_step(batch)
     return float(metrics["loss"]), jax.device_get(trainer.params)
 
@@ -70,7 +53,7 @@ MESHES = {
 @pytest.mark.parametrize("case", list(MESHES))
 def test_step_equals_single_device(tmp_path, batch, single_device_step, case):
     axes, options = MESHES[case]
-    trainer = _sgd_trainer(tmp_path, make_mesh(**axes), CONFIG.replace(**options))
+    trainer = sgd_trainer(tmp_path, make_mesh(**axes), CONFIG.replace(**options))
     metrics = trainer.train_step(batch)
     loss, params = single_device_step
     np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)

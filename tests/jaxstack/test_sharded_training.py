@@ -5,16 +5,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from lm_setup import rules_trainer, sgd_trainer
 
 from jaxstack.data import ByteTokenizer, PackedDataset, lm_collate
-from jaxstack.lm import lm_functions, lm_param_specs
 from jaxstack.mesh import make_mesh
-from jaxstack.models import Llama, preset
-from jaxstack.trainer import TrainConfig, Trainer
+from jaxstack.models import preset
 from sharding_rules.paths import leaves_with_paths
 
 CONFIG = preset(
@@ -32,25 +30,12 @@ def batch():
     return lm_collate([data[i] for i in range(8)])
 
 
-def _trainer(tmp_path, mesh, config=CONFIG, forward_rules=True, **trainer_options):
-    """A Trainer with the LM functions; rules from the forward pass unless forward_rules=False
-    (then the Trainer's default: traced from loss_fn)."""
-    model = Llama(config)
-    loss_fn, _ = lm_functions(model)
-    return Trainer(
-        params=lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"],
-        collate_fn=lm_collate,
-        loss_fn=loss_fn,
-        config=TrainConfig(work_dir=str(tmp_path), batch_size=8, num_steps=1, grad_clip=None),
-        mesh=mesh,
-        param_specs_fn=lm_param_specs(model, 32) if forward_rules else None,
-        **trainer_options,
-    )
+def _trainer(tmp_path, mesh, config=CONFIG, **options):
+    return rules_trainer(tmp_path, mesh, config, **options)
 
 
 def _sgd_trainer(tmp_path, mesh, config=CONFIG):
-    # params move by exactly -grad: comparing params after one step compares gradients
-    return _trainer(tmp_path, mesh, config, optimizer=optax.sgd(1.0))
+    return sgd_trainer(tmp_path, mesh, config)
 
 
 @pytest.fixture(scope="module")
