@@ -75,6 +75,4 @@ def test_notebook_runs_and_matches_its_text_twin(name, monkeypatch):
     executed = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     NotebookClient(
         executed, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}
-    ).execute()  # raises CellExecutionError naming the failing cell
-    errors = [o for c in executed.cells for o in c.get("outputs", []) if o.output_type == "error"]
-    assert not errors
+    ).execute()  # raises CellExecutionError naming the failing cell: the test's verdict
