@@ -483,6 +483,32 @@ def _flash_bwd(cfg: _Config, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def _setup(q, k, q_segment_ids, kv_segment_ids, options: dict):
+    """The call's config, padded lengths and int32 segment ids."""
+    sq, skv = q.shape[1], k.shape[1]
+    tiles = block_sizes(
+        q.shape[-1], q.dtype, sq, skv, options.get("block_q"), options.get("block_kv")
+    )
+    cfg = _Config(
+        mask=options["mask"],
+        scale=options["scale"],
+        logit_soft_cap=options["logit_soft_cap"],
+        kv_len=skv,
+        head_dim=q.shape[-1],
+        fwd=tiles[0],
+        dkv=tiles[1],
+        dq=tiles[2],
+        has_segments=q_segment_ids is not None,
+        interpret=options.get("interpret", False),
+    )
+    sq_pad = round_up(sq, max(t.block_q for t in tiles))
+    skv_pad = round_up(skv, max(t.block_kv for t in tiles))
+    if q_segment_ids is not None:
+        q_segment_ids = pad_seq(q_segment_ids.astype(jnp.int32), sq_pad)
+        kv_segment_ids = pad_seq(kv_segment_ids.astype(jnp.int32), skv_pad)
+    return cfg, sq_pad, skv_pad, q_segment_ids, kv_segment_ids
+
+
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -511,31 +537,68 @@ def flash_attention(
     Returns:
       ``[b, sq, hq, d]`` in ``q.dtype``.
     """
-    sq, skv = q.shape[1], k.shape[1]
-    tiles = block_sizes(q.shape[-1], q.dtype, sq, skv, block_q, block_kv)
-    cfg = _Config(
-        mask=mask,
-        scale=scale,
-        logit_soft_cap=logit_soft_cap,
-        kv_len=skv,
-        head_dim=q.shape[-1],
-        fwd=tiles[0],
-        dkv=tiles[1],
-        dq=tiles[2],
-        has_segments=q_segment_ids is not None,
-        interpret=interpret,
+    options = dict(mask=mask, scale=scale, logit_soft_cap=logit_soft_cap, block_q=block_q,
+                   block_kv=block_kv, interpret=interpret)  # fmt: skip
+    cfg, sq_pad, skv_pad, q_seg, kv_seg = _setup(q, k, q_segment_ids, kv_segment_ids, options)
+    o = _flash(cfg, pad_seq(q, sq_pad), pad_seq(k, skv_pad), pad_seq(v, skv_pad), q_seg, kv_seg)
+    return o[:, : q.shape[1]]
+
+
+def flash_forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    **options,
+) -> tuple[jax.Array, jax.Array]:
+    """The forward kernel with its log-sum-exp, for callers that merge partial results over
+    key blocks (context-parallel attention); not differentiable.
+
+    Args: as :func:`flash_attention` (``options``: its keyword arguments).
+
+    Returns:
+      ``(o, lse)``: ``o [b, sq, hq, d]`` in ``q.dtype``; ``lse [b, sq, hq]`` float32, the
+      natural log-sum-exp of each row's logits, ``MASK_VALUE`` where a row sees no key.
+    """
+    cfg, sq_pad, skv_pad, q_seg, kv_seg = _setup(q, k, q_segment_ids, kv_segment_ids, options)
+    o, lse2 = _forward(
+        cfg, pad_seq(q, sq_pad), pad_seq(k, skv_pad), pad_seq(v, skv_pad), q_seg, kv_seg
     )
-    sq_pad = round_up(sq, max(t.block_q for t in tiles))
-    skv_pad = round_up(skv, max(t.block_kv for t in tiles))
-    if q_segment_ids is not None:
-        q_segment_ids = q_segment_ids.astype(jnp.int32)
-        kv_segment_ids = kv_segment_ids.astype(jnp.int32)
-    o = _flash(
+    sq = q.shape[1]
+    lse = jnp.where(lse2 > 0.5 * MASK_VALUE, lse2 / _LOG2E, MASK_VALUE)
+    return o[:, :sq], lse[:, :, :sq].transpose(0, 2, 1)
+
+
+def flash_backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    o: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+    **options,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(dq, dk, dv)`` of this call's keys given the final ``o`` and ``lse`` of each row,
+    which may have seen more keys than this call does (the flash backward restricted to
+    them: ``p = exp(s - lse)``, ``delta = rowsum(do * o)``).
+
+    Args: q ... kv_segment_ids and ``options`` as :func:`flash_attention`; ``o`` and ``do``
+      ``[b, sq, hq, d]`` (``do`` is cast to ``q.dtype``); ``lse`` ``[b, sq, hq]`` float32 as
+      :func:`flash_forward` returns it.
+
+    Returns:
+      dq, dk, dv in the dtypes of q, k, v.
+    """
+    cfg, sq_pad, skv_pad, q_seg, kv_seg = _setup(q, k, q_segment_ids, kv_segment_ids, options)
+    lse2 = jnp.where(lse > 0.5 * MASK_VALUE, lse * _LOG2E, MASK_VALUE).transpose(0, 2, 1)
+    # padded query rows: do = 0, and p = exp2(s2 - huge) = 0, so they add nothing
+    lse2 = jnp.pad(lse2, ((0, 0), (0, 0), (0, sq_pad - q.shape[1])), constant_values=-MASK_VALUE)
+    dq, dk, dv = _backward(
         cfg,
-        pad_seq(q, sq_pad),
-        pad_seq(k, skv_pad),
-        pad_seq(v, skv_pad),
-        pad_seq(q_segment_ids, sq_pad),
-        pad_seq(kv_segment_ids, skv_pad),
-    )
-    return o[:, :sq]
+        pad_seq(q, sq_pad), pad_seq(k, skv_pad), pad_seq(v, skv_pad), q_seg, kv_seg,
+        pad_seq(o, sq_pad), lse2, pad_seq(do.astype(q.dtype), sq_pad),
+    )  # fmt: skip
+    return dq[:, : q.shape[1]], dk[:, : k.shape[1]], dv[:, : k.shape[1]]

@@ -514,6 +514,48 @@ def _fit(block: int, seq: int) -> int:
     return min(block, round_up(seq, _LANES))
 
 
+def _setup(q, k, q_segment_ids, kv_segment_ids, options: dict):
+    """The call's config, padded lengths and segment ids in the kernels' layout."""
+    block_q, block_kv = options.get("block_q"), options.get("block_kv")
+    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
+        if block is not None and (block <= 0 or block % _LANES):
+            raise ValueError(f"{name} must be a multiple of {_LANES} on TPU, got {block}.")
+    b, sq, hq, d = q.shape
+    skv, hkv = k.shape[1], k.shape[2]
+    fwd, dkv, dq = (
+        Tiles(_fit(block_q or t.block_q, sq), _fit(block_kv or t.block_kv, skv))
+        for t in DEFAULT_TILES
+    )
+    sq_pad = round_up(sq, max(fwd.block_q, dkv.block_q, dq.block_q))
+    skv_pad = round_up(skv, max(fwd.block_kv, dkv.block_kv, dq.block_kv))
+    cfg = _Config(
+        mask=options["mask"],
+        scale=options["scale"],
+        logit_soft_cap=options["logit_soft_cap"],
+        kv_len=skv,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        head_dim=d,
+        fwd=fwd,
+        dkv=dkv,
+        dq=dq,
+        has_segments=q_segment_ids is not None,
+        padded=skv_pad != skv,
+        interpret=options.get("interpret", False),
+    )
+    segs = (None, None)
+    if q_segment_ids is not None:
+        segs = (
+            pad_seq(q_segment_ids.astype(jnp.int32), sq_pad)[:, None, :],
+            pad_seq(kv_segment_ids.astype(jnp.int32), skv_pad)[:, None, :],
+        )
+    return cfg, sq_pad, skv_pad, segs
+
+
+def _kernel_input(x: jax.Array, length: int) -> jax.Array:
+    return _to_kernel(pad_seq(x, length))
+
+
 def flash_attention(
     q: jax.Array,
     k: jax.Array,
@@ -542,43 +584,74 @@ def flash_attention(
     Returns:
       ``[b, sq, hq, d]`` in ``q.dtype``.
     """
-    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
-        if block is not None and (block <= 0 or block % _LANES):
-            raise ValueError(f"{name} must be a multiple of {_LANES} on TPU, got {block}.")
-    b, sq, hq, d = q.shape
-    skv, hkv = k.shape[1], k.shape[2]
-    fwd, dkv, dq = (
-        Tiles(_fit(block_q or t.block_q, sq), _fit(block_kv or t.block_kv, skv))
-        for t in DEFAULT_TILES
-    )
-    sq_pad = round_up(sq, max(fwd.block_q, dkv.block_q, dq.block_q))
-    skv_pad = round_up(skv, max(fwd.block_kv, dkv.block_kv, dq.block_kv))
-    cfg = _Config(
-        mask=mask,
-        scale=scale,
-        logit_soft_cap=logit_soft_cap,
-        kv_len=skv,
-        num_q_heads=hq,
-        num_kv_heads=hkv,
-        head_dim=d,
-        fwd=fwd,
-        dkv=dkv,
-        dq=dq,
-        has_segments=q_segment_ids is not None,
-        padded=skv_pad != skv,
-        interpret=interpret,
-    )
-    segs = (None, None)
-    if q_segment_ids is not None:
-        segs = (
-            pad_seq(q_segment_ids.astype(jnp.int32), sq_pad)[:, None, :],
-            pad_seq(kv_segment_ids.astype(jnp.int32), skv_pad)[:, None, :],
-        )
+    options = dict(mask=mask, scale=scale, logit_soft_cap=logit_soft_cap, block_q=block_q,
+                   block_kv=block_kv, interpret=interpret)  # fmt: skip
+    cfg, sq_pad, skv_pad, segs = _setup(q, k, q_segment_ids, kv_segment_ids, options)
     o = _flash(
         cfg,
-        _to_kernel(pad_seq(q, sq_pad)),
-        _to_kernel(pad_seq(k, skv_pad)),
-        _to_kernel(pad_seq(v, skv_pad)),
+        _kernel_input(q, sq_pad),
+        _kernel_input(k, skv_pad),
+        _kernel_input(v, skv_pad),
         *segs,
     )
-    return _from_kernel(o, cfg)[:, :sq]
+    return _from_kernel(o, cfg)[:, : q.shape[1]]
+
+
+def flash_forward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    **options,
+) -> tuple[jax.Array, jax.Array]:
+    """The forward kernel with its log-sum-exp (as ``flash_gpu.flash_forward``).
+
+    Returns:
+      ``(o, lse)``: ``o [b, sq, hq, d]`` in ``q.dtype``; ``lse [b, sq, hq]`` float32,
+      ``MASK_VALUE`` where a row sees no key.
+    """
+    cfg, sq_pad, skv_pad, segs = _setup(q, k, q_segment_ids, kv_segment_ids, options)
+    o, lse = _forward(
+        cfg,
+        _kernel_input(q, sq_pad),
+        _kernel_input(k, skv_pad),
+        _kernel_input(v, skv_pad),
+        *segs,
+        sq_pad,
+    )
+    sq = q.shape[1]
+    return _from_kernel(o, cfg)[:, :sq], lse[:, :, 0, :sq].transpose(0, 2, 1)
+
+
+def flash_backward(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    o: jax.Array,
+    lse: jax.Array,
+    do: jax.Array,
+    **options,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(dq, dk, dv)`` of this call's keys given each row's final ``o`` and ``lse`` (as
+    ``flash_gpu.flash_backward``)."""
+    cfg, sq_pad, skv_pad, segs = _setup(q, k, q_segment_ids, kv_segment_ids, options)
+    sq, skv = q.shape[1], k.shape[1]
+    # padded query rows: do = 0, and p = exp(s - huge) = 0, so they add nothing
+    lse = jnp.pad(lse.transpose(0, 2, 1), ((0, 0), (0, 0), (0, sq_pad - sq)),
+                  constant_values=-MASK_VALUE)[:, :, None, :]  # fmt: skip
+    dq, dk, dv = _backward(
+        cfg,
+        _kernel_input(q, sq_pad), _kernel_input(k, skv_pad), _kernel_input(v, skv_pad),
+        *segs,
+        _kernel_input(o.astype(q.dtype), sq_pad), lse,
+        _kernel_input(do.astype(q.dtype), sq_pad),
+        sq_pad, skv_pad,
+    )  # fmt: skip
+    return (
+        _from_kernel(dq, cfg)[:, :sq],
+        _from_kernel(dk, cfg)[:, :skv],
+        _from_kernel(dv, cfg)[:, :skv],
+    )

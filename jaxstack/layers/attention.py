@@ -122,7 +122,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    def _project(self, x: jax.Array, heads: int, name: str) -> jax.Array:
+    def _projection(self, heads: int, name: str) -> nn.DenseGeneral:
         return nn.DenseGeneral(
             (heads, self.head_dim),
             use_bias=self.qkv_bias,
@@ -130,7 +130,7 @@ class Attention(nn.Module):
             param_dtype=self.param_dtype,
             dot_general=tensor_parallel.dot_generals(self.tensor_parallel)[0],
             name=name,
-        )(x)
+        )
 
     @nn.compact
     def __call__(
@@ -141,9 +141,10 @@ class Attention(nn.Module):
         cache: LayerCache | PagedCache | None = None,
         decode_index: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerCache | PagedCache | None]:
-        q = self._project(x, self.num_heads, "q")  # [b, s, h, d]
-        k = self._project(x, self.num_kv_heads, "k")  # [b, s, kv, d]
-        v = self._project(x, self.num_kv_heads, "v")
+        # q: [b, s, h, d], k/v: [b, s, kv, d]; in the split modes x is gathered once for all
+        heads = {"q": self.num_heads, "k": self.num_kv_heads, "v": self.num_kv_heads}
+        projections = [self._projection(n, name) for name, n in heads.items()]
+        q, k, v = tensor_parallel.project(x, projections, self.tensor_parallel)
         if self.qk_norm:
             norm = lambda name: RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name=name)  # noqa: E731
             q, k = norm("q_norm")(q), norm("k_norm")(k)
@@ -180,7 +181,7 @@ class Attention(nn.Module):
         ):
             out = context_parallel.attention(
                 q, k, v, segment_ids, strategy=self.context_parallel,
-                sliding_window=self.sliding_window,
+                sliding_window=self.sliding_window, implementation=self.implementation,
             )  # fmt: skip
         else:
             prefill = lambda q, k, v, seg: attention(q, k, v, q_segment_ids=seg, **masks)  # noqa: E731

@@ -65,10 +65,16 @@ def attention(
     *,
     strategy: str,
     sliding_window: int | None,
+    implementation: str = "auto",
 ) -> jax.Array:
     """Causal attention of zig-zag-ordered ``[b, s, h, d]`` q/k/v with the sequence split
     over ``sequence`` (batch over the batch axes, heads over ``tensor`` when every head
-    count divides it), each device running ``context_attention``."""
+    count divides it), each device running ``context_attention``.
+
+    ``implementation`` (the model's ``attention_impl``) picks the per-block compute:
+    ``"xla"`` the jnp block, ``"pallas"`` the backend's flash kernel, ``"auto"`` and
+    ``"cudnn"`` (which exposes no log-sum-exp to merge) the flash kernel on GPU/TPU unless a
+    sliding window is set (``pallas_kernels.collectives.attention.block_kernel``)."""
     mesh = jax.sharding.get_abstract_mesh()
     sizes = dict(mesh.shape)
     tensor = sizes.get("tensor", 1)
@@ -77,6 +83,7 @@ def attention(
     fn = functools.partial(
         context_attention, axis_name="sequence", strategy=strategy, layout=LAYOUT,
         causal=True, sliding_window=sliding_window,
+        block_impl="auto" if implementation == "cudnn" else implementation,
     )  # fmt: skip
     args, specs = [q, k, v], [q_spec, kv_spec, kv_spec]
     if segment_ids is not None:

@@ -13,13 +13,22 @@ strategies, the same math:
 * ``"all_gather"``: K/V are all-gathered once (what MaxText does by default), then visited
   block by block; the backward reduce-scatters dK/dV.
 
-Each step is one :mod:`~pallas_kernels.collectives.block` and partial results merge with the
-online softmax, so no ``[s, S]`` score matrix exists. Under a causal mask in the ``zigzag``
+Each step attends the local queries to one key block and partial results merge with the
+online softmax (:func:`~pallas_kernels.collectives.block.merge`), so no ``[s, S]`` score
+matrix exists. The per-block compute (``block_impl``) is the flash kernel of the backend on
+GPU (Triton) and TPU (Mosaic), through its log-sum-exp interface (``flash_forward`` /
+``flash_backward``), and the jnp block of :mod:`~pallas_kernels.collectives.block`
+(XLA) on CPU and wherever a mask is not expressible by a kernel call (a sliding window: its
+visibility depends on the traced distance between the blocks). Under a causal mask in the ``zigzag``
 layout every step after the first computes exactly half of the block pair, the half that can
 be visible (an early key chunk is seen by both local query chunks; a late one only by the
 late query chunk), so devices share the work evenly; in the ``contiguous`` layout the blocks
 after a device's own are skipped, which leaves the last device with the most work.
-Masks (causal, sliding window with sinks, segment ids) are decided from global indices.
+Masks (causal, sliding window with sinks, segment ids) are decided from global indices. A
+kernel needs only two structural masks: the diagonal step (a device's own block) is causal
+on local positions, which in either layout is exactly the global causal mask, and every
+later step's computed half is entirely visible (its keys all come before its queries), so it
+runs unmasked; segment ids go to the kernel as they are.
 """
 
 from __future__ import annotations
@@ -33,15 +42,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import dispatch, flash_gpu, flash_tpu
 from pallas_kernels.collectives import block
 from pallas_kernels.collectives.layout import check_layout, shard_positions
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.validation import check_attention_inputs
 
 STRATEGIES = ("ring", "all_gather")
+BLOCK_IMPLS = ("auto", "pallas", "xla")
 
 Region = tuple[slice, slice] | None
 """Query rows and key rows of a block pair to compute (None: nothing is visible)."""
+
+_KERNELS = {"gpu": flash_gpu, "tpu": flash_tpu}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +65,33 @@ class _Config:
     spec: MaskSpec
     scale: float
     cap: float | None
+    kernel: str | None  # "gpu" / "tpu": that flash kernel per block; None: the jnp block
+    interpret: bool
+
+
+def block_kernel(block_impl: str, sliding_window: int | None) -> str | None:
+    """The flash kernel (``"gpu"`` or ``"tpu"``) each block runs, or None for the jnp block.
+
+    ``"auto"``: the backend's kernel on GPU and TPU unless a sliding window is set, XLA on
+    CPU; ``"pallas"``: the backend's kernel (Triton off TPU, interpreted on CPU); ``"xla"``.
+
+    Raises:
+      ValueError: an unknown ``block_impl``, or ``"pallas"`` with a sliding window.
+    """
+    if block_impl not in BLOCK_IMPLS:
+        raise ValueError(f"block_impl must be one of {BLOCK_IMPLS}, got {block_impl!r}.")
+    backend = dispatch._backend()
+    if block_impl == "xla" or (block_impl == "auto" and backend not in _KERNELS):
+        return None
+    if sliding_window is not None:
+        if block_impl == "auto":
+            return None
+        raise ValueError(
+            "block_impl='pallas' cannot run a sliding window under context parallelism (a "
+            "block's visibility depends on the traced distance between devices' chunks); "
+            "use block_impl='auto' or 'xla'."
+        )
+    return "tpu" if backend == "tpu" else "gpu"
 
 
 def context_attention(
@@ -69,6 +109,8 @@ def context_attention(
     num_sink_tokens: int = 0,
     logit_soft_cap: float | None = None,
     scale: float | None = None,
+    block_impl: str = "auto",
+    interpret: bool | None = None,
 ) -> jax.Array:
     """Self-attention over a sequence split along ``axis_name`` (per-device code).
 
@@ -83,6 +125,9 @@ def context_attention(
       layout: ``"zigzag"`` (balanced under a causal mask) or ``"contiguous"``.
       causal, sliding_window, num_sink_tokens, logit_soft_cap, scale: as
         ``pallas_kernels.attention`` on the global sequence.
+      block_impl: the per-block compute, ``"auto"``, ``"pallas"`` or ``"xla"``
+        (:func:`block_kernel`).
+      interpret: run the Pallas kernels in interpret mode; None = on CPU only.
 
     Returns:
       ``[b, s, hq, d]`` in ``q.dtype``: this device's rows of attention over the global
@@ -98,7 +143,7 @@ def context_attention(
         q, k, v, q_segment_ids, kv_segment_ids, sliding_window, num_sink_tokens,
         logit_soft_cap, scale,
     )  # fmt: skip
-    b, s, hq, d = q.shape
+    s = q.shape[1]
     if k.shape[1] != s:
         raise ValueError(
             f"context-parallel attention is self-attention: q and k must hold the same local "
@@ -117,14 +162,12 @@ def context_attention(
             sliding_window=sliding_window,
             num_sink_tokens=num_sink_tokens if sliding_window is not None else 0,
         ),
-        scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
         cap=logit_soft_cap,
+        kernel=block_kernel(block_impl, sliding_window),
+        interpret=dispatch._interpret(interpret),
     )
-    hkv = k.shape[2]
-    q5 = q.astype(jnp.float32).reshape(b, s, hkv, hq // hkv, d)
-    f32 = (x.astype(jnp.float32) for x in (k, v))
-    out = _attention(cfg, q5, *f32, q_segment_ids, kv_segment_ids)
-    return out.reshape(b, s, hq, d).astype(q.dtype)
+    return _attention(cfg, q, k, v, q_segment_ids, kv_segment_ids)
 
 
 def ring_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, **options) -> jax.Array:
@@ -137,6 +180,65 @@ def all_gather_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, **opt
     return context_attention(
         q, k, v, q_segment_ids, kv_segment_ids, strategy="all_gather", **options
     )
+
+
+# ---------------------------------------------------------------------------
+# One block pair: the flash kernel or the jnp block, [b, s, hq, d] in and out.
+# ---------------------------------------------------------------------------
+
+
+def _kernel_options(cfg: _Config, diagonal: bool) -> dict:
+    """A kernel call's mask: causal on local positions for a device's own block, none for
+    the (entirely visible) computed half of any other (module doc)."""
+    return dict(
+        mask=MaskSpec(causal=cfg.spec.causal and diagonal),
+        scale=cfg.scale,
+        logit_soft_cap=cfg.cap,
+        interpret=cfg.interpret,
+    )
+
+
+def _grouped(q: jax.Array, k: jax.Array) -> jax.Array:
+    """``[b, s, hq, d]`` -> float32 ``[b, s, hkv, g, d]`` (the jnp block's layout)."""
+    b, s, hq, d = q.shape
+    return q.astype(jnp.float32).reshape(b, s, k.shape[2], hq // k.shape[2], d)
+
+
+def _block_forward(cfg: _Config, q, k, v, q_seg, kv_seg, q_index, kv_index, diagonal: bool):
+    """``(o, lse)``, float32 ``[b, sq, hq, d]`` and ``[b, sq, hq]``, of one block pair."""
+    if cfg.kernel is not None:
+        o, lse = _KERNELS[cfg.kernel].flash_forward(
+            q, k, v, q_seg, kv_seg, **_kernel_options(cfg, diagonal)
+        )
+        return o.astype(jnp.float32), lse
+    mask = block.visible(cfg.spec, q_index, kv_index, q_seg, kv_seg)
+    f32 = (x.astype(jnp.float32) for x in (k, v))
+    o, lse = block.block_forward(_grouped(q, k), *f32, mask, scale=cfg.scale, cap=cfg.cap)
+    return o.reshape(q.shape), lse.reshape(q.shape[:-1])
+
+
+def _block_backward(cfg: _Config, q, k, v, q_seg, kv_seg, q_index, kv_index, o, lse, do, diagonal):
+    """float32 ``(dq, dk, dv)`` of one block pair from the rows' final ``o`` and ``lse``."""
+    if cfg.kernel is not None:
+        grads = _KERNELS[cfg.kernel].flash_backward(
+            q, k, v, q_seg, kv_seg, o, lse, do, **_kernel_options(cfg, diagonal)
+        )
+        return tuple(g.astype(jnp.float32) for g in grads)
+    mask = block.visible(cfg.spec, q_index, kv_index, q_seg, kv_seg)
+    do = do.astype(jnp.float32)
+    delta = jnp.sum(do * o.astype(jnp.float32), axis=-1)
+    grouped = (_grouped(x, k) for x in (q, do))
+    dq, dk, dv = block.block_backward(
+        next(grouped), k.astype(jnp.float32), v.astype(jnp.float32), next(grouped),
+        _grouped(lse[..., None], k)[..., 0], _grouped(delta[..., None], k)[..., 0], mask,
+        scale=cfg.scale, cap=cfg.cap,
+    )  # fmt: skip
+    return dq.reshape(q.shape), dk, dv
+
+
+# ---------------------------------------------------------------------------
+# The walk over key blocks.
+# ---------------------------------------------------------------------------
 
 
 def _kv_blocks(cfg: _Config, kv: tuple) -> Iterator[tuple[jax.Array, tuple]]:
@@ -200,24 +302,23 @@ def _rows(x: jax.Array | None, rows: slice) -> jax.Array | None:
 
 
 def _forward(cfg: _Config, q, k, v, q_seg, kv_seg):
-    """``(o, lse)`` of the local queries over the whole sequence (module doc)."""
+    """float32 ``(o, lse)`` of the local queries over the whole sequence (module doc)."""
     n, r = lax.axis_size(cfg.axis_name), lax.axis_index(cfg.axis_name)
     s = q.shape[1]
     q_index = shard_positions(cfg.layout, s, r, n)
-    o, lse = jnp.zeros_like(q), jnp.full(q.shape[:-1], MASK_VALUE, q.dtype)
+    o = jnp.zeros(q.shape, jnp.float32)
+    lse = jnp.full(q.shape[:-1], MASK_VALUE, jnp.float32)
     for t, (src, (k_t, v_t, seg_t)) in enumerate(_kv_blocks(cfg, (k, v, kv_seg))):
         kv_index = shard_positions(cfg.layout, s, src, n)
 
-        def compute(region: Region, k_t=k_t, v_t=v_t, seg_t=seg_t, kv_index=kv_index):
+        def compute(region: Region, t=t, k_t=k_t, v_t=v_t, seg_t=seg_t, kv_index=kv_index):
             if region is None:
-                return jnp.zeros_like(q), jnp.full(q.shape[:-1], MASK_VALUE, q.dtype)
+                return jnp.zeros(q.shape, jnp.float32), jnp.full(q.shape[:-1], MASK_VALUE)
             qs, ks = region
-            mask = block.visible(
-                cfg.spec, q_index[qs], kv_index[ks], _rows(q_seg, qs), _rows(seg_t, ks)
-            )
-            o_b, lse_b = block.block_forward(
-                q[:, qs], k_t[:, ks], v_t[:, ks], mask, scale=cfg.scale, cap=cfg.cap
-            )
+            o_b, lse_b = _block_forward(
+                cfg, q[:, qs], k_t[:, ks], v_t[:, ks], _rows(q_seg, qs), _rows(seg_t, ks),
+                q_index[qs], kv_index[ks], diagonal=t == 0,
+            )  # fmt: skip
             return _pad(o_b, qs, s, 0.0), _pad(lse_b, qs, s, MASK_VALUE)
 
         o, lse = block.merge(o, lse, *_run_step(cfg, t, src, s, compute))
@@ -231,25 +332,22 @@ def _backward(cfg: _Config, residuals, do):
     n, r = lax.axis_size(ax), lax.axis_index(ax)
     s = q.shape[1]
     q_index = shard_positions(cfg.layout, s, r, n)
-    delta = jnp.sum(do * o, axis=-1)
-    dq = jnp.zeros_like(q)
-    if cfg.strategy == "ring":
-        dkv = (jnp.zeros_like(k), jnp.zeros_like(v))  # travels with the block it belongs to
+    dq = jnp.zeros(q.shape, jnp.float32)
+    if cfg.strategy == "ring":  # travels with the block it belongs to
+        dkv = (jnp.zeros(k.shape, jnp.float32),) * 2
     else:
-        dkv = (jnp.zeros((k.shape[0], n * s, *k.shape[2:]), k.dtype),) * 2
+        dkv = (jnp.zeros((k.shape[0], n * s, *k.shape[2:]), jnp.float32),) * 2
     for t, (src, (k_t, v_t, seg_t)) in enumerate(_kv_blocks(cfg, (k, v, kv_seg))):
         kv_index = shard_positions(cfg.layout, s, src, n)
 
-        def compute(region: Region, k_t=k_t, v_t=v_t, seg_t=seg_t, kv_index=kv_index):
+        def compute(region: Region, t=t, k_t=k_t, v_t=v_t, seg_t=seg_t, kv_index=kv_index):
             if region is None:
-                return jnp.zeros_like(q), jnp.zeros_like(k_t), jnp.zeros_like(v_t)
+                nothing = jnp.zeros(k_t.shape, jnp.float32)
+                return jnp.zeros(q.shape, jnp.float32), nothing, nothing
             qs, ks = region
-            mask = block.visible(
-                cfg.spec, q_index[qs], kv_index[ks], _rows(q_seg, qs), _rows(seg_t, ks)
-            )
-            dq_b, dk_b, dv_b = block.block_backward(
-                q[:, qs], k_t[:, ks], v_t[:, ks], do[:, qs], lse[:, qs], delta[:, qs], mask,
-                scale=cfg.scale, cap=cfg.cap,
+            dq_b, dk_b, dv_b = _block_backward(
+                cfg, q[:, qs], k_t[:, ks], v_t[:, ks], _rows(q_seg, qs), _rows(seg_t, ks),
+                q_index[qs], kv_index[ks], o[:, qs], lse[:, qs], do[:, qs], diagonal=t == 0,
             )  # fmt: skip
             return _pad(dq_b, qs, s, 0.0), _pad(dk_b, ks, s, 0.0), _pad(dv_b, ks, s, 0.0)
 
@@ -266,18 +364,19 @@ def _backward(cfg: _Config, residuals, do):
             )
     if cfg.strategy == "all_gather":
         dkv = tuple(lax.psum_scatter(x, ax, scatter_dimension=1, tiled=True) for x in dkv)
-    return dq, *dkv
+    return dq.astype(q.dtype), *(g.astype(x.dtype) for g, x in zip(dkv, (k, v), strict=True))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(cfg: _Config, q, k, v, q_seg, kv_seg):
-    """q: [b, s, h, g, d], k, v: [b, s, h, d] float32 -> o: [b, s, h, g, d]."""
-    return _forward(cfg, q, k, v, q_seg, kv_seg)[0]
+    """q: [b, s, hq, d], k, v: [b, s, hkv, d] -> o: [b, s, hq, d] in q.dtype."""
+    return _forward(cfg, q, k, v, q_seg, kv_seg)[0].astype(q.dtype)
 
 
 def _attention_fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
     o, lse = _forward(cfg, q, k, v, q_seg, kv_seg)
-    return o, (q, k, v, q_seg, kv_seg, o, lse)
+    out = o.astype(q.dtype)
+    return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
 def _attention_bwd(cfg: _Config, residuals, do):

@@ -17,6 +17,7 @@ from jaxstack.data import ByteTokenizer, PackedDataset, lm_collate
 from jaxstack.mesh import make_mesh
 from jaxstack.models import Llama, preset
 from jaxstack.trainer import TrainConfig
+from pallas_kernels import dispatch
 
 CONFIG = preset(
     "tiny", vocab_size=264, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
@@ -103,6 +104,31 @@ def test_residual_stream_is_split(batch, case):
         assert f" {op}(" in hlo or f" {op}-start(" in hlo, op
     for op in absent:
         assert f" {op}(" not in hlo and f" {op}-start(" not in hlo, op
+
+
+@pytest.mark.parametrize(
+    "attention_impl, window, flash",
+    [("auto", None, True), ("auto", 12, False), ("xla", None, False)],
+)
+def test_attention_impl_picks_the_per_block_compute(monkeypatch, attention_impl, window, flash):
+    """On a GPU, ring attention's blocks run the flash kernel unless asked for XLA or a
+    sliding window (which a kernel call cannot express per block) is set."""
+    monkeypatch.setattr(dispatch, "_backend", lambda: "gpu")
+    config = CONFIG.replace(
+        context_parallel="ring", attention_impl=attention_impl, sliding_window=window
+    )
+    model = Llama(config)
+    ids = jnp.zeros((2, 32), jnp.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), ids[:1, :8])
+    with jax.set_mesh(make_mesh(data=2, sequence=4)):
+        jaxpr = str(jax.make_jaxpr(model.apply)(params, ids))
+    assert ("flash_attention_fwd" in jaxpr) == flash
+    if window is not None:
+        with (
+            jax.set_mesh(make_mesh(data=2, sequence=4)),
+            pytest.raises(ValueError, match="block_impl='pallas' cannot run a sliding window"),
+        ):
+            jax.eval_shape(Llama(config.replace(attention_impl="pallas")).apply, params, ids)
 
 
 def test_a_length_that_does_not_split_names_a_working_one():

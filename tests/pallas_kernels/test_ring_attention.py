@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import attention_reference
+from pallas_kernels import attention_reference, dispatch
 from pallas_kernels.collectives import (
     check_layout,
     context_attention,
@@ -19,6 +19,7 @@ from pallas_kernels.collectives import (
     shard_positions,
     to_layout,
 )
+from pallas_kernels.collectives.attention import block_kernel
 
 SHARDS = 4
 B, S, HQ, HKV, D = 2, 40, 4, 2, 8  # 40 = 5 chunks of 8 per zig-zag shard pair
@@ -82,21 +83,55 @@ def _values_and_grads(attend, q, k, v, weights):
     return out, vjp(weights)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_equals_full_attention_on_the_gathered_sequence(mesh, inputs, case):
-    strategy, layout, options, with_segments = CASES[case]
+KERNEL_CASES = {
+    # the flash kernels per block (interpret mode; no window: block_kernel), in float32 and
+    # in bfloat16 (K/V travel and kernels run in it; partial results merge in float32)
+    "ring-zigzag-causal-segments": ("ring", "zigzag", dict(causal=True), True),
+    "allgather-contiguous-causal-cap-bf16": (
+        "all_gather", "contiguous", dict(causal=True, logit_soft_cap=3.0), False,
+    ),
+}  # fmt: skip
+
+
+def _assert_equal_to_reference(
+    mesh, inputs, case, strategy, layout, options, with_segments, **block_impl
+):
     q, k, v, weights, seg = inputs
     seg = seg if with_segments else None
-    ours = jax.jit(
-        lambda q, k, v: _values_and_grads(
-            lambda *a: _sharded(mesh, strategy, layout, options, *a, seg), q, k, v, weights
-        )
-    )(q, k, v)
-    want = _values_and_grads(lambda *a: _reference(options, *a, seg), q, k, v, weights)
+    dtype = jnp.bfloat16 if case.endswith("bf16") else jnp.float32
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    attend = lambda *a: _sharded(mesh, strategy, layout, {**options, **block_impl}, *a, seg)  # noqa: E731
+    ours = jax.jit(lambda *a: _values_and_grads(attend, *a, weights.astype(dtype)))(q, k, v)
+    f32 = (x.astype(jnp.float32) for x in (q, k, v))
+    want = _values_and_grads(lambda *a: _reference(options, *a, seg), *f32, weights)
     for name, a, b in zip(
         ("out", "dq", "dk", "dv"), (ours[0], *ours[1]), (want[0], *want[1]), strict=True
     ):
-        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=f"{case}: {name}")
+        assert a.dtype == dtype, name
+        tol = 2e-5 if dtype == jnp.float32 else 2e-2 * float(jnp.abs(b).max())
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), b, atol=tol, rtol=tol, err_msg=f"{case}: {name}"
+        )
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_full_attention_on_the_gathered_sequence(mesh, inputs, case):
+    _assert_equal_to_reference(mesh, inputs, case, *CASES[case])
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_flash_kernels_per_block_equal_full_attention(mesh, inputs, case, backend, monkeypatch):
+    monkeypatch.setattr(dispatch, "_backend", lambda: backend)  # Triton or Mosaic kernels
+    _assert_equal_to_reference(
+        mesh, inputs, case, *KERNEL_CASES[case], block_impl="pallas", interpret=True
+    )
+
+
+def test_block_impl_is_checked():
+    with pytest.raises(ValueError, match=r"block_impl must be one of \('auto', 'pallas', 'xla'\)"):
+        block_kernel("triton", None)
+    assert block_kernel("auto", None) is None  # XLA on CPU
 
 
 def test_zigzag_layout_gives_every_shard_one_early_and_one_late_chunk():
