@@ -6,6 +6,7 @@ mixture-of-experts model's routing losses (what its layers sow into ``MOE_COLLEC
 added to the loss and reported as metrics.
 """
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -109,7 +110,17 @@ def lm_param_specs(
     return specs
 
 
+ANALYSIS_SEQ_LEN = 128
+"""Tokens the sharding rules' trace runs on at most: the layout does not depend on the
+length, and the rows each weight multiplies grow linearly with it (scaled up after)."""
+
+
 def lm_analysis(model: Llama, seq_len: int, abstract_params: Any) -> ModelAnalysis:
-    """The sharding rules' trace of the model's forward pass (ids -> logits), done once."""
-    ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    return analyze_model(lambda p, x: model.apply({"params": p}, x), abstract_params, ids)
+    """The sharding rules' trace of the model's forward pass (ids -> logits), done once, on
+    at most ``ANALYSIS_SEQ_LEN`` tokens with its per-weight rows scaled to ``seq_len``
+    (tracing a long sequence costs seconds and tells the rules nothing more)."""
+    traced = min(seq_len, ANALYSIS_SEQ_LEN)
+    ids = jax.ShapeDtypeStruct((1, traced), jnp.int32)
+    analysis = analyze_model(lambda p, x: model.apply({"params": p}, x), abstract_params, ids)
+    rows = {leaf: n * seq_len // traced for leaf, n in analysis.rows.items()}
+    return dataclasses.replace(analysis, rows=rows)
