@@ -4,9 +4,12 @@ run on 8 fake CPU devices (or the devices present when run on a GPU or TPU host)
 1. **Tensor parallelism** on ``data=2 x tensor=4``: ``tensor_parallel="plain"`` (the
    residual stream whole on every device, an all-reduce after o and down),
    ``"sequence_parallel"`` (Megatron-SP: the residual stream split over the sequence on
-   ``tensor``, an all-gather before q/k/v and gate/up and a reduce-scatter after o and down)
-   and ``"collective_matmul"`` (the same layout, each all-gather / reduce-scatter decomposed
-   into ring steps that overlap the matmul; ``jaxstack.layers.tensor_parallel``).
+   ``tensor``, an all-gather before q/k/v and one before gate/up, a reduce-scatter after o
+   and one after down),
+   ``"collective_matmul"`` (the same layout, each all-gather / reduce-scatter decomposed
+   into ring steps that overlap the matmul; ``jaxstack.layers.tensor_parallel``) and
+   ``"collective_matmul_bidirectional"`` (those rings both ways: half the ring each way,
+   about half the steps).
 2. **Context parallelism** on ``data=2 x sequence=4``: ``context_parallel="ring"`` (K/V
    blocks travel the ring while each device attends to the block at hand) and
    ``"all_gather"`` (K/V gathered once); ``jaxstack.layers.context_parallel``.
@@ -50,6 +53,9 @@ GROUPS = {
             "plain": dict(tensor_parallel="plain"),
             "sequence_parallel": dict(tensor_parallel="sequence_parallel"),
             "collective_matmul": dict(tensor_parallel="collective_matmul"),
+            "collective_matmul_bidirectional": dict(
+                tensor_parallel="collective_matmul_bidirectional"
+            ),
         },
     ),
     "context parallel (data=2, sequence=4)": (
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> Path:
         groups[group] = measure_group(args, axes, options, batch)
         for row in groups[group]["rows"]:
             print(
-                f"{group:40s} {row['variant']:18s} {row['median_step_s'] * 1e3:9.1f} ms "
+                f"{group:40s} {row['variant']:31s} {row['median_step_s'] * 1e3:9.1f} ms "
                 f"x{row['step_time_vs_baseline']:.2f}  loss {row['first_loss']:.5f}",
                 file=sys.stderr,
             )

@@ -58,7 +58,8 @@ class SwiGLU(nn.Module):
             dot_general=dot_general,
             name=name,
         )
-        gate = dense(self.hidden_size, "gate", column)(x)
-        up = dense(self.hidden_size, "up", column)(x)
+        # in the split modes x is gathered once for both
+        projections = [dense(self.hidden_size, name, column) for name in ("gate", "up")]
+        gate, up = tensor_parallel.project(x, projections, self.tensor_parallel)
         hidden = constrain(swiglu(gate, up), ("batch", "seq", "mlp"))
         return dense(x.shape[-1], "down", row)(hidden)

@@ -14,9 +14,16 @@ between its tensor-parallel regions (attention's q/k/v ... o, the MLP's gate/up 
 * ``"collective_matmul"``: the same layout, with that all-gather and reduce-scatter
   decomposed into ring steps that overlap the projection's matmul
   (:mod:`pallas_kernels.collectives`): the Pallas TPU kernels on TPU when their buffers fit
-  VMEM, the ``shard_map`` + ``ppermute`` ring everywhere else.
+  VMEM, else the ``shard_map`` + ``ppermute`` ring, both ways on TPU and one way elsewhere
+  (:func:`choose_ops`).
+* ``"collective_matmul_bidirectional"``: as ``collective_matmul``, always by the
+  bidirectional ``shard_map`` ring (half of each ring both ways, about half the steps).
 
-Both split modes act only under a mesh with ``tensor`` > 1 and without a KV cache
+The column-parallel projections of one input (q/k/v; gate/up) gather it once for all of
+them (:func:`project`): one ring whose every step multiplies the block at hand by each
+kernel, or one all-gather in ``sequence_parallel``.
+
+The split modes act only under a mesh with ``tensor`` > 1 and without a KV cache
 (training, scoring): a decode step has one token and stays ``plain``. Every tensor-parallel
 width (query heads, key/value heads, MLP width) must then be a multiple of ``tensor``, and
 the sequence a multiple of ``sequence x tensor`` (:func:`check`).
@@ -24,10 +31,14 @@ the sequence a multiple of ``sequence x tensor`` (:func:`check`).
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec
 
@@ -37,7 +48,16 @@ from pallas_kernels.collectives import reference
 from pallas_kernels.collectives import tpu as pallas_tpu
 from sharding_rules import constrain, fitting_spec, uses_our_axes
 
-TENSOR_PARALLEL = ("plain", "sequence_parallel", "collective_matmul")
+TENSOR_PARALLEL = (
+    "plain", "sequence_parallel", "collective_matmul", "collective_matmul_bidirectional"
+)  # fmt: skip
+
+IMPLEMENTATION: dict[str, str | None] = {
+    "sequence_parallel": "collective",
+    "collective_matmul": None,
+    "collective_matmul_bidirectional": "ring_bidirectional",
+}
+"""The ``OPS`` key of each split mode; None: :func:`choose_ops` by platform and size."""
 
 TPU_VMEM_BUDGET = 16 * 2**20
 """Bytes of per-device operands up to which ``collective_matmul`` uses the Pallas TPU
@@ -116,19 +136,26 @@ def constrain_residual(x: jax.Array, mode_: str) -> jax.Array:
 
 def choose_ops(buffer_bytes: int, platform: str | None = None) -> str:
     """``"pallas_tpu"`` on TPU (``platform``, default the default backend's) when the
-    kernel's per-device buffers, ``buffer_bytes``, fit ``TPU_VMEM_BUDGET``; else ``"ring"``."""
+    kernel's per-device buffers, ``buffer_bytes``, fit ``TPU_VMEM_BUDGET``; else the ring,
+    ``"ring_bidirectional"`` where ``ring.default_bidirectional`` says so (TPU), else
+    ``"ring"``."""
     platform = platform or jax.default_backend()
-    return "pallas_tpu" if platform == "tpu" and buffer_bytes <= TPU_VMEM_BUDGET else "ring"
+    if platform == "tpu" and buffer_bytes <= TPU_VMEM_BUDGET:
+        return "pallas_tpu"
+    return "ring_bidirectional" if ring.default_bidirectional(platform) else "ring"
 
 
-def tpu_all_gather_matmul(x, w, *, axis_name, interpret=False):
-    """The TPU kernel (2-D rows) on ``x [b, m, k]``: the gathered rows come device-major,
-    ``[n, b, m]``, and are reordered to ``[b, n m]``."""
+def tpu_all_gather_matmul(x, ws, *, axis_name, interpret=False):
+    """The TPU kernel (2-D rows) on ``x [b, m, k]`` and weights ``ws`` (``[k, f_i]``): they
+    are concatenated into one (one kernel call, the tokens travel once) and the product is
+    split back; the gathered rows come device-major, ``[n, b, m]``, and are reordered to
+    ``[b, n m]``."""
     b, m, _ = x.shape
-    y = pallas_tpu.all_gather_matmul(x.reshape(b * m, -1), w, axis_name=axis_name,
-                                     interpret=interpret)  # fmt: skip
+    y = pallas_tpu.all_gather_matmul(x.reshape(b * m, -1), jnp.concatenate(ws, axis=1),
+                                     axis_name=axis_name, interpret=interpret)  # fmt: skip
     n = y.shape[0] // (b * m)
-    return y.reshape(n, b, m, -1).transpose(1, 0, 2, 3).reshape(b, n * m, -1)
+    y = y.reshape(n, b, m, -1).transpose(1, 0, 2, 3).reshape(b, n * m, -1)
+    return tuple(jnp.split(y, np.cumsum([w.shape[1] for w in ws])[:-1], axis=-1))
 
 
 def tpu_matmul_reduce_scatter(x, w, *, axis_name, interpret=False):
@@ -141,17 +168,24 @@ def tpu_matmul_reduce_scatter(x, w, *, axis_name, interpret=False):
     return y.reshape(b, rows // n, -1)
 
 
+def _ring(bidirectional: bool) -> tuple[Callable, Callable]:
+    return tuple(functools.partial(op, bidirectional=bidirectional)
+                 for op in (ring.all_gather_matmul, ring.matmul_reduce_scatter))  # fmt: skip
+
+
 OPS: dict[str, tuple[Callable, Callable]] = {
     "collective": (
         reference.all_gather_matmul_reference,
         reference.matmul_reduce_scatter_reference,
     ),
-    "ring": (ring.all_gather_matmul, ring.matmul_reduce_scatter),
+    "ring": _ring(bidirectional=False),
+    "ring_bidirectional": _ring(bidirectional=True),
     "pallas_tpu": (tpu_all_gather_matmul, tpu_matmul_reduce_scatter),
 }
-"""``(all_gather_matmul, matmul_reduce_scatter)`` on ``[b, rows, k]`` per implementation:
-the whole collective then the matmul (``collective``), the ``shard_map`` ring, the Pallas TPU
-kernels."""
+"""``(all_gather_matmul, matmul_reduce_scatter)`` on ``[b, rows, k]`` per implementation
+(the first takes a tuple of weights and returns a tuple of products): the whole collective
+then the matmul (``collective``), the ``shard_map`` ring one way or both ways, the Pallas
+TPU kernels."""
 
 
 def _trailing_contraction(lhs, rhs, dimension_numbers, precision, preferred_element_type):
@@ -175,37 +209,91 @@ def _trailing_contraction(lhs, rhs, dimension_numbers, precision, preferred_elem
     return n
 
 
+def column_matmuls(
+    x: jax.Array, kernels: Sequence[jax.Array], implementation: str | None = None
+) -> tuple[jax.Array, ...]:
+    """Column-parallel projections of one input, ``x [b, s, k] @ kernel [k, out, ...]`` for
+    each kernel (``out`` split over ``tensor``): ``x`` arrives split over the sequence on
+    ``tensor``, is all-gathered once, ring step by ring step while each step's block is
+    multiplied by every kernel, and the products leave whole along the sequence (within its
+    ``sequence`` shard) with ``out`` split over ``tensor``. ``implementation``: a key of
+    ``OPS``, or None to :func:`choose_ops` by platform and size."""
+    sizes = _sizes()
+    batch = _batch_axes(x.shape, sizes)
+    tails = [(None,) * (kernel.ndim - 2) for kernel in kernels]
+
+    def local(x, *kernels):
+        ws = tuple(kernel.reshape(kernel.shape[0], -1) for kernel in kernels)
+        n, f = lax.axis_size("tensor"), sum(w.shape[1] for w in ws)
+        # the TPU kernel's buffers: x, the weights, the outputs and the gathered x
+        size = x.size * (1 + n) + sum(w.size for w in ws) + n * x.shape[0] * x.shape[1] * f
+        gather = OPS[implementation or choose_ops(size * x.dtype.itemsize)][0]
+        ys = gather(x, ws, axis_name="tensor")
+        return tuple(y.reshape(*y.shape[:2], *kernel.shape[1:])
+                     for y, kernel in zip(ys, kernels, strict=True))  # fmt: skip
+
+    return jax.shard_map(
+        local,
+        in_specs=(PartitionSpec(batch, _seq_axes(sizes, True), None),
+                  *(PartitionSpec(None, "tensor", *tail) for tail in tails)),
+        out_specs=tuple(PartitionSpec(batch, _seq_axes(sizes, False), "tensor", *tail)
+                        for tail in tails),
+        check_vma=False,
+    )(x, *kernels)  # fmt: skip
+
+
 def column_dot_general(implementation: str | None = None) -> Callable:
-    """A flax ``dot_general`` for a column-parallel projection ``x [b, s, k] @ w [k, out,
-    ...]`` (``out`` split over ``tensor``): ``x`` arrives split over the sequence on
-    ``tensor``, is all-gathered ring step by ring step while each step's block is
-    multiplied, and leaves whole along the sequence (within its ``sequence`` shard) with
-    ``out`` split over ``tensor``. ``implementation``: a key of ``OPS``, or None to
-    :func:`choose_ops` by platform and size."""
+    """A flax ``dot_general`` for one column-parallel projection ``x [b, s, k] @ w [k, out,
+    ...]``: :func:`column_matmuls` with that one kernel."""
 
     def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
         _trailing_contraction(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-        sizes = _sizes()
-        batch, out_dims = _batch_axes(lhs.shape, sizes), (None,) * (rhs.ndim - 2)
-
-        def local(x, kernel):
-            w = kernel.reshape(kernel.shape[0], -1)
-            n = lax.axis_size("tensor")
-            # the TPU kernel's buffers: x, w, the output and the gathered x
-            size = x.size * (1 + n) + w.size + n * x.shape[0] * x.shape[1] * w.shape[1]
-            gather = OPS[implementation or choose_ops(size * x.dtype.itemsize)][0]
-            y = gather(x, w, axis_name="tensor")
-            return y.reshape(*y.shape[:2], *kernel.shape[1:])
-
-        return jax.shard_map(
-            local,
-            in_specs=(PartitionSpec(batch, _seq_axes(sizes, True), None),
-                      PartitionSpec(None, "tensor", *out_dims)),
-            out_specs=PartitionSpec(batch, _seq_axes(sizes, False), "tensor", *out_dims),
-            check_vma=False,
-        )(lhs, rhs)  # fmt: skip
+        return column_matmuls(lhs, (rhs,), implementation)[0]
 
     return dot_general
+
+
+def _check_projections(layers: Sequence[nn.Module]) -> None:
+    first = layers[0]
+    for layer in layers:
+        if (
+            not isinstance(layer, nn.Dense | nn.DenseGeneral)
+            or getattr(layer, "axis", -1) not in (-1, (-1,))
+            or getattr(layer, "batch_dims", ())
+            or layer.precision is not None
+            or (layer.dtype, layer.param_dtype) != (first.dtype, first.param_dtype)
+        ):
+            raise ValueError(
+                "project takes nn.Dense / nn.DenseGeneral layers over the input's last axis, "
+                "without batch dims, at default precision and with one dtype and param_dtype; "
+                f"got {type(layer).__name__} {layer.name!r}"
+            )
+
+
+def project(x: jax.Array, layers: Sequence[nn.Module], mode_: str) -> list[jax.Array]:
+    """``[layer(x) for layer in layers]`` for column-parallel ``nn.Dense`` /
+    ``nn.DenseGeneral`` layers of one input ``x [b, s, k]`` (q/k/v; gate/up).
+
+    In the split modes the tokens are gathered once for all of them: the layers' kernels are
+    read from their parameters and multiplied in one :func:`column_matmuls` (one ring whose
+    every step multiplies the block at hand by each kernel, or one all-gather in
+    ``sequence_parallel``), then each layer's bias is added as its ``__call__`` would, after
+    the same dtype promotion. Parameters and checkpoints are those of the layers. In
+    ``plain``, and while initialising (the parameters do not exist yet), each layer is
+    called.
+    """
+    if mode_ == "plain" or layers[0].is_initializing():
+        return [layer(x) for layer in layers]
+    _check_projections(layers)
+    promoted = []
+    for layer in layers:
+        params = layer.variables["params"]
+        promoted.append(
+            layer.promote_dtype(x, params["kernel"], params.get("bias"), dtype=layer.dtype)
+        )
+    xs, kernels, biases = zip(*promoted, strict=True)  # xs: x in the layers' one dtype
+    ys = column_matmuls(xs[0], kernels, IMPLEMENTATION[mode_])
+    return [y if bias is None else y + bias for y, bias in zip(ys, biases, strict=True)]
 
 
 def row_dot_general(implementation: str | None = None) -> Callable:
@@ -242,9 +330,9 @@ def row_dot_general(implementation: str | None = None) -> Callable:
 def dot_generals(mode_: str) -> tuple[Callable, Callable]:
     """``(column, row)`` ``dot_general`` s for the Dense layers of a block in ``mode_``: the
     plain collective then the matmul in ``sequence_parallel``, the overlapped collective
-    matmuls in ``collective_matmul``, ``dense_dot_general`` in ``plain`` (XLA places the
-    all-reduces the sharding implies)."""
+    matmuls in the ``collective_matmul`` modes (``IMPLEMENTATION``), ``dense_dot_general``
+    in ``plain`` (XLA places the all-reduces the sharding implies)."""
     if mode_ == "plain":
         return dense_dot_general, dense_dot_general
-    implementation = "collective" if mode_ == "sequence_parallel" else None
+    implementation = IMPLEMENTATION[mode_]
     return column_dot_general(implementation), row_dot_general(implementation)

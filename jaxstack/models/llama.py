@@ -80,8 +80,9 @@ class LlamaConfig:
     """How activations sit on the ``tensor`` axis between tensor-parallel regions: ``plain``
     (whole), ``sequence_parallel`` (Megatron-SP: norms and residuals split over the sequence
     on ``tensor`` too) or ``collective_matmul`` (that split, with the all-gather before q/k/v,
-    gate/up and the reduce-scatter after o, down overlapped with their matmuls). The split
-    modes act under a mesh with ``tensor`` > 1 and no KV cache, and need the head counts and
+    gate/up and the reduce-scatter after o, down overlapped with their matmuls;
+    ``collective_matmul_bidirectional``: by rings running both ways). The split modes act
+    under a mesh with ``tensor`` > 1 and no KV cache, and need the head counts and
     ``intermediate_size`` to be multiples of ``tensor`` (``jaxstack.layers.tensor_parallel``,
     docs/long_context.md)."""
     initializer_range: float = 0.02

@@ -8,32 +8,90 @@ Here, on a ring of ``n`` devices of ``axis_name`` (Wang et al., "Overlap communi
 dependent computation via decomposition", ASPLOS 2023)::
 
     all_gather_matmul      x: [..., m, k] (rows split), w: [k, f]  ->  [..., n m, f]
-        step t: send the block on; y[rows of device r - t] = block @ w
+        each step: send the blocks at hand on; y[rows of their devices] = block @ w
     matmul_reduce_scatter  x: [..., n m, k], w: [k, f]  ->  [..., m, f] (summed, rows split)
-        step t: acc = acc + x[rows of device r - 1 - t] @ w; send acc on (the last stays)
+        each step: acc = received + x[rows of the device acc travels to] @ w; send acc on
 
 Each step's ``ppermute`` only depends on data of the previous step, so XLA's scheduler
 runs it while the step's matmul computes (on GPU/TPU with the flags of
 ``jaxstack.xla_flags``; XLA:CPU runs collectives synchronously).
 
+The ring (:func:`_routes`). One way (``bidirectional=False``): blocks travel to device
+``r + 1``, ``n - 1`` hops of a whole block; at step ``t`` device ``r`` holds the block of
+``r - t``. Both ways (``bidirectional=True``): blocks travel to ``r + 1`` and to ``r - 1``
+at once, each way covering half the ring: ``(n - 1) // 2`` hops of a whole block each way,
+and for even ``n`` one more hop in which the block of the opposite device (``n / 2`` away)
+arrives in two parts, its first ``ceil(m / 2)`` rows from one side and the rest from the
+other (a single row comes whole from one side). Every device then receives ``(n - 1) / 2``
+blocks over each of its two links instead of ``n - 1`` over one, in about half the steps.
+The reduce-scatter runs the same routes with partial sums in place of blocks.
+
+Several weights (``all_gather_matmul(x, [wq, wk, wv])``): the tokens travel once and each
+step multiplies the blocks at hand by every weight; the backward's reduce-scatter sums
+``dy_i @ w_i^T`` over the weights in every step, so it too is one ring.
+
 Backward: the gradient of one is the other. For ``y = all_gather_matmul(x, w)``:
 ``dx = matmul_reduce_scatter(dy, w^T)`` and ``dw = x_gathered^T dy`` (the forward keeps the
 gathered ``x`` it assembled anyway); for ``y = matmul_reduce_scatter(x, w)``:
-``dx, dy_gathered = all_gather_matmul(dy, w^T)`` and ``dw = x^T dy_gathered``.
+``dx, dy_gathered = all_gather_matmul(dy, w^T)`` and ``dw = x^T dy_gathered``. Both run on
+the forward's routes.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+Route = tuple[int, tuple[slice, ...]]
+"""A direction of the ring (+1: towards device ``r + 1``, -1: towards ``r - 1``) and the rows
+of a block that each of its hops carries."""
 
-def _shift(x: jax.Array, axis_name: str) -> jax.Array:
+
+def default_bidirectional(platform: str | None = None) -> bool:
+    """Whether the rings run both ways when not told (``bidirectional=None``): on TPU only.
+
+    Ring neighbours on a TPU are joined by ICI links that carry data both ways at once; a
+    one-way ring loads one direction of each link and leaves the other idle, so running both
+    ways halves the time the bytes take as well as the number of steps. Behind an NVLink
+    switch (GPU), a one-way ring already sends and receives at full rate on each device's
+    port: both ways moves the same bytes per port in half as many, twice as large, steps,
+    fewer step latencies for coarser overlap and no clear gain. XLA:CPU overlaps nothing.
+    ``platform``: default the default backend's.
+    """
+    return (platform or jax.default_backend()) == "tpu"
+
+
+def _routes(n: int, m: int, bidirectional: bool) -> list[Route]:
+    """The ring for blocks of ``m`` rows on ``n`` devices (module doc). Only a route's last
+    hop may carry part of a block; routes without hops (``n == 1``) are left out."""
+    whole = slice(0, m)
+    if not bidirectional:
+        routes = [(1, (whole,) * (n - 1))]
+    else:
+        hops = (whole,) * ((n - 1) // 2)
+        cut = (m + 1) // 2  # even n: the opposite device's block, split between the ways
+        ends = ((), ()) if n % 2 else ((slice(0, cut),), (slice(cut, m),))
+        routes = [(1, hops + ends[0]), (-1, hops + ends[1])]
+    routes = [(way, tuple(rows for rows in hops if rows.stop > rows.start)) for way, hops in routes]
+    return [(way, hops) for way, hops in routes if hops]
+
+
+def _shift(x: jax.Array, axis_name: str, way: int) -> jax.Array:
     n = lax.axis_size(axis_name)
-    return lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
+    return lax.ppermute(x, axis_name, [(i, (i + way) % n) for i in range(n)])
+
+
+def _add_rows(acc: jax.Array, acc_rows: slice, part: jax.Array, part_rows: slice) -> jax.Array:
+    """``acc`` (block rows ``acc_rows``) plus ``part`` on the rows ``part_rows`` it covers."""
+    if part.shape == acc.shape:
+        return acc + part
+    start, axis = part_rows.start - acc_rows.start, acc.ndim - 2
+    window = lax.slice_in_dim(acc, start, start + part.shape[-2], axis=axis)
+    return lax.dynamic_update_slice_in_dim(acc, window + part, start, axis)
 
 
 def _check(x: jax.Array, w: jax.Array, name: str) -> None:
@@ -44,39 +102,70 @@ def _check(x: jax.Array, w: jax.Array, name: str) -> None:
         )
 
 
-def _gather_matmul(x: jax.Array, w: jax.Array, axis_name: str) -> tuple[jax.Array, jax.Array]:
-    """``(all_gather(x) @ w, all_gather(x))`` by ring steps."""
+def _gather_matmul(
+    x: jax.Array, ws: tuple[jax.Array, ...], axis_name: str, bidirectional: bool
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """``(all_gather(x) @ w for w in ws), all_gather(x)`` by ring steps."""
     n, r = lax.axis_size(axis_name), lax.axis_index(axis_name)
     m, axis = x.shape[-2], x.ndim - 2
-    y = jnp.zeros((*x.shape[:-2], n * m, w.shape[1]), jnp.result_type(x, w))
-    gathered = jnp.zeros((*x.shape[:-2], n * m, x.shape[-1]), x.dtype)
-    held = x
-    for t in range(n):
-        nxt = _shift(held, axis_name) if t < n - 1 else None
-        start = ((r - t) % n) * m
-        y = lax.dynamic_update_slice_in_dim(y, jnp.matmul(held, w), start, axis)
-        gathered = lax.dynamic_update_slice_in_dim(gathered, held, start, axis)
-        held = nxt
-    return y, gathered
+    lead = x.shape[:-2]
+    ys = [jnp.zeros((*lead, n * m, w.shape[1]), jnp.result_type(x, w)) for w in ws]
+    gathered = jnp.zeros((*lead, n * m, x.shape[-1]), x.dtype)
+    routes = _routes(n, m, bidirectional)
+    held = [x] * len(routes)  # per route: the block it forwards next
+    at_hand = [(x, r, 0)]  # (rows, their device, their first row in its block)
+    longest = max((len(hops) for _, hops in routes), default=0)
+    for hop in range(1, longest + 2):  # the last step only multiplies what arrived
+        arriving = []  # this hop's transfers: in flight while the blocks at hand multiply
+        for i, (way, hops) in enumerate(routes):
+            if hop <= len(hops):
+                held[i] = _shift(held[i][..., hops[hop - 1], :], axis_name, way)
+                arriving.append((held[i], (r - way * hop) % n, hops[hop - 1].start))
+        for block, device, first in at_hand:
+            start = device * m + first
+            ys = [lax.dynamic_update_slice_in_dim(y, jnp.matmul(block, w), start, axis)
+                  for y, w in zip(ys, ws, strict=True)]  # fmt: skip
+            gathered = lax.dynamic_update_slice_in_dim(gathered, block, start, axis)
+        at_hand = arriving
+    return tuple(ys), gathered
 
 
-def _matmul_scatter(x: jax.Array, w: jax.Array, axis_name: str) -> jax.Array:
-    """``psum_scatter(x @ w)`` by ring steps."""
+def _matmul_scatter(
+    xs: tuple[jax.Array, ...], ws: tuple[jax.Array, ...], axis_name: str, bidirectional: bool
+) -> jax.Array:
+    """``psum_scatter(sum_i xs[i] @ ws[i])`` by ring steps."""
     n, r = lax.axis_size(axis_name), lax.axis_index(axis_name)
-    rows, axis = x.shape[-2], x.ndim - 2
+    rows, axis = xs[0].shape[-2], xs[0].ndim - 2
     if rows % n:
         raise ValueError(
             f"matmul_reduce_scatter splits the {rows} rows of x over {n} devices of "
             f"{axis_name!r}; use a row count that is a multiple of {n}."
         )
     m = rows // n
-    acc = None
-    for t in range(n):
-        part = jnp.matmul(lax.dynamic_slice_in_dim(x, ((r - 1 - t) % n) * m, m, axis), w)
-        acc = part if acc is None else acc + part
-        if t < n - 1:
-            acc = _shift(acc, axis_name)
-    return acc
+
+    def part(device: jax.Array, block_rows: slice) -> jax.Array:
+        """This device's term of rows ``block_rows`` of ``device``'s block."""
+        start, size = device * m + block_rows.start, block_rows.stop - block_rows.start
+        terms = [jnp.matmul(lax.dynamic_slice_in_dim(x, start, size, axis), w)
+                 for x, w in zip(xs, ws, strict=True)]  # fmt: skip
+        return functools.reduce(jnp.add, terms)
+
+    routes = _routes(n, m, bidirectional)
+    sums = [None] * len(routes)  # per route: (partial sum in flight, the block rows it holds)
+    # a route's partial sum for device b starts len(hops) hops before b and reaches it last
+    longest = max((len(hops) for _, hops in routes), default=0)
+    for distance in range(longest, 0, -1):
+        for i, (way, hops) in enumerate(routes):
+            if distance <= len(hops):
+                block_rows = hops[distance - 1]
+                acc = part((r + way * distance) % n, block_rows)
+                if sums[i] is not None:
+                    acc = _add_rows(acc, block_rows, *sums[i])
+                sums[i] = (_shift(acc, axis_name, way), block_rows)
+    y = part(r, slice(0, m))
+    for received in sums:
+        y = _add_rows(y, slice(0, m), *received)
+    return y
 
 
 def _weight_grad(x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
@@ -86,68 +175,90 @@ def _weight_grad(x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
     return dw.astype(w.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _all_gather_matmul(x, w, axis_name):
-    return _gather_matmul(x, w, axis_name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _all_gather_matmul(x, ws, axis_name, bidirectional):
+    return _gather_matmul(x, ws, axis_name, bidirectional)[0]
 
 
-def _all_gather_matmul_fwd(x, w, axis_name):
-    y, gathered = _gather_matmul(x, w, axis_name)
-    return y, (gathered, w)
+def _all_gather_matmul_fwd(x, ws, axis_name, bidirectional):
+    ys, gathered = _gather_matmul(x, ws, axis_name, bidirectional)
+    return ys, (gathered, ws)
 
 
-def _all_gather_matmul_bwd(axis_name, residuals, dy):
-    gathered, w = residuals
-    dx = _matmul_scatter(dy, w.T, axis_name).astype(gathered.dtype)
-    return dx, _weight_grad(gathered, dy, w)
+def _all_gather_matmul_bwd(axis_name, bidirectional, residuals, dys):
+    gathered, ws = residuals
+    w_ts = tuple(w.T for w in ws)
+    dx = _matmul_scatter(dys, w_ts, axis_name, bidirectional).astype(gathered.dtype)
+    return dx, tuple(_weight_grad(gathered, dy, w) for dy, w in zip(dys, ws, strict=True))
 
 
 _all_gather_matmul.defvjp(_all_gather_matmul_fwd, _all_gather_matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul_reduce_scatter(x, w, axis_name):
-    return _matmul_scatter(x, w, axis_name)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul_reduce_scatter(x, w, axis_name, bidirectional):
+    return _matmul_scatter((x,), (w,), axis_name, bidirectional)
 
 
-def _matmul_reduce_scatter_fwd(x, w, axis_name):
-    return _matmul_scatter(x, w, axis_name), (x, w)
+def _matmul_reduce_scatter_fwd(x, w, axis_name, bidirectional):
+    return _matmul_scatter((x,), (w,), axis_name, bidirectional), (x, w)
 
 
-def _matmul_reduce_scatter_bwd(axis_name, residuals, dy):
+def _matmul_reduce_scatter_bwd(axis_name, bidirectional, residuals, dy):
     x, w = residuals
-    dx, dy_gathered = _gather_matmul(dy, w.T, axis_name)
+    (dx,), dy_gathered = _gather_matmul(dy, (w.T,), axis_name, bidirectional)
     return dx.astype(x.dtype), _weight_grad(x, dy_gathered, w)
 
 
 _matmul_reduce_scatter.defvjp(_matmul_reduce_scatter_fwd, _matmul_reduce_scatter_bwd)
 
 
-def all_gather_matmul(x: jax.Array, w: jax.Array, *, axis_name: str) -> jax.Array:
+def all_gather_matmul(
+    x: jax.Array,
+    w: jax.Array | Sequence[jax.Array],
+    *,
+    axis_name: str,
+    bidirectional: bool | None = None,
+) -> jax.Array | tuple[jax.Array, ...]:
     """``all_gather(x, axis=-2) @ w`` by overlapped ring steps (per-device code).
 
     Args:
       x: ``[..., m, k]`` this device's rows; the gathered rows are ordered by device index.
-      w: ``[k, f]`` this device's weight (e.g. a column-parallel shard).
+      w: ``[k, f]`` this device's weight (e.g. a column-parallel shard), or a list or tuple
+        of weights ``[k, f_i]`` that multiply the same gathered rows (q, k, v): the rows
+        travel once, each step multiplying the blocks at hand by every weight.
       axis_name: the mesh axis of the ring (inside ``shard_map``).
+      bidirectional: run the ring both ways (module doc); None: :func:`default_bidirectional`.
 
     Returns:
-      ``[..., n * m, f]``, equal to ``reference.all_gather_matmul_reference``.
+      ``[..., n * m, f]``, equal to ``reference.all_gather_matmul_reference``; for a list or
+      tuple of weights, a tuple of those.
     """
-    _check(x, w, "all_gather_matmul")
-    return _all_gather_matmul(x, w, axis_name)
+    several = isinstance(w, list | tuple)
+    ws = tuple(w) if several else (w,)
+    if not ws:
+        raise ValueError("all_gather_matmul got an empty list of weights; pass at least one.")
+    for one in ws:
+        _check(x, one, "all_gather_matmul")
+    way = default_bidirectional() if bidirectional is None else bidirectional
+    ys = _all_gather_matmul(x, ws, axis_name, way)
+    return ys if several else ys[0]
 
 
-def matmul_reduce_scatter(x: jax.Array, w: jax.Array, *, axis_name: str) -> jax.Array:
+def matmul_reduce_scatter(
+    x: jax.Array, w: jax.Array, *, axis_name: str, bidirectional: bool | None = None
+) -> jax.Array:
     """``psum_scatter(x @ w, scatter_dimension=-2)`` by overlapped ring steps.
 
     Args:
       x: ``[..., rows, k]`` (e.g. the activations of a row-parallel layer, ``k`` split).
       w: ``[k, f]`` this device's weight shard.
       axis_name: the mesh axis of the ring; its size must divide ``rows``.
+      bidirectional: run the ring both ways (module doc); None: :func:`default_bidirectional`.
 
     Returns:
       ``[..., rows / n, f]``: device ``r`` holds rows block ``r`` of the sum over devices.
     """
     _check(x, w, "matmul_reduce_scatter")
-    return _matmul_reduce_scatter(x, w, axis_name)
+    way = default_bidirectional() if bidirectional is None else bidirectional
+    return _matmul_reduce_scatter(x, w, axis_name, way)

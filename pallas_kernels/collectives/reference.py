@@ -7,14 +7,22 @@ Per-device code (inside ``shard_map``), the same signatures as
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 
-def all_gather_matmul_reference(x: jax.Array, w: jax.Array, *, axis_name: str) -> jax.Array:
-    """``all_gather(x) @ w``: x ``[..., m, k]`` gathered along ``m`` -> ``[..., n * m, f]``."""
-    return jnp.matmul(lax.all_gather(x, axis_name, axis=x.ndim - 2, tiled=True), w)
+def all_gather_matmul_reference(
+    x: jax.Array, w: jax.Array | Sequence[jax.Array], *, axis_name: str
+) -> jax.Array | tuple[jax.Array, ...]:
+    """``all_gather(x) @ w``: x ``[..., m, k]`` gathered along ``m`` -> ``[..., n * m, f]``;
+    for a list or tuple of weights, one gather and a tuple of products."""
+    gathered = lax.all_gather(x, axis_name, axis=x.ndim - 2, tiled=True)
+    if isinstance(w, list | tuple):
+        return tuple(jnp.matmul(gathered, one) for one in w)
+    return jnp.matmul(gathered, w)
 
 
 def matmul_reduce_scatter_reference(x: jax.Array, w: jax.Array, *, axis_name: str) -> jax.Array:
