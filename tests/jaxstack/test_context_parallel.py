@@ -47,7 +47,9 @@ MESHES = {
         dict(data=2, tensor=2, sequence=2),
         dict(context_parallel="all_gather", tensor_parallel="collective_matmul"),
     ),
-    "tensor4-data2-collective": (dict(data=2, tensor=4), dict(tensor_parallel="collective_matmul")),
+    "tensor4-data2-collective-bidirectional": (
+        dict(data=2, tensor=4), dict(tensor_parallel="collective_matmul_bidirectional"),
+    ),
 }  # fmt: skip
 
 
