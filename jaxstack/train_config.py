@@ -88,7 +88,9 @@ class TrainConfig:
     shuffle: bool = True
     """Shuffle the training data (deterministically per epoch)."""
     progress_bar: bool = True
-    """Show a console progress bar."""
+    """Show a live progress bar where the console redraws (a terminal, a notebook). False, or
+    stdout to a file or a pipe (a job log): one plain line per logged step instead
+    (``jaxstack.metrics``), flushed at once, from process 0."""
     preemption_grace_s: float = 300.0
     """After SIGTERM / SIGINT the run finishes its step, saves and exits; if that takes longer
     than this many seconds it exits without the save."""

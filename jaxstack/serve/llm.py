@@ -12,6 +12,7 @@ from jax.sharding import Mesh
 from jaxstack import hf as hf_io
 from jaxstack.data import load_tokenizer
 from jaxstack.data.tokenizers import Tokenizer
+from jaxstack.metrics import long_step
 from jaxstack.models.llama import Llama
 from jaxstack.run import load_run
 from jaxstack.serve.engine import Engine, EngineConfig, QueueFullError, RequestOutput
@@ -58,11 +59,13 @@ class LLM:
         """``bos_token`` / ``eos_token`` strings for the chat template."""
         if hf is not None:
             tokenizer = tokenizer or load_tokenizer(hf)
-            model, _, params = hf_io.load(hf)
+            with long_step(f"loading weights from {hf}", progress):
+                model, _, params = hf_io.load(hf)
             self.chat_template, self.chat_tokens = read_chat_template(hf)
             self.name = os.path.basename(os.path.normpath(hf))
         elif work_dir is not None:
-            run, model, params = load_run(work_dir)
+            with long_step(f"loading weights from {work_dir}", progress):
+                run, model, params = load_run(work_dir)
             tokenizer = tokenizer or load_tokenizer(run.data.tokenizer)
             self.name = os.path.basename(os.path.normpath(work_dir))
         else:
