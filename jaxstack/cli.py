@@ -30,7 +30,7 @@ from jaxstack.metrics import long_step
 from jaxstack.models import PRESETS, preset
 from jaxstack.overrides import field_names, parse_overrides
 from jaxstack.planning import choose_mesh, plan_run
-from jaxstack.run import RUN_FILE, RunConfig, load_run, train
+from jaxstack.run import RUN_FILE, RunConfig, has_checkpoint, load_run, train
 from jaxstack.serve import LLM
 from jaxstack.serve.server import serve
 from jaxstack.trainer import NonFiniteError, TrainConfig
@@ -118,7 +118,6 @@ def _run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
     """The run of ``--model``, then ``--config``, then the overrides, built and validated once
     at the end: a check across fields sees the values they ended with, whatever the order
     of the flags."""
-    run = RunConfig(model=preset(args.model)) if args.model else RunConfig()
     raw = {}
     if args.config:
         path = Path(args.config)
@@ -128,8 +127,20 @@ def _run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"config file {path} is not valid JSON: {error}") from None
-    run = run.with_family_of(raw)
-    changes = parse_overrides(run, _split_overrides(extra))
+    overrides = _split_overrides(extra)
+    init_hf = overrides.get("init.hf") or (raw.get("init") or {}).get("hf")
+    if init_hf:  # the model (and tokenizer) of a Hugging Face directory
+        if args.model:
+            raise ValueError(
+                f"--model {args.model} and --init.hf {init_hf} both choose the model; drop "
+                "--model (the model comes from the directory's config.json)"
+            )
+        check_model_dir(init_hf, "--init.hf")
+        run = RunConfig.from_hf(init_hf)
+    else:
+        run = RunConfig(model=preset(args.model)) if args.model else RunConfig()
+        run = run.with_family_of(raw)
+    changes = parse_overrides(run, overrides)
     return RunConfig.from_dict(_merge(_merge(run.to_dict(), raw), changes))
 
 
@@ -218,8 +229,7 @@ def check_run_dir(path: str, flag: str, needs_run: bool) -> None:
             else "not a jaxstack run; give the --train.work_dir of a train or demo run"
         )
         raise FileNotFoundError(f"work dir {path} has no {RUN_FILE}: it is {what}")
-    steps = directory / "checkpoints"
-    if not (steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())):
+    if not has_checkpoint(directory):
         raise FileNotFoundError(
             f"work dir {path} has no checkpoint yet (checkpoints/ is empty); train it first: "
             f"jaxstack train --train.work_dir {path}"

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxstack import hf
 from jaxstack.checkpoint import load_params
 from jaxstack.data import PackedDataset, Prefix, lm_collate, load_tokenizer
 from jaxstack.data.text import resolve_paths
@@ -23,6 +24,7 @@ from jaxstack.layers.moe import route_router_bias
 from jaxstack.layers.rope import Llama3RopeScaling
 from jaxstack.lm import lm_analysis, lm_functions, lm_param_specs
 from jaxstack.mesh import make_mesh, parse_mesh
+from jaxstack.metrics import long_step
 from jaxstack.models import FAMILIES, Llama, LlamaConfig, family_of, model_for, preset
 from jaxstack.optim import optimizer_for, weight_decay_mask
 from jaxstack.overrides import check_types
@@ -49,12 +51,31 @@ class DataConfig:
     """Cap on the number of text files read (stdlib / globs), in sorted order."""
     eval_examples: int = 64
     """Sequences held out from the end of the data for evaluation."""
+    eos_id: int | None = None
+    """The end-of-document token id that separates packed documents. None: ``eos_token``'s,
+    else the tokenizer's EOS, else ``eos_token_id`` of the tokenizer directory's
+    ``generation_config.json`` or ``config.json``."""
+    eos_token: str | None = None
+    """The end-of-document token as text (e.g. ``</s>``, ``<|end_of_text|>``), looked up in
+    the tokenizer; used when ``eos_id`` is None."""
 
     def __post_init__(self) -> None:
         check_types(self)
         for name in ("seq_len", "max_files", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if self.eos_id is not None and self.eos_id < 0:
+            raise ValueError(f"data.eos_id={self.eos_id} must be >= 0")
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Where a new run's parameters come from; a run resuming its checkpoint ignores it."""
+
+    hf: str | None = None
+    """A local Hugging Face model directory to fine-tune: ``RunConfig.from_hf`` takes the
+    model config from its ``config.json`` and the tokenizer from it, ``train`` streams its
+    weights into the run's sharded placement, with a fresh optimizer state."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,7 @@ class RunConfig:
     mesh: str = "data=-1"
     """Mesh axis sizes, e.g. ``data=2,tensor=4`` (one axis may be -1: the rest of devices),
     or ``auto``: the fitting (data, fsdp, tensor) shape with the least communication."""
+    init: InitConfig = field(default_factory=InitConfig)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -87,6 +109,18 @@ class RunConfig:
         raw = dataclasses.asdict(self)
         raw["model"] = {"family": family_of(self.model), **raw["model"]}
         return raw
+
+    @classmethod
+    def from_hf(cls, hf_dir: str | Path) -> "RunConfig":
+        """The default run with the model of a Hugging Face directory (its ``config.json``),
+        its tokenizer, and ``init.hf`` set to it: ``jaxstack train --init.hf DIR``.
+
+        Raises:
+            FileNotFoundError / ValueError: no or an unsupported config.json.
+        """
+        hf_dir = str(hf_dir)
+        model = hf.config_from_hf(hf.read_hf_config(hf_dir))
+        return cls(model=model, data=DataConfig(tokenizer=hf_dir), init=InitConfig(hf=hf_dir))
 
     def with_family_of(self, raw: dict) -> "RunConfig":
         """This config, or with the default model of the family ``raw["model"]["family"]``
@@ -121,10 +155,13 @@ class RunConfig:
         """
         model = dict(raw.get("model", {}))
         family = _family(model.pop("family", "llama"))  # run.json files before families: llama
-        sections = {"model": family.config, "data": DataConfig, "train": TrainConfig}
+        sections = {"model": family.config, "data": DataConfig, "train": TrainConfig,
+                    "init": InitConfig}  # fmt: skip
         unknown = sorted(set(raw) - {*sections, "mesh"})
         if unknown:
-            raise KeyError(f"unknown config sections {unknown}; valid: model, data, train, mesh")
+            raise KeyError(
+                f"unknown config sections {unknown}; valid: model, data, train, init, mesh"
+            )
         built = {}
         for name, kind in sections.items():
             values = model if name == "model" else dict(raw.get(name, {}))
@@ -169,14 +206,52 @@ def _source_files(data: DataConfig) -> list[str]:
     return [str(p) for p in resolve_paths(pattern)][: data.max_files]
 
 
+def eos_id_for(data: DataConfig, tokenizer: Tokenizer) -> int:
+    """The end-of-document id of a run: ``data.eos_id``, ``data.eos_token``'s id, the
+    tokenizer's EOS, or ``eos_token_id`` of ``generation_config.json`` / ``config.json``
+    beside the tokenizer (the first of a list), in that order.
+
+    Raises:
+        ValueError: none of these gives one, or ``eos_token`` is not in the vocabulary; the
+            message names the ``--data.eos_token`` / ``--data.eos_id`` flags.
+    """
+    if data.eos_id is not None:
+        return data.eos_id
+    if data.eos_token is not None:
+        token_id = getattr(tokenizer, "token_id", lambda _: None)(data.eos_token)
+        if token_id is None:
+            raise ValueError(
+                f"--data.eos_token {data.eos_token!r} is not a token of {data.tokenizer}; "
+                "give a token it has, or --data.eos_id N"
+            )
+        return token_id
+    if tokenizer.eos_id is not None:
+        return tokenizer.eos_id
+    folder = Path(data.tokenizer)
+    folder = folder if folder.is_dir() else folder.parent
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        found = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        found = found[0] if isinstance(found, list) and found else found
+        if isinstance(found, int):
+            return found
+    raise ValueError(
+        f"the tokenizer {data.tokenizer} has no end-of-document (EOS) token, and no "
+        "generation_config.json or config.json beside it names one; pass --data.eos_token "
+        "TEXT (e.g. '</s>') or --data.eos_id N"
+    )
+
+
 def build_datasets(data: DataConfig, tokenizer: Tokenizer) -> tuple[Sequence, list]:
     """The packed training set and a held-out evaluation list from its last sequences."""
     if data.source.endswith(".bin"):
         full = PackedDataset.from_memmap(data.source, seq_len=data.seq_len)
-    elif data.source.endswith(".jsonl"):
-        full = PackedDataset.from_jsonl(data.source, tokenizer, seq_len=data.seq_len)
     else:
-        full = PackedDataset.from_text_files(_source_files(data), tokenizer, seq_len=data.seq_len)
+        eos = dict(seq_len=data.seq_len, eos_id=eos_id_for(data, tokenizer))
+        if data.source.endswith(".jsonl"):
+            full = PackedDataset.from_jsonl(data.source, tokenizer, **eos)
+        else:
+            full = PackedDataset.from_text_files(_source_files(data), tokenizer, **eos)
     if len(full) <= 2 * data.eval_examples:
         raise ValueError(
             f"data source {data.source!r} gives only {len(full)} sequences of {data.seq_len} "
@@ -187,8 +262,16 @@ def build_datasets(data: DataConfig, tokenizer: Tokenizer) -> tuple[Sequence, li
     return Prefix(full, train_size), eval_set
 
 
+def has_checkpoint(work_dir: str | Path) -> bool:
+    """Whether ``work_dir/checkpoints`` holds a saved step (looked up without Orbax)."""
+    steps = work_path(work_dir) / "checkpoints"
+    return steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())
+
+
 def make_trainer(run: RunConfig, tokenizer: Tokenizer) -> Trainer:
-    """A Trainer for ``run``'s model, with the LM loss and prediction functions."""
+    """A Trainer for ``run``'s model, with the LM loss and prediction functions; a new run
+    with ``init.hf`` starts from that directory's weights, streamed into their sharded
+    placement."""
     if tokenizer.vocab_size > run.model.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -197,15 +280,21 @@ def make_trainer(run: RunConfig, tokenizer: Tokenizer) -> Trainer:
     model = model_for(run.model)
     loss_fn, pred_fn = lm_functions(model)
     init = lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]  # noqa: E731
+    mesh = make_mesh(**mesh_axis_sizes(run))
+    specs = lm_param_specs(model, run.data.seq_len)
+    params = init
+    if run.init.hf and not has_checkpoint(run.train.work_dir):
+        with long_step(f"loading weights from {run.init.hf}"):
+            params = hf.read_params(run.init.hf, run.model, mesh=mesh, param_specs=specs)
     return Trainer(
-        params=init,
+        params=params,
         collate_fn=lm_collate,
         loss_fn=loss_fn,
         pred_fn=pred_fn,
         config=run.train,
-        mesh=make_mesh(**mesh_axis_sizes(run)),
+        mesh=mesh,
         optimizer=_router_bias_optimizer(run, model, init),
-        param_specs_fn=lm_param_specs(model, run.data.seq_len),
+        param_specs_fn=specs,
         flops_per_token=run.model.flops_per_token(run.data.seq_len),
     )
 
@@ -287,9 +376,27 @@ def train(run: RunConfig, resume: str = "auto") -> tuple[Trainer, list[dict]]:
         saved.write_text(json.dumps(run.to_dict(), indent=2))
     try:
         records = trainer.fit(train_set, eval_set, restore_data_position=not new_data)
+        if run.train.export_hf and not trainer.preempted:
+            export_hf(run, trainer.params, run.train.export_hf)
     finally:
         trainer.close()
     return trainer, records
+
+
+def export_hf(run: RunConfig, params, out_dir: str | Path) -> Path:
+    """Write ``params`` of ``run``'s model to ``out_dir`` as a Hugging Face directory, in the
+    dtype of the ``init.hf`` model (``torch_dtype`` of its config.json; else the params'),
+    with the tokenizer files of the run's tokenizer directory; returns ``out_dir``."""
+    tokenizer = Path(run.data.tokenizer)
+    tokenizer_dir = None if run.data.tokenizer == "byte" else tokenizer
+    if tokenizer_dir is not None and tokenizer.is_file():
+        tokenizer_dir = tokenizer.parent
+    dtype = None
+    if run.init.hf:
+        source = hf.read_hf_config(run.init.hf)
+        dtype = source.get("torch_dtype") or source.get("dtype")
+    with long_step(f"exporting the model to {out_dir}"):
+        return hf.save(out_dir, run.model, params, tokenizer_dir=tokenizer_dir, dtype=dtype)
 
 
 def load_run(work_dir: str | Path) -> tuple[RunConfig, Llama, dict]:

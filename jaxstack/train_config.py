@@ -91,6 +91,11 @@ class TrainConfig:
     """Show a live progress bar where the console redraws (a terminal, a notebook). False, or
     stdout to a file or a pipe (a job log): one plain line per logged step instead
     (``jaxstack.metrics``), flushed at once, from process 0."""
+    export_hf: str | None = None
+    """``jaxstack train`` (``jaxstack.run.train``) writes the final parameters here as a
+    Hugging Face directory that ``transformers`` loads: config.json, safetensors in the
+    model's dtype, and the tokenizer files (chat template included) of the run's tokenizer
+    directory. The ``Trainer`` itself does not read it."""
     preemption_grace_s: float = 300.0
     """After SIGTERM / SIGINT the run finishes its step, saves and exits; if that takes longer
     than this many seconds it exits without the save."""
