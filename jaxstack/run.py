@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxstack import hf
 from jaxstack.checkpoint import load_params
 from jaxstack.data import PackedDataset, Prefix, lm_collate, load_tokenizer
+from jaxstack.data.chat import FORMATS, ChatTemplate, WeightedPackedDataset, detect_format
 from jaxstack.data.text import resolve_paths
 from jaxstack.data.tokenizers import Tokenizer
 from jaxstack.layers.moe import route_router_bias
@@ -42,7 +43,12 @@ class DataConfig:
 
     source: str = "stdlib"
     """``stdlib`` (this Python's own source files), a glob of text files, a ``.jsonl`` file or
-    glob (field ``text``), or a token memmap ``.bin`` written by ``write_token_memmap``."""
+    glob (see ``format``), or a token memmap ``.bin`` written by ``write_token_memmap``."""
+    format: str = "auto"
+    """What a ``.jsonl`` source holds (``jaxstack.data.chat``): ``text`` (field ``text``),
+    ``prompt_response`` (loss on the response), ``chat`` (``messages`` rendered with the
+    tokenizer directory's chat template, loss on assistant turns), or ``auto``: decided by
+    the first record's fields."""
     tokenizer: str = "byte"
     """``byte`` or a path to a Hugging Face ``tokenizer.json`` (or its directory)."""
     seq_len: int = 128
@@ -64,6 +70,8 @@ class DataConfig:
         for name in ("seq_len", "max_files", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format={self.format!r}; choose one of {', '.join(FORMATS)}")
         if self.eos_id is not None and self.eos_id < 0:
             raise ValueError(f"data.eos_id={self.eos_id} must be >= 0")
 
@@ -227,9 +235,8 @@ def eos_id_for(data: DataConfig, tokenizer: Tokenizer) -> int:
         return token_id
     if tokenizer.eos_id is not None:
         return tokenizer.eos_id
-    folder = Path(data.tokenizer)
-    folder = folder if folder.is_dir() else folder.parent
-    for name in ("generation_config.json", "config.json"):
+    folder = _folder(data.tokenizer)
+    for name in ("generation_config.json", "config.json") if folder else ():
         path = folder / name
         found = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
         found = found[0] if isinstance(found, list) and found else found
@@ -242,13 +249,31 @@ def eos_id_for(data: DataConfig, tokenizer: Tokenizer) -> int:
     )
 
 
+def _folder(tokenizer: str) -> Path | None:
+    """The directory of a tokenizer spec (a directory, or a tokenizer.json's); None for
+    ``byte``."""
+    if tokenizer == "byte":
+        return None
+    path = Path(tokenizer)
+    return path if path.is_dir() else path.parent
+
+
 def build_datasets(data: DataConfig, tokenizer: Tokenizer) -> tuple[Sequence, list]:
     """The packed training set and a held-out evaluation list from its last sequences."""
     if data.source.endswith(".bin"):
         full = PackedDataset.from_memmap(data.source, seq_len=data.seq_len)
     else:
         eos = dict(seq_len=data.seq_len, eos_id=eos_id_for(data, tokenizer))
-        if data.source.endswith(".jsonl"):
+        kind = data.format
+        if kind == "auto":
+            kind = detect_format(data.source) if data.source.endswith(".jsonl") else "text"
+        if kind != "text":
+            folder = _folder(data.tokenizer)
+            template = ChatTemplate.of(folder) if folder else ChatTemplate()
+            full = WeightedPackedDataset.from_jsonl(
+                data.source, kind, tokenizer, template=template, **eos
+            )
+        elif data.source.endswith(".jsonl"):
             full = PackedDataset.from_jsonl(data.source, tokenizer, **eos)
         else:
             full = PackedDataset.from_text_files(_source_files(data), tokenizer, **eos)
@@ -387,10 +412,7 @@ def export_hf(run: RunConfig, params, out_dir: str | Path) -> Path:
     """Write ``params`` of ``run``'s model to ``out_dir`` as a Hugging Face directory, in the
     dtype of the ``init.hf`` model (``torch_dtype`` of its config.json; else the params'),
     with the tokenizer files of the run's tokenizer directory; returns ``out_dir``."""
-    tokenizer = Path(run.data.tokenizer)
-    tokenizer_dir = None if run.data.tokenizer == "byte" else tokenizer
-    if tokenizer_dir is not None and tokenizer.is_file():
-        tokenizer_dir = tokenizer.parent
+    tokenizer_dir = _folder(run.data.tokenizer)
     dtype = None
     if run.init.hf:
         source = hf.read_hf_config(run.init.hf)
