@@ -30,7 +30,7 @@ from jaxstack.metrics import long_step
 from jaxstack.models import PRESETS, preset
 from jaxstack.overrides import field_names, parse_overrides
 from jaxstack.planning import choose_mesh, plan_run
-from jaxstack.run import RUN_FILE, RunConfig, has_checkpoint, load_run, train
+from jaxstack.run import RUN_FILE, RunConfig, has_checkpoint, is_converted, load_run, train
 from jaxstack.serve import LLM
 from jaxstack.serve.server import serve
 from jaxstack.trainer import NonFiniteError, TrainConfig
@@ -129,14 +129,19 @@ def _run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
             raise ValueError(f"config file {path} is not valid JSON: {error}") from None
     overrides = _split_overrides(extra)
     init_hf = overrides.get("init.hf") or (raw.get("init") or {}).get("hf")
+    work_dir = overrides.get("train.work_dir") or (raw.get("train") or {}).get("work_dir")
+    converted = not init_hf and work_dir is not None and is_converted(work_dir)
+    if args.model and (init_hf or converted):
+        source = f"--init.hf {init_hf}" if init_hf else f"the converted work dir {work_dir}"
+        raise ValueError(
+            f"--model {args.model} and {source} both choose the model; drop --model (the "
+            "model comes from the Hugging Face config.json)"
+        )
     if init_hf:  # the model (and tokenizer) of a Hugging Face directory
-        if args.model:
-            raise ValueError(
-                f"--model {args.model} and --init.hf {init_hf} both choose the model; drop "
-                "--model (the model comes from the directory's config.json)"
-            )
         check_model_dir(init_hf, "--init.hf")
         run = RunConfig.from_hf(init_hf)
+    elif converted:  # jaxstack convert --to jaxstack wrote it: its hf/ config and tokenizer
+        run = RunConfig.from_hf(work_path(work_dir) / HF_SUBDIR, weights=False)
     else:
         run = RunConfig(model=preset(args.model)) if args.model else RunConfig()
         run = run.with_family_of(raw)

@@ -21,6 +21,7 @@ from jaxstack.data import PackedDataset, Prefix, lm_collate, load_tokenizer
 from jaxstack.data.chat import FORMATS, ChatTemplate, WeightedPackedDataset, detect_format
 from jaxstack.data.text import resolve_paths
 from jaxstack.data.tokenizers import Tokenizer
+from jaxstack.hf.saving import HF_SUBDIR
 from jaxstack.layers.moe import route_router_bias
 from jaxstack.layers.rope import Llama3RopeScaling
 from jaxstack.lm import lm_analysis, lm_functions, lm_param_specs
@@ -35,6 +36,8 @@ from jaxstack.trainer import TrainConfig, Trainer
 from jaxstack.workdir import work_path
 
 RUN_FILE = "run.json"
+CONVERTED_DIR = "converted-checkpoints"
+"""Where training moves the params-only checkpoint of a converted work dir."""
 
 
 @dataclass(frozen=True)
@@ -119,16 +122,18 @@ class RunConfig:
         return raw
 
     @classmethod
-    def from_hf(cls, hf_dir: str | Path) -> "RunConfig":
-        """The default run with the model of a Hugging Face directory (its ``config.json``),
-        its tokenizer, and ``init.hf`` set to it: ``jaxstack train --init.hf DIR``.
+    def from_hf(cls, hf_dir: str | Path, weights: bool = True) -> "RunConfig":
+        """The default run with the model of a Hugging Face directory (its ``config.json``)
+        and its tokenizer; ``weights``: with ``init.hf`` set to it (``jaxstack train --init.hf
+        DIR``), else the config alone (the ``hf/`` folder of a converted work dir).
 
         Raises:
             FileNotFoundError / ValueError: no or an unsupported config.json.
         """
         hf_dir = str(hf_dir)
         model = hf.config_from_hf(hf.read_hf_config(hf_dir))
-        return cls(model=model, data=DataConfig(tokenizer=hf_dir), init=InitConfig(hf=hf_dir))
+        init = InitConfig(hf=hf_dir if weights else None)
+        return cls(model=model, data=DataConfig(tokenizer=hf_dir), init=init)
 
     def with_family_of(self, raw: dict) -> "RunConfig":
         """This config, or with the default model of the family ``raw["model"]["family"]``
@@ -293,10 +298,22 @@ def has_checkpoint(work_dir: str | Path) -> bool:
     return steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())
 
 
-def make_trainer(run: RunConfig, tokenizer: Tokenizer) -> Trainer:
-    """A Trainer for ``run``'s model, with the LM loss and prediction functions; a new run
-    with ``init.hf`` starts from that directory's weights, streamed into their sharded
-    placement."""
+def is_converted(work_dir: str | Path) -> bool:
+    """Whether ``work_dir`` holds a model written by ``jaxstack convert --to jaxstack`` (a
+    params-only checkpoint and ``hf/config.json``) and no training run yet."""
+    directory = work_path(work_dir)
+    return (
+        not (directory / RUN_FILE).exists()
+        and (directory / HF_SUBDIR / "config.json").exists()
+        and has_checkpoint(directory)
+    )
+
+
+def make_trainer(run: RunConfig, tokenizer: Tokenizer, converted: bool = False) -> Trainer:
+    """A Trainer for ``run``'s model, with the LM loss and prediction functions. A new run
+    starts from the weights of ``init.hf``, or with ``converted`` from the params-only
+    checkpoint of its converted work dir (``is_converted``), either streamed into their
+    sharded placement; the optimizer state starts fresh."""
     if tokenizer.vocab_size > run.model.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -308,7 +325,11 @@ def make_trainer(run: RunConfig, tokenizer: Tokenizer) -> Trainer:
     mesh = make_mesh(**mesh_axis_sizes(run))
     specs = lm_param_specs(model, run.data.seq_len)
     params = init
-    if run.init.hf and not has_checkpoint(run.train.work_dir):
+    if converted:
+        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+        with long_step(f"loading the converted weights of {run.train.work_dir}"):
+            params = load_params(run.train.work_dir, mesh=mesh, param_specs=specs(abstract, mesh))
+    elif run.init.hf and not has_checkpoint(run.train.work_dir):
         with long_step(f"loading weights from {run.init.hf}"):
             params = hf.read_params(run.init.hf, run.model, mesh=mesh, param_specs=specs)
     return Trainer(
@@ -393,10 +414,19 @@ def train(run: RunConfig, resume: str = "auto") -> tuple[Trainer, list[dict]]:
     saved = work_dir / RUN_FILE
     _check_work_dir(run, resume)
     new_data = saved.exists() and bool(run.differences(RunConfig.load(work_dir), "data"))
+    converted = is_converted(work_dir)
     tokenizer = load_tokenizer(run.data.tokenizer)
     train_set, eval_set = build_datasets(run.data, tokenizer)
-    trainer = make_trainer(run, tokenizer)
+    trainer = make_trainer(run, tokenizer, converted=converted)
     work_dir.mkdir(parents=True, exist_ok=True)
+    if converted and jax.process_index() == 0:  # the run's own checkpoints go in its place
+        (work_dir / "checkpoints").rename(work_dir / CONVERTED_DIR)
+        print(
+            f"jaxstack: {work_dir} holds parameters converted from Hugging Face, without an "
+            f"optimizer state: training starts from them with a fresh one (the converted "
+            f"checkpoint is kept in {CONVERTED_DIR}/)",
+            flush=True,
+        )
     if jax.process_index() == 0:
         saved.write_text(json.dumps(run.to_dict(), indent=2))
     try:

@@ -65,7 +65,9 @@ def test_chat_loss_covers_assistant_turns_only(hf_dir):
     )
 
 
-def test_train_init_hf_on_chat_matches_transformers_and_exports(hf_dir, chat_file, tmp_path):
+def test_train_init_hf_on_chat_matches_transformers_and_exports(
+    hf_dir, chat_file, tmp_path, capsys
+):
     work_dir, out = tmp_path / "run", tmp_path / "export"
     argv = ["train", "--init.hf", str(hf_dir), "--data.source", str(chat_file)]
     argv += ["--data.seq_len", "48", "--data.eval_examples", "8", "--train.batch_size", "8"]
@@ -103,6 +105,16 @@ def test_train_init_hf_on_chat_matches_transformers_and_exports(hf_dir, chat_fil
         theirs = exported(torch.tensor(ids)).logits.numpy()
     np.testing.assert_allclose(model.apply({"params": params}, ids), theirs, atol=2e-4)
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE
+
+    # a work dir written by jaxstack convert trains from the same weights: the same first loss
+    converted = tmp_path / "converted"
+    assert main(["convert", "--to", "jaxstack", str(hf_dir), str(converted)]) == 0
+    capsys.readouterr()
+    again = [a if a != str(work_dir) else str(converted) for a in argv[3:-2]]
+    assert main(["train", *again, "--train.num_steps", "1"]) == 0
+    assert "training starts from them with a fresh one" in capsys.readouterr().out
+    first = json.loads((converted / "metrics.jsonl").read_text().splitlines()[0])
+    np.testing.assert_allclose(first["loss"], records[0]["loss"], rtol=1e-6)
 
 
 def _error(capsys, argv) -> str:
