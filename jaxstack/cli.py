@@ -138,7 +138,8 @@ def _run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
             "model comes from the Hugging Face config.json)"
         )
     if init_hf:  # the model (and tokenizer) of a Hugging Face directory
-        check_model_dir(init_hf, "--init.hf")
+        own_tokenizer = "data.tokenizer" in overrides or "tokenizer" in (raw.get("data") or {})
+        check_model_dir(init_hf, "--init.hf", tokenizer=not own_tokenizer)
         run = RunConfig.from_hf(init_hf)
     elif converted:  # jaxstack convert --to jaxstack wrote it: its hf/ config and tokenizer
         run = RunConfig.from_hf(work_path(work_dir) / HF_SUBDIR, weights=False)
