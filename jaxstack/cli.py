@@ -21,13 +21,16 @@ import jax
 from jaxstack import hf
 from jaxstack.checkpoint import CheckpointError
 from jaxstack.data import load_tokenizer
+from jaxstack.data.text import resolve_paths
 from jaxstack.distributed import initialize
 from jaxstack.generate import complete
+from jaxstack.hf.saving import HF_SUBDIR
 from jaxstack.mesh import make_mesh
+from jaxstack.metrics import long_step
 from jaxstack.models import PRESETS, preset
-from jaxstack.overrides import apply_overrides, field_names
+from jaxstack.overrides import field_names, parse_overrides
 from jaxstack.planning import choose_mesh, plan_run
-from jaxstack.run import RUN_FILE, RunConfig, load_run, train
+from jaxstack.run import RUN_FILE, RunConfig, has_checkpoint, is_converted, load_run, train
 from jaxstack.serve import LLM
 from jaxstack.serve.server import serve
 from jaxstack.trainer import NonFiniteError, TrainConfig
@@ -65,10 +68,11 @@ def _print_samples(prompts: list[str], samples: list[str]) -> None:
 
 
 def _say_xla_flags(args: argparse.Namespace) -> None:
-    """Say which XLA flags ``main`` applied at start-up, in the run's own output (stdout,
-    beside "resuming from step ..."), once the command's input is known to be good; stderr
-    keeps only a failure's one line."""
-    print(f"jaxstack: {args.xla_flags}")
+    """Say which XLA flags ``main`` applied at start-up, if it applied any, in the run's own
+    output (stdout), once the command's input is known to be good; stderr keeps only a
+    failure's one line."""
+    if args.xla_flags:
+        print(f"jaxstack: {args.xla_flags}")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -111,7 +115,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
-    run = RunConfig(model=preset(args.model)) if args.model else RunConfig()
+    """The run of ``--model``, then ``--config``, then the overrides, built and validated once
+    at the end: a check across fields sees the values they ended with, whatever the order
+    of the flags."""
+    raw = {}
     if args.config:
         path = Path(args.config)
         if not path.exists():
@@ -120,8 +127,119 @@ def _run_config(args: argparse.Namespace, extra: list[str]) -> RunConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ValueError(f"config file {path} is not valid JSON: {error}") from None
-        run = RunConfig.from_dict(_merge(run.with_family_of(raw).to_dict(), raw))
-    return apply_overrides(run, _split_overrides(extra))
+    overrides = _split_overrides(extra)
+    init_hf = overrides.get("init.hf") or (raw.get("init") or {}).get("hf")
+    work_dir = overrides.get("train.work_dir") or (raw.get("train") or {}).get("work_dir")
+    converted = not init_hf and work_dir is not None and is_converted(work_dir)
+    if args.model and (init_hf or converted):
+        source = f"--init.hf {init_hf}" if init_hf else f"the converted work dir {work_dir}"
+        raise ValueError(
+            f"--model {args.model} and {source} both choose the model; drop --model (the "
+            "model comes from the Hugging Face config.json)"
+        )
+    if init_hf:  # the model (and tokenizer) of a Hugging Face directory
+        own_tokenizer = "data.tokenizer" in overrides or "tokenizer" in (raw.get("data") or {})
+        check_model_dir(init_hf, "--init.hf", tokenizer=not own_tokenizer)
+        run = RunConfig.from_hf(init_hf)
+    elif converted:  # jaxstack convert --to jaxstack wrote it: its hf/ config and tokenizer
+        run = RunConfig.from_hf(work_path(work_dir) / HF_SUBDIR, weights=False)
+    else:
+        run = RunConfig(model=preset(args.model)) if args.model else RunConfig()
+        run = run.with_family_of(raw)
+    changes = parse_overrides(run, overrides)
+    return RunConfig.from_dict(_merge(_merge(run.to_dict(), raw), changes))
+
+
+def check_paths(args: argparse.Namespace, run: RunConfig | None = None) -> None:
+    """Check the paths a command reads, before anything is loaded, and name what is missing
+    in the command's terms: no model directory, one without config.json, weights or a
+    tokenizer; a work dir without a run or a checkpoint; data or a tokenizer of ``run``.
+
+    Raises:
+        FileNotFoundError: one line naming the flag, the path and what it lacks.
+    """
+    if getattr(args, "hf", None):
+        check_model_dir(args.hf, "--hf")
+    if args.command in ("generate", "serve") and args.work_dir:
+        check_run_dir(args.work_dir, "--work-dir", needs_run=True)
+    if args.command == "convert":
+        if args.to == "jaxstack":
+            check_model_dir(args.source, "SOURCE", tokenizer=False)
+        else:
+            check_run_dir(args.source, "SOURCE", needs_run=False)
+    if run is not None:
+        spec = run.data.tokenizer
+        if spec != "byte" and not Path(spec).exists():
+            raise FileNotFoundError(
+                f"--data.tokenizer {spec}: no such file or directory; give 'byte', a "
+                "tokenizer.json, or a Hugging Face model directory holding one"
+            )
+        if run.data.source != "stdlib":
+            try:
+                resolve_paths(run.data.source)
+            except FileNotFoundError as error:
+                raise FileNotFoundError(f"--data.source: {error}") from None
+
+
+def check_model_dir(path: str, flag: str, tokenizer: bool = True) -> None:
+    """``path`` is a Hugging Face model directory: config.json, safetensors weights and (with
+    ``tokenizer``) tokenizer.json; otherwise ``FileNotFoundError`` saying which is missing."""
+    directory = Path(path)
+    wanted = "a local Hugging Face model directory (config.json, *.safetensors weights" + (
+        ", tokenizer.json)" if tokenizer else ")"
+    )
+    if not directory.exists():
+        raise FileNotFoundError(f"{flag} {path}: no such model directory; give {wanted}")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{flag} {path} is a file, not a model directory; give {wanted}")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model directory {path} has no config.json; is it a Hugging Face model directory? "
+            f"({flag} wants {wanted})"
+        )
+    if not any(directory.glob("*.safetensors")):
+        torch_files = sorted(p.name for p in directory.glob("*.bin")) + sorted(
+            p.name for p in directory.glob("*.pt")
+        )
+        hint = (
+            f"; it has PyTorch weights ({', '.join(torch_files[:3])}): save them as safetensors "
+            "with transformers' save_pretrained(DIR, safe_serialization=True)"
+            if torch_files
+            else ""
+        )
+        raise FileNotFoundError(f"model directory {path} has no weights (*.safetensors){hint}")
+    if tokenizer and not (directory / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"model directory {path} has no tokenizer (tokenizer.json); copy the model's "
+            "tokenizer.json into it (AutoTokenizer.from_pretrained(...).save_pretrained(DIR) "
+            "writes one)"
+        )
+
+
+def check_run_dir(path: str, flag: str, needs_run: bool) -> None:
+    """``path`` is a work dir with a checkpoint and (``needs_run``) the ``run.json`` of a
+    train/demo run, else of a run or a ``jaxstack convert --to jaxstack`` output; otherwise
+    ``FileNotFoundError`` saying which is missing."""
+    directory = work_path(path)
+    if not directory.exists():
+        raise FileNotFoundError(
+            f"{flag} {path}: no such work dir; give the --train.work_dir of a jaxstack "
+            "train or demo run"
+        )
+    converted = (directory / HF_SUBDIR / "config.json").exists()
+    if not (directory / RUN_FILE).exists() and (needs_run or not converted):
+        what = (
+            "a model converted from Hugging Face, not a training run: use the original "
+            "directory with --hf, or export it with jaxstack convert --to hf"
+            if converted
+            else "not a jaxstack run; give the --train.work_dir of a train or demo run"
+        )
+        raise FileNotFoundError(f"work dir {path} has no {RUN_FILE}: it is {what}")
+    if not has_checkpoint(directory):
+        raise FileNotFoundError(
+            f"work dir {path} has no checkpoint yet (checkpoints/ is empty); train it first: "
+            f"jaxstack train --train.work_dir {path}"
+        )
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
@@ -130,6 +248,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> None:
     if args.print_config:
         print(json.dumps(run.to_dict(), indent=2))
         return
+    check_paths(args, run)
     _say_xla_flags(args)
     if initialize():  # joins the multi-host job under SLURM / TPU pods / JAX_* env vars
         print(
@@ -200,6 +319,7 @@ def _merge(base: dict, update: dict) -> dict:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Complete prompts with a run's latest checkpoint or a Hugging Face directory."""
+    check_paths(args)
     options = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -218,17 +338,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_convert(args: argparse.Namespace) -> None:
     """Hugging Face directory <-> jaxstack checkpoint."""
-    if args.to == "jaxstack":
-        hf.convert_to_checkpoint(args.source, args.dest)
-    else:
-        saved = Path(args.source) / RUN_FILE
-        config = RunConfig.load(args.source).model if saved.exists() else None
-        hf.convert_to_hf(args.source, args.dest, config, dtype=args.dtype)
+    check_paths(args)
+    with long_step(f"converting {args.source} to {args.dest} ({args.to} format)"):
+        if args.to == "jaxstack":
+            hf.convert_to_checkpoint(args.source, args.dest)
+        else:
+            saved = Path(args.source) / RUN_FILE
+            config = RunConfig.load(args.source).model if saved.exists() else None
+            hf.convert_to_hf(args.source, args.dest, config, dtype=args.dtype)
     print(f"wrote {args.dest}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a run's checkpoint or a Hugging Face directory over an OpenAI-compatible API."""
+    check_paths(args)
     _say_xla_flags(args)
     buckets = lambda text: tuple(int(n) for n in text.split(","))  # noqa: E731
     options = dict(page_size=args.page_size, num_pages=args.num_pages, max_queue=args.max_queue)

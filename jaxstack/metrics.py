@@ -1,22 +1,92 @@
-"""Training metrics: a JSONL file in the work dir, a live progress bar, and throughput."""
+"""Training metrics: a JSONL file in the work dir, the console log, and throughput.
 
+The console shows a live progress bar where it can redraw one (a terminal, a notebook);
+anywhere else (stdout to a file or a pipe: SLURM and TPU pod job logs) every logged step is
+one plain line, flushed at once, e.g.::
+
+    train step 200/1000  loss=2.314  eval_loss=2.402  lr=0.0003  grad_norm=0.4121
+    tokens/s=1.05e+04  mfu=41.2%  elapsed=0:03:20  eta=0:13:20
+
+(one line in the log). Long one-off steps of other commands (loading weights, compiling
+serving buckets) print start / done lines the same way (:func:`long_step`).
+"""
+
+import contextlib
+import datetime
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import jax
 import numpy as np
+import rich
 from etils import epath
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    track,
+)
 
 from jaxstack.workdir import append_text, work_path
+
+T = TypeVar("T")
+
+
+def console_is_live() -> bool:
+    """Whether stdout redraws in place (a terminal or a notebook), where progress bars go;
+    a file or a pipe gets plain lines instead."""
+    if rich.get_console().is_jupyter:
+        return True
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # no stdout, or a closed one
+        return False
+
+
+def say(message: str) -> None:
+    """One plain line on stdout from process 0, flushed at once (a job log shows it now)."""
+    if jax.process_index() == 0:
+        print(f"jaxstack: {message}", flush=True)
+
+
+@contextlib.contextmanager
+def long_step(what: str, show: bool = True) -> Iterator[None]:
+    """Say that ``what`` starts, and when it is done, how long it took (``say``).
+
+    Example: ``with long_step("loading weights from DIR"): ...`` prints
+    ``jaxstack: loading weights from DIR ...`` then ``jaxstack: loading weights from DIR:
+    done in 2.4s``.
+    """
+    if show:
+        say(f"{what} ...")
+    start = time.perf_counter()
+    yield
+    if show:
+        say(f"{what}: done in {time.perf_counter() - start:.1f}s")
+
+
+def tracked(items: Sequence[T], what: str, show: bool = True) -> Iterator[T]:
+    """``items``, with a progress bar on a live console, or start / done lines
+    (``long_step``) in a log; nothing when not ``show``."""
+    if show and console_is_live():
+        yield from track(items, description=what)
+        return
+    with long_step(f"{what} ({len(items)})", show):
+        yield from items
 
 
 class MetricsLogger:
     """Writes one JSON object per logged step to ``<work_dir>/metrics.jsonl`` (process 0 only)
-    and shows a progress bar with the latest loss.
+    and shows the run on the console: a progress bar with the latest metrics where the
+    console redraws (``console_is_live``) and ``show`` is set; otherwise one plain line per
+    logged step (module doc), flushed at once.
 
     A run resumed at ``start_step`` first drops the records of later steps (logged before an
     interruption and about to be redone), so every step appears once in the file.
@@ -30,13 +100,18 @@ class MetricsLogger:
         if self.is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _drop_records_after(self.path, start_step)
+        bar = show and console_is_live()
+        self._lines = self.is_main and not bar
+        self.total_steps = total_steps
+        self._start = time.perf_counter()
+        self._last = (start_step, self._start)  # (step, time) of the last line: the ETA's rate
         self._progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
             TextColumn("{task.fields[status]}"),
-            disable=not (show and self.is_main),
+            disable=not (bar and self.is_main),
         )
         self._task = self._progress.add_task(
             "train", total=total_steps, completed=start_step, status=""
@@ -44,14 +119,22 @@ class MetricsLogger:
         self._progress.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Record ``metrics`` for ``step`` and refresh the progress bar."""
+        """Record ``metrics`` for ``step``; refresh the progress bar or print the step's line."""
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         if self.is_main:
             append_text(self.path, json.dumps(record) + "\n")
-        shown = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_sec", "examples_per_sec",
-                 "mfu")  # fmt: skip
-        status = "  ".join(f"{k}={_fmt(record[k])}" for k in shown if k in record)
-        self._progress.update(self._task, completed=step, status=status)
+        status = _status(record)
+        self._progress.update(self._task, completed=step, status="  ".join(status))
+        if self._lines:
+            now = time.perf_counter()
+            last_step, last_time = self._last
+            self._last = (step, now)
+            parts = [f"train step {step}/{self.total_steps}", *status]
+            parts.append(f"elapsed={_duration(now - self._start)}")
+            if step > last_step and now > last_time:
+                rate = (step - last_step) / (now - last_time)
+                parts.append(f"eta={_duration((self.total_steps - step) / rate)}")
+            print("  ".join(parts), flush=True)
 
     def advance(self, step: int) -> None:
         """Move the progress bar to ``step`` without logging."""
@@ -78,6 +161,26 @@ def _fmt(value) -> str:
     if isinstance(value, float) and (abs(value) >= 1e4 or (value and abs(value) < 1e-3)):
         return f"{value:.3g}" if math.isfinite(value) else str(value)
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+_SHOWN = {"loss": "loss", "eval_loss": "eval_loss", "lr": "lr", "grad_norm": "grad_norm",
+          "tokens_per_sec": "tokens/s", "examples_per_sec": "examples/s"}  # fmt: skip
+"""Metrics shown on the console (key: label), in this order, then ``mfu`` in percent."""
+
+
+def _status(record: dict) -> list[str]:
+    parts = [
+        f"{label}={_fmt(record[key])}"
+        for key, label in _SHOWN.items()
+        if isinstance(record.get(key), float | int)
+    ]
+    if isinstance(record.get("mfu"), float):
+        parts.append(f"mfu={100 * record['mfu']:.1f}%")
+    return parts
+
+
+def _duration(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(max(seconds, 0.0))))
 
 
 def _drop_records_after(path: epath.Path, step: int) -> None:

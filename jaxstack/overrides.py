@@ -18,32 +18,44 @@ def field_names(config: Any, prefix: str = "") -> list[str]:
     return names
 
 
-def apply_overrides(config: Any, overrides: dict[str, str]) -> Any:
-    """A copy of ``config`` with each dotted ``key: text`` parsed to its field's type.
+def parse_overrides(config: Any, overrides: dict[str, str]) -> dict:
+    """The nested dict of changes that dotted ``key: text`` overrides make to ``config``
+    (a nested dataclass instance), each text parsed to its field's type.
 
-    Raises ``KeyError`` naming an unknown key and listing the valid ones, ``ValueError`` for a
-    value that does not parse as the field's type.
+    Nothing is built or validated here: merge the dict onto the config's own dict and build
+    the config once, so that checks across fields (``data.seq_len`` against
+    ``model.max_seq_len``) see the finished values whatever the order of the overrides.
+
+    Raises:
+        KeyError: an unknown key, listing the valid ones.
+        ValueError: a value that does not parse as its field's type; a key given both as a
+            value and with sub-keys.
     """
+    changes: dict = {}
     for key, text in overrides.items():
-        config = _set(config, key.split("."), text, key, prefix="")
-    return config
+        node, target, prefix = changes, config, ""
+        *parents, name = key.split(".")
+        for part in parents:
+            child = getattr(target, _field(target, part, key, prefix).name)
+            if not dataclasses.is_dataclass(child):
+                raise KeyError(f"unknown config key {key!r}: {part!r} has no sub-keys")
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"config key {prefix + part!r} is given with and without sub-keys")
+            target, prefix = child, f"{prefix}{part}."
+        hint = typing.get_type_hints(type(target))[_field(target, name, key, prefix).name]
+        if isinstance(node.get(name), dict):
+            raise ValueError(f"config key {key!r} is given with and without sub-keys")
+        node[name] = parse_value(text, hint, key)
+    return changes
 
 
-def _set(config: Any, path: list[str], text: str, key: str, prefix: str) -> Any:
+def _field(config: Any, name: str, key: str, prefix: str) -> dataclasses.Field:
     fields = {f.name: f for f in dataclasses.fields(config) if f.init}
-    name = path[0]
     if name not in fields:
         valid = ", ".join(field_names(config, prefix))
         raise KeyError(f"unknown config key {key!r}; valid keys: {valid}")
-    current = getattr(config, name)
-    if len(path) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise KeyError(f"unknown config key {key!r}: {name!r} has no sub-keys")
-        return dataclasses.replace(
-            config, **{name: _set(current, path[1:], text, key, f"{prefix}{name}.")}
-        )
-    hint = typing.get_type_hints(type(config))[name]
-    return dataclasses.replace(config, **{name: parse_value(text, hint, key)})
+    return fields[name]
 
 
 def check_types(config: Any) -> None:

@@ -15,14 +15,18 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jaxstack import hf
 from jaxstack.checkpoint import load_params
 from jaxstack.data import PackedDataset, Prefix, lm_collate, load_tokenizer
+from jaxstack.data.chat import FORMATS, ChatTemplate, WeightedPackedDataset, detect_format
 from jaxstack.data.text import resolve_paths
 from jaxstack.data.tokenizers import Tokenizer
+from jaxstack.hf.saving import HF_SUBDIR
 from jaxstack.layers.moe import route_router_bias
 from jaxstack.layers.rope import Llama3RopeScaling
 from jaxstack.lm import lm_analysis, lm_functions, lm_param_specs
 from jaxstack.mesh import make_mesh, parse_mesh
+from jaxstack.metrics import long_step
 from jaxstack.models import FAMILIES, Llama, LlamaConfig, family_of, model_for, preset
 from jaxstack.optim import optimizer_for, weight_decay_mask
 from jaxstack.overrides import check_types
@@ -32,6 +36,8 @@ from jaxstack.trainer import TrainConfig, Trainer
 from jaxstack.workdir import work_path
 
 RUN_FILE = "run.json"
+CONVERTED_DIR = "converted-checkpoints"
+"""Where training moves the params-only checkpoint of a converted work dir."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,12 @@ class DataConfig:
 
     source: str = "stdlib"
     """``stdlib`` (this Python's own source files), a glob of text files, a ``.jsonl`` file or
-    glob (field ``text``), or a token memmap ``.bin`` written by ``write_token_memmap``."""
+    glob (see ``format``), or a token memmap ``.bin`` written by ``write_token_memmap``."""
+    format: str = "auto"
+    """What a ``.jsonl`` source holds (``jaxstack.data.chat``): ``text`` (field ``text``),
+    ``prompt_response`` (loss on the response), ``chat`` (``messages`` rendered with the
+    tokenizer directory's chat template, loss on assistant turns), or ``auto``: decided by
+    the first record's fields."""
     tokenizer: str = "byte"
     """``byte`` or a path to a Hugging Face ``tokenizer.json`` (or its directory)."""
     seq_len: int = 128
@@ -49,12 +60,33 @@ class DataConfig:
     """Cap on the number of text files read (stdlib / globs), in sorted order."""
     eval_examples: int = 64
     """Sequences held out from the end of the data for evaluation."""
+    eos_id: int | None = None
+    """The end-of-document token id that separates packed documents. None: ``eos_token``'s,
+    else the tokenizer's EOS, else ``eos_token_id`` of the tokenizer directory's
+    ``generation_config.json`` or ``config.json``."""
+    eos_token: str | None = None
+    """The end-of-document token as text (e.g. ``</s>``, ``<|end_of_text|>``), looked up in
+    the tokenizer; used when ``eos_id`` is None."""
 
     def __post_init__(self) -> None:
         check_types(self)
         for name in ("seq_len", "max_files", "eval_examples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}={getattr(self, name)} must be >= 1")
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format={self.format!r}; choose one of {', '.join(FORMATS)}")
+        if self.eos_id is not None and self.eos_id < 0:
+            raise ValueError(f"data.eos_id={self.eos_id} must be >= 0")
+
+
+@dataclass(frozen=True)
+class InitConfig:
+    """Where a new run's parameters come from; a run resuming its checkpoint ignores it."""
+
+    hf: str | None = None
+    """A local Hugging Face model directory to fine-tune: ``RunConfig.from_hf`` takes the
+    model config from its ``config.json`` and the tokenizer from it, ``train`` streams its
+    weights into the run's sharded placement, with a fresh optimizer state."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +101,7 @@ class RunConfig:
     mesh: str = "data=-1"
     """Mesh axis sizes, e.g. ``data=2,tensor=4`` (one axis may be -1: the rest of devices),
     or ``auto``: the fitting (data, fsdp, tensor) shape with the least communication."""
+    init: InitConfig = field(default_factory=InitConfig)
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -87,6 +120,20 @@ class RunConfig:
         raw = dataclasses.asdict(self)
         raw["model"] = {"family": family_of(self.model), **raw["model"]}
         return raw
+
+    @classmethod
+    def from_hf(cls, hf_dir: str | Path, weights: bool = True) -> "RunConfig":
+        """The default run with the model of a Hugging Face directory (its ``config.json``)
+        and its tokenizer; ``weights``: with ``init.hf`` set to it (``jaxstack train --init.hf
+        DIR``), else the config alone (the ``hf/`` folder of a converted work dir).
+
+        Raises:
+            FileNotFoundError / ValueError: no or an unsupported config.json.
+        """
+        hf_dir = str(hf_dir)
+        model = hf.config_from_hf(hf.read_hf_config(hf_dir))
+        init = InitConfig(hf=hf_dir if weights else None)
+        return cls(model=model, data=DataConfig(tokenizer=hf_dir), init=init)
 
     def with_family_of(self, raw: dict) -> "RunConfig":
         """This config, or with the default model of the family ``raw["model"]["family"]``
@@ -121,10 +168,13 @@ class RunConfig:
         """
         model = dict(raw.get("model", {}))
         family = _family(model.pop("family", "llama"))  # run.json files before families: llama
-        sections = {"model": family.config, "data": DataConfig, "train": TrainConfig}
+        sections = {"model": family.config, "data": DataConfig, "train": TrainConfig,
+                    "init": InitConfig}  # fmt: skip
         unknown = sorted(set(raw) - {*sections, "mesh"})
         if unknown:
-            raise KeyError(f"unknown config sections {unknown}; valid: model, data, train, mesh")
+            raise KeyError(
+                f"unknown config sections {unknown}; valid: model, data, train, init, mesh"
+            )
         built = {}
         for name, kind in sections.items():
             values = model if name == "model" else dict(raw.get(name, {}))
@@ -169,14 +219,69 @@ def _source_files(data: DataConfig) -> list[str]:
     return [str(p) for p in resolve_paths(pattern)][: data.max_files]
 
 
+def eos_id_for(data: DataConfig, tokenizer: Tokenizer) -> int:
+    """The end-of-document id of a run: ``data.eos_id``, ``data.eos_token``'s id, the
+    tokenizer's EOS, or ``eos_token_id`` of ``generation_config.json`` / ``config.json``
+    beside the tokenizer (the first of a list), in that order.
+
+    Raises:
+        ValueError: none of these gives one, or ``eos_token`` is not in the vocabulary; the
+            message names the ``--data.eos_token`` / ``--data.eos_id`` flags.
+    """
+    if data.eos_id is not None:
+        return data.eos_id
+    if data.eos_token is not None:
+        token_id = getattr(tokenizer, "token_id", lambda _: None)(data.eos_token)
+        if token_id is None:
+            raise ValueError(
+                f"--data.eos_token {data.eos_token!r} is not a token of {data.tokenizer}; "
+                "give a token it has, or --data.eos_id N"
+            )
+        return token_id
+    if tokenizer.eos_id is not None:
+        return tokenizer.eos_id
+    folder = _folder(data.tokenizer)
+    for name in ("generation_config.json", "config.json") if folder else ():
+        path = folder / name
+        found = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+        found = found[0] if isinstance(found, list) and found else found
+        if isinstance(found, int):
+            return found
+    raise ValueError(
+        f"the tokenizer {data.tokenizer} has no end-of-document (EOS) token, and no "
+        "generation_config.json or config.json beside it names one; pass --data.eos_token "
+        "TEXT (e.g. '</s>') or --data.eos_id N"
+    )
+
+
+def _folder(tokenizer: str) -> Path | None:
+    """The directory of a tokenizer spec (a directory, or a tokenizer.json's); None for
+    ``byte``."""
+    if tokenizer == "byte":
+        return None
+    path = Path(tokenizer)
+    return path if path.is_dir() else path.parent
+
+
 def build_datasets(data: DataConfig, tokenizer: Tokenizer) -> tuple[Sequence, list]:
     """The packed training set and a held-out evaluation list from its last sequences."""
     if data.source.endswith(".bin"):
         full = PackedDataset.from_memmap(data.source, seq_len=data.seq_len)
-    elif data.source.endswith(".jsonl"):
-        full = PackedDataset.from_jsonl(data.source, tokenizer, seq_len=data.seq_len)
     else:
-        full = PackedDataset.from_text_files(_source_files(data), tokenizer, seq_len=data.seq_len)
+        eos = dict(seq_len=data.seq_len, eos_id=eos_id_for(data, tokenizer))
+        kind = data.format
+        if kind == "auto":
+            kind = detect_format(data.source) if data.source.endswith(".jsonl") else "text"
+        if kind != "text":
+            folder = _folder(data.tokenizer)
+            template = ChatTemplate.of(folder) if folder else ChatTemplate()
+            full = WeightedPackedDataset.from_jsonl(
+                data.source, kind, tokenizer, template=template, **eos
+            )
+        elif data.source.endswith(".jsonl"):
+            full = PackedDataset.from_jsonl(data.source, tokenizer, **eos)
+        else:
+            full = PackedDataset.from_text_files(_source_files(data), tokenizer, **eos)
     if len(full) <= 2 * data.eval_examples:
         raise ValueError(
             f"data source {data.source!r} gives only {len(full)} sequences of {data.seq_len} "
@@ -187,8 +292,28 @@ def build_datasets(data: DataConfig, tokenizer: Tokenizer) -> tuple[Sequence, li
     return Prefix(full, train_size), eval_set
 
 
-def make_trainer(run: RunConfig, tokenizer: Tokenizer) -> Trainer:
-    """A Trainer for ``run``'s model, with the LM loss and prediction functions."""
+def has_checkpoint(work_dir: str | Path) -> bool:
+    """Whether ``work_dir/checkpoints`` holds a saved step (looked up without Orbax)."""
+    steps = work_path(work_dir) / "checkpoints"
+    return steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())
+
+
+def is_converted(work_dir: str | Path) -> bool:
+    """Whether ``work_dir`` holds a model written by ``jaxstack convert --to jaxstack`` (a
+    params-only checkpoint and ``hf/config.json``) and no training run yet."""
+    directory = work_path(work_dir)
+    return (
+        not (directory / RUN_FILE).exists()
+        and (directory / HF_SUBDIR / "config.json").exists()
+        and has_checkpoint(directory)
+    )
+
+
+def make_trainer(run: RunConfig, tokenizer: Tokenizer, converted: bool = False) -> Trainer:
+    """A Trainer for ``run``'s model, with the LM loss and prediction functions. A new run
+    starts from the weights of ``init.hf``, or with ``converted`` from the params-only
+    checkpoint of its converted work dir (``is_converted``), either streamed into their
+    sharded placement; the optimizer state starts fresh."""
     if tokenizer.vocab_size > run.model.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
@@ -197,15 +322,25 @@ def make_trainer(run: RunConfig, tokenizer: Tokenizer) -> Trainer:
     model = model_for(run.model)
     loss_fn, pred_fn = lm_functions(model)
     init = lambda rng: model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]  # noqa: E731
+    mesh = make_mesh(**mesh_axis_sizes(run))
+    specs = lm_param_specs(model, run.data.seq_len)
+    params = init
+    if converted:
+        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+        with long_step(f"loading the converted weights of {run.train.work_dir}"):
+            params = load_params(run.train.work_dir, mesh=mesh, param_specs=specs(abstract, mesh))
+    elif run.init.hf and not has_checkpoint(run.train.work_dir):
+        with long_step(f"loading weights from {run.init.hf}"):
+            params = hf.read_params(run.init.hf, run.model, mesh=mesh, param_specs=specs)
     return Trainer(
-        params=init,
+        params=params,
         collate_fn=lm_collate,
         loss_fn=loss_fn,
         pred_fn=pred_fn,
         config=run.train,
-        mesh=make_mesh(**mesh_axis_sizes(run)),
+        mesh=mesh,
         optimizer=_router_bias_optimizer(run, model, init),
-        param_specs_fn=lm_param_specs(model, run.data.seq_len),
+        param_specs_fn=specs,
         flops_per_token=run.model.flops_per_token(run.data.seq_len),
     )
 
@@ -279,17 +414,41 @@ def train(run: RunConfig, resume: str = "auto") -> tuple[Trainer, list[dict]]:
     saved = work_dir / RUN_FILE
     _check_work_dir(run, resume)
     new_data = saved.exists() and bool(run.differences(RunConfig.load(work_dir), "data"))
+    converted = is_converted(work_dir)
     tokenizer = load_tokenizer(run.data.tokenizer)
     train_set, eval_set = build_datasets(run.data, tokenizer)
-    trainer = make_trainer(run, tokenizer)
+    trainer = make_trainer(run, tokenizer, converted=converted)
     work_dir.mkdir(parents=True, exist_ok=True)
+    if converted and jax.process_index() == 0:  # the run's own checkpoints go in its place
+        (work_dir / "checkpoints").rename(work_dir / CONVERTED_DIR)
+        print(
+            f"jaxstack: {work_dir} holds parameters converted from Hugging Face, without an "
+            f"optimizer state: training starts from them with a fresh one (the converted "
+            f"checkpoint is kept in {CONVERTED_DIR}/)",
+            flush=True,
+        )
     if jax.process_index() == 0:
         saved.write_text(json.dumps(run.to_dict(), indent=2))
     try:
         records = trainer.fit(train_set, eval_set, restore_data_position=not new_data)
+        if run.train.export_hf and not trainer.preempted:
+            export_hf(run, trainer.params, run.train.export_hf)
     finally:
         trainer.close()
     return trainer, records
+
+
+def export_hf(run: RunConfig, params, out_dir: str | Path) -> Path:
+    """Write ``params`` of ``run``'s model to ``out_dir`` as a Hugging Face directory, in the
+    dtype of the ``init.hf`` model (``torch_dtype`` of its config.json; else the params'),
+    with the tokenizer files of the run's tokenizer directory; returns ``out_dir``."""
+    tokenizer_dir = _folder(run.data.tokenizer)
+    dtype = None
+    if run.init.hf:
+        source = hf.read_hf_config(run.init.hf)
+        dtype = source.get("torch_dtype") or source.get("dtype")
+    with long_step(f"exporting the model to {out_dir}"):
+        return hf.save(out_dir, run.model, params, tokenizer_dir=tokenizer_dir, dtype=dtype)
 
 
 def load_run(work_dir: str | Path) -> tuple[RunConfig, Llama, dict]:

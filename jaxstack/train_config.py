@@ -88,7 +88,14 @@ class TrainConfig:
     shuffle: bool = True
     """Shuffle the training data (deterministically per epoch)."""
     progress_bar: bool = True
-    """Show a console progress bar."""
+    """Show a live progress bar where the console redraws (a terminal, a notebook). False, or
+    stdout to a file or a pipe (a job log): one plain line per logged step instead
+    (``jaxstack.metrics``), flushed at once, from process 0."""
+    export_hf: str | None = None
+    """``jaxstack train`` (``jaxstack.run.train``) writes the final parameters here as a
+    Hugging Face directory that ``transformers`` loads: config.json, safetensors in the
+    model's dtype, and the tokenizer files (chat template included) of the run's tokenizer
+    directory. The ``Trainer`` itself does not read it."""
     preemption_grace_s: float = 300.0
     """After SIGTERM / SIGINT the run finishes its step, saves and exits; if that takes longer
     than this many seconds it exits without the save."""

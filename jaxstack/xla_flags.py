@@ -3,7 +3,8 @@
 XLA reads its flags once, when the first backend initialises, so the stack sets them at
 start-up (the ``jaxstack`` CLI calls :func:`apply_xla_flags` before any computation; a
 script calls it first thing). The bundle of the platform about to run is appended to the
-flag variable that platform reads, and the run log prints what was set:
+flag variable that platform reads, and the run log prints what was set (nothing when
+nothing was):
 
 * GPU (``XLA_FLAGS``): the latency-hiding scheduler (it moves collectives' starts early and
   their waits late, around independent compute), pipelined all-gather / reduce-scatter /
@@ -71,15 +72,12 @@ class FlagReport:
     skipped: str | None = None
     """Why nothing was applied, if so."""
 
-    def describe(self) -> str:
-        """One line for the run log."""
-        if self.skipped:
-            return f"xla flags ({self.platform}): none applied, {self.skipped}"
-        if not self.added and not self.kept:
-            return f"xla flags ({self.platform}): no bundle for this platform"
-        text = f"xla flags ({self.platform}, {self.variable}): " + (
-            " ".join(self.added) or "none added"
-        )
+    def describe(self) -> str | None:
+        """One line for the run log saying what was applied; None when nothing was (no bundle
+        for the platform, all its flags set by the user, or ``skipped``)."""
+        if not self.added:
+            return None
+        text = f"xla flags ({self.platform}, {self.variable}): " + (" ".join(self.added))
         if self.kept:
             text += f"; left to your settings: {' '.join(_name(f) for f in self.kept)}"
         return text

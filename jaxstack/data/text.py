@@ -57,13 +57,12 @@ def read_text_files(paths: PathsLike) -> Iterator[str]:
         yield path.read_text(encoding="utf-8")
 
 
-def read_jsonl(paths: PathsLike, field: str = "text") -> Iterator[str]:
-    """Yields ``record[field]`` for every non-blank line of the JSONL files.
+def iter_jsonl(paths: PathsLike) -> Iterator[tuple[str, dict]]:
+    """Yields ``("file:line", record)`` for every non-blank line of the JSONL files.
 
     Raises:
         FileNotFoundError: see :func:`resolve_paths`.
-        ValueError: a line is not a JSON object, lacks ``field``, or its value is not a
-            string; the message names the file and line.
+        ValueError: a line is not a JSON object; the message names the file and line.
     """
     for path in resolve_paths(paths):
         with open(path, encoding="utf-8") as f:
@@ -75,17 +74,33 @@ def read_jsonl(paths: PathsLike, field: str = "text") -> Iterator[str]:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{where}: not valid JSON ({exc})") from exc
-                if not isinstance(record, dict) or field not in record:
-                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                if not isinstance(record, dict):
                     raise ValueError(
-                        f"{where}: no field {field!r} (found {keys}); pass field= to choose "
-                        "the field holding the text"
+                        f"{where}: a {type(record).__name__}, not a JSON object; each line "
+                        "must be one object"
                     )
-                if not isinstance(record[field], str):
-                    raise ValueError(
-                        f"{where}: field {field!r} is {type(record[field]).__name__}, not a string"
-                    )
-                yield record[field]
+                yield where, record
+
+
+def read_jsonl(paths: PathsLike, field: str = "text") -> Iterator[str]:
+    """Yields ``record[field]`` for every non-blank line of the JSONL files.
+
+    Raises:
+        FileNotFoundError: see :func:`resolve_paths`.
+        ValueError: a line is not a JSON object, lacks ``field``, or its value is not a
+            string; the message names the file and line.
+    """
+    for where, record in iter_jsonl(paths):
+        if field not in record:
+            raise ValueError(
+                f"{where}: no field {field!r} (found {sorted(record)}); pass field= to choose "
+                "the field holding the text"
+            )
+        if not isinstance(record[field], str):
+            raise ValueError(
+                f"{where}: field {field!r} is {type(record[field]).__name__}, not a string"
+            )
+        yield record[field]
 
 
 class PackedDataset:

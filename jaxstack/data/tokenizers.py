@@ -135,6 +135,10 @@ class HFTokenizer:
                 return self._tok.token_to_id(name)
         return None
 
+    def token_id(self, token: str) -> int | None:
+        """The id of ``token`` (a special token such as ``</s>`` included), None if unknown."""
+        return self._tok.token_to_id(token)
+
     @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included."""

@@ -1,17 +1,17 @@
 """``js.LLM``: load a model once, then generate for batches of prompts through the engine."""
 
 import dataclasses
-import json
 import os
 import threading
 from collections.abc import Sequence as SequenceOf
-from pathlib import Path
 
 from jax.sharding import Mesh
 
 from jaxstack import hf as hf_io
 from jaxstack.data import load_tokenizer
+from jaxstack.data.chat import read_chat_template
 from jaxstack.data.tokenizers import Tokenizer
+from jaxstack.metrics import long_step
 from jaxstack.models.llama import Llama
 from jaxstack.run import load_run
 from jaxstack.serve.engine import Engine, EngineConfig, QueueFullError, RequestOutput
@@ -58,11 +58,13 @@ class LLM:
         """``bos_token`` / ``eos_token`` strings for the chat template."""
         if hf is not None:
             tokenizer = tokenizer or load_tokenizer(hf)
-            model, _, params = hf_io.load(hf)
+            with long_step(f"loading weights from {hf}", progress):
+                model, _, params = hf_io.load(hf)
             self.chat_template, self.chat_tokens = read_chat_template(hf)
             self.name = os.path.basename(os.path.normpath(hf))
         elif work_dir is not None:
-            run, model, params = load_run(work_dir)
+            with long_step(f"loading weights from {work_dir}", progress):
+                run, model, params = load_run(work_dir)
             tokenizer = tokenizer or load_tokenizer(run.data.tokenizer)
             self.name = os.path.basename(os.path.normpath(work_dir))
         else:
@@ -133,24 +135,3 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def read_chat_template(directory: str | os.PathLike) -> tuple[str | None, dict[str, str]]:
-    """The ``chat_template`` of ``tokenizer_config.json`` in ``directory`` (None if absent) and
-    the ``bos_token`` / ``eos_token`` strings it names (what templates refer to)."""
-    path = Path(directory) / "tokenizer_config.json"
-    if not path.is_file():
-        return None, {}
-    config = json.loads(path.read_text(encoding="utf-8"))
-    template = config.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template}
-        template = named.get("default") or next(iter(named.values()), None)
-    tokens = {}
-    for key in ("bos_token", "eos_token"):
-        entry = config.get(key)
-        if isinstance(entry, dict):
-            entry = entry.get("content")
-        if isinstance(entry, str):
-            tokens[key] = entry
-    return template, tokens

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from rich.progress import track
 
 from jaxstack.layers.attention import PagedBatch, PagedCache
+from jaxstack.metrics import tracked
 from jaxstack.models.llama import Llama
 from jaxstack.serve.sampling import sample_rows
 from jaxstack.serve.scheduler import Sequence
@@ -147,9 +147,8 @@ class ModelRunner:
         return [(t, s) for t in self.token_buckets for s in self.seq_buckets if s <= t]
 
     def warmup(self, progress: bool = True) -> None:
-        """Compile every bucket now, with a progress bar."""
-        buckets = self.buckets
-        for t, s in track(buckets, description="compiling serving buckets", disable=not progress):
+        """Compile every bucket now, with a progress bar (start / done lines in a log)."""
+        for t, s in tracked(self.buckets, "compiling serving buckets", progress):
             self.run(self.pack([], num_tokens=t, num_seqs=s))
 
     def pack(

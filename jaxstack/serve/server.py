@@ -23,15 +23,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
+from jaxstack.data.chat import FALLBACK_CHAT_TEMPLATE
 from jaxstack.serve.engine import Engine, QueueFullError, RequestOutput
 from jaxstack.serve.llm import LLM
 from jaxstack.serve.sampling import SamplingParams
 
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant: {% endif %}"
-)
-"""Used when the model directory has no ``chat_template`` in ``tokenizer_config.json``."""
 DISCONNECT_POLL_S = 0.05
 """How often a request awaiting a whole (not streamed) answer checks its client is there."""
 

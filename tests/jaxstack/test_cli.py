@@ -1,14 +1,17 @@
 """The jaxstack command: train with overrides, generate, convert, demo, one-line errors."""
 
+import contextlib
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from jaxstack import hf
+from jaxstack import cli, hf, xla_flags
 from jaxstack.cli import main
 from jaxstack.run import load_run
 
@@ -27,16 +30,54 @@ def _error(capsys, argv):
     return err
 
 
-def test_train_then_generate(tmp_path, capsys):
+def test_train_logs_plain_lines_to_a_pipe_then_generate(tmp_path, capsys, monkeypatch):
+    """stdout is a block-buffered pipe (a job log): with the progress bar on, every logged
+    step is one complete line that reaches the pipe when logged, not when the process ends;
+    no XLA flag line on CPU, where the stack sets none."""
+    monkeypatch.setattr(xla_flags.xla_bridge, "backends_are_initialized", lambda: False)
     work_dir = str(tmp_path / "run")
-    assert main(["train", "--train.work_dir", work_dir, "--mesh", "auto", *SMALL]) == 0
-    out = capsys.readouterr().out
-    assert "checkpoint at step 4" in out
+    argv = ["train", "--train.work_dir", work_dir, "--mesh", "auto", *SMALL]
+    argv += ["--train.num_steps", "6", "--train.progress_bar", "true"]
+    read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)
+    with open(write_end, "w", buffering=1 << 16) as pipe:
+        with contextlib.redirect_stdout(pipe):
+            assert main(argv) == 0
+        logged = os.read(read_end, 1 << 16).decode()  # flushed output only
+    rest = os.read(read_end, 1 << 16).decode()
+    os.close(read_end)
+    steps = [line for line in logged.splitlines() if line.startswith("train step ")]
+    assert [line.split()[2] for line in steps] == ["2/6", "4/6", "6/6"], logged
+    for line in steps:
+        assert "…" not in line
+        for field in ("loss=", "lr=", "tokens/s=", "mfu=", "elapsed=", "eta="):
+            assert field in line, line
+    assert "eval_loss=" in steps[-1]
+    assert "xla flags" not in logged + rest
+    assert "checkpoint at step 6" in logged + rest
     saved = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert saved["model"]["hidden_size"] == 64 and saved["train"]["num_steps"] == 4
+    assert saved["model"]["hidden_size"] == 64 and saved["train"]["num_steps"] == 6
     argv = ["generate", "--work-dir", work_dir, "--prompt", "def f", "--max-new-tokens", "5"]
     assert main(argv) == 0
     assert "--- prompt 'def f'" in capsys.readouterr().out
+
+
+def test_overrides_in_any_order_give_one_config(tmp_path, capsys):
+    configs = []
+    first, then = ["--data.seq_len", "1024"], ["--model.max_seq_len", "1024"]
+    for argv in (first + then, then + first):
+        assert main(["train", *argv, "--print-config"]) == 0
+        configs.append(json.loads(capsys.readouterr().out))
+    assert configs[0] == configs[1]
+    assert configs[0]["data"]["seq_len"] == 1024 == configs[0]["model"]["max_seq_len"]
+    config = tmp_path / "long.json"
+    config.write_text(json.dumps({"data": {"seq_len": 1024}}))
+    assert main(["train", "--config", str(config), *then, "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out) == configs[0]
+    err = _error(capsys, ["plan", "--model.max_seq_len", "256", "--data.seq_len", "512"])
+    assert "data.seq_len=512 exceeds model.max_seq_len=256" in err
+    err = _error(capsys, ["train", "--train.num_steps", "5", "--train.warmup_steps", "9"])
+    assert "warmup_steps=9 exceeds num_steps=5" in err
 
 
 def test_train_config_file_and_print(tmp_path, capsys):
@@ -65,9 +106,47 @@ def test_batch_not_dividing_devices_is_one_line(tmp_path, capsys):
     assert "multiple of 8" in err
 
 
-def test_missing_checkpoint_is_one_line(tmp_path, capsys):
-    err = _error(capsys, ["generate", "--work-dir", str(tmp_path), "--prompt", "x"])
-    assert "run.json not found" in err
+def test_work_dir_without_a_run_or_checkpoint_is_one_line(tmp_path, capsys):
+    prompt = ["--prompt", "x"]
+    err = _error(capsys, ["generate", "--work-dir", str(tmp_path / "nope"), *prompt])
+    assert "no such work dir" in err
+    err = _error(capsys, ["generate", "--work-dir", str(tmp_path), *prompt])
+    assert f"work dir {tmp_path} has no run.json" in err
+    (tmp_path / "run.json").write_text("{}")
+    err = _error(capsys, ["serve", "--work-dir", str(tmp_path)])
+    assert f"work dir {tmp_path} has no checkpoint yet" in err
+
+
+def test_train_names_a_missing_data_path(tmp_path, capsys):
+    work_dir = ["--train.work_dir", str(tmp_path)]
+    err = _error(capsys, ["train", *work_dir, "--data.source", str(tmp_path / "*.txt")])
+    assert err.startswith("jaxstack: error: --data.source: glob") and "matches no files" in err
+    err = _error(capsys, ["train", *work_dir, "--data.tokenizer", str(tmp_path / "tok.json")])
+    assert f"--data.tokenizer {tmp_path / 'tok.json'}: no such file or directory" in err
+
+
+def test_serve_names_what_a_model_directory_lacks(tmp_path, capsys, monkeypatch):
+    """Each check fails before anything loads (the engine is never built)."""
+    monkeypatch.setattr(cli, "LLM", lambda **_: pytest.fail("the model was loaded"))
+    no_config, no_weights, no_tokenizer = (tmp_path / n for n in ("a", "b", "c"))
+    for directory, files in ((no_config, ["tokenizer.json"]),
+                             (no_weights, ["config.json", "tokenizer.json"]),
+                             (no_tokenizer, ["config.json", "model.safetensors"])):  # fmt: skip
+        directory.mkdir()
+        for name in files:
+            (directory / name).write_text("{}")
+    (no_weights / "pytorch_model.bin").write_text("")
+    expected = {
+        tmp_path / "missing": "no such model directory",
+        no_config: "has no config.json",
+        no_weights: "has no weights (*.safetensors); it has PyTorch weights (pytorch_model.bin)",
+        no_tokenizer: "has no tokenizer (tokenizer.json)",
+    }
+    for directory, message in expected.items():
+        err = _error(capsys, ["serve", "--hf", str(directory)])
+        assert message in err and str(directory) in err, err
+    err = _error(capsys, ["convert", "--to", "jaxstack", str(no_weights), str(tmp_path / "out")])
+    assert "has no weights" in err
 
 
 def test_demo_runs_end_to_end(tmp_path, capsys):
