@@ -3,16 +3,19 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true``
 for server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus).
 Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 for a prompt longer
-than the context or invalid sampling parameters, 429 with ``Retry-After`` when the queue is
-full. A request whose client goes away (mid-stream or while waiting) is cancelled at once,
-which frees its KV pages.
+than the context or invalid sampling parameters, 401 for a missing or wrong API key, 413 for
+a body over the size cap, 429 with ``Retry-After`` when the queue or the stream slots are
+full. A request whose client goes away (mid-stream or while waiting), or stops reading its
+stream for ``ServerConfig.stream_timeout_s``, is cancelled at once, which frees its KV pages.
 """
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import uvicorn
@@ -22,10 +25,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
 
-from jaxstack.serve.engine import Engine, QueueFullError, RequestOutput
+from jaxstack.serve.engine import QueueFullError, RequestOutput
 from jaxstack.serve.llm import LLM
 from jaxstack.serve.sampling import SamplingParams
+from jaxstack.serve.security import RequestGuard, check_api_keys, error_response, exposure_warning
+
+log = logging.getLogger("jaxstack.serve")
 
 FALLBACK_CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -34,6 +41,33 @@ FALLBACK_CHAT_TEMPLATE = (
 """Used when the model directory has no ``chat_template`` in ``tokenizer_config.json``."""
 DISCONNECT_POLL_S = 0.05
 """How often a request awaiting a whole (not streamed) answer checks its client is there."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Who may use the server and how much one client can take (``jaxstack serve`` flags)."""
+
+    api_keys: tuple[str, ...] = ()
+    """Keys accepted as ``Authorization: Bearer <key>`` on ``/v1/*``; empty: no auth."""
+    protect_metrics: bool = False
+    """Require a key on ``/metrics`` too (``/health`` is always open)."""
+    max_body_bytes: int = 4 * 2**20
+    """Largest request body; a larger one is a 413 before it is read."""
+    max_streams: int = 256
+    """Streamed responses open at once; one more is a 429 with ``Retry-After``."""
+    stream_timeout_s: float = 30.0
+    """A streaming client that reads nothing for this long (its socket buffers full) has its
+    request cancelled and its KV pages freed."""
+    retry_after_s: int = 1
+    """``Retry-After`` of a 429."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_keys", check_api_keys(self.api_keys))
+        for name in ("max_body_bytes", "max_streams", "stream_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s={self.retry_after_s} must be >= 0")
 
 
 class _Sampling(BaseModel):
@@ -71,17 +105,14 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", headers=None):
-    body = {"error": {"message": message, "type": kind, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 class _BadRequest(Exception):
     pass
 
 
-def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
-    """The FastAPI app serving ``llm`` (its engine thread must be running)."""
+def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``llm`` (its engine thread must be running), guarded by
+    ``config`` (default ``ServerConfig()``: no API key, the default limits)."""
+    config = config or ServerConfig()
     engine, tokenizer = llm.engine, llm.tokenizer
     if tokenizer is None:
         raise ValueError("the server needs an LLM with a tokenizer")
@@ -89,6 +120,14 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
     template.globals["raise_exception"] = _raise_template_error
     chat_template = template.from_string(llm.chat_template or FALLBACK_CHAT_TEMPLATE)
     app = FastAPI(title="jaxstack", version="0.1.0")
+    app.add_middleware(
+        RequestGuard,
+        api_keys=config.api_keys,
+        protect_metrics=config.protect_metrics,
+        max_body_bytes=config.max_body_bytes,
+    )
+    app.state.open_streams = 0
+    retry_after = {"Retry-After": str(config.retry_after_s)}
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -96,11 +135,11 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
             f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}"
             for e in error.errors()
         )
-        return _error(400, f"invalid request: {problems}")
+        return error_response(400, f"invalid request: {problems}")
 
     @app.exception_handler(_BadRequest)
     async def bad_request(_: Request, error: _BadRequest) -> JSONResponse:
-        return _error(400, str(error))
+        return error_response(400, str(error))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -149,6 +188,9 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
         events: asyncio.Queue[RequestOutput] = asyncio.Queue()
         prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex}"
+        if stream and app.state.open_streams >= config.max_streams:
+            message = f"server busy: {config.max_streams} streams are open (--max-streams)"
+            return error_response(429, message, "rate_limit_error", retry_after)
         try:
             engine.submit(
                 ids,
@@ -157,20 +199,25 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
                 request_id=request_id,
             )
         except QueueFullError as error:
-            headers = {"Retry-After": str(retry_after_s)}
-            return _error(429, f"server busy: {error}", "rate_limit_error", headers)
+            return error_response(429, f"server busy: {error}", "rate_limit_error", retry_after)
         except ValueError as error:
             raise _BadRequest(str(error)) from None
         meta = dict(id=request_id, created=int(time.time()), model=llm.name)
         if stream:
-            chunks = _sse(engine, events, request_id, kind, meta)
-            return StreamingResponse(chunks, media_type="text/event-stream")
+            app.state.open_streams += 1
+
+            def close() -> None:
+                app.state.open_streams -= 1
+                engine.cancel(request_id)  # a no-op once the request finished
+
+            chunks = _sse(events, kind, meta)
+            return _EventStream(chunks, close, config.stream_timeout_s, request_id)
         out = await _final_output(request, events)
         if out is None:  # the client went away: free its pages now
             engine.cancel(request_id)
             return Response(status_code=499)
         if out.finish_reason == "error":
-            return _error(500, f"generation failed: {out.error}", "server_error")
+            return error_response(500, f"generation failed: {out.error}", "server_error")
         return _full_response(out, kind, meta)
 
     def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
@@ -192,33 +239,60 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
     return app
 
 
-async def _sse(
-    engine: Engine, events: asyncio.Queue, request_id: str, kind: str, meta: dict
-) -> AsyncIterator[str]:
-    """Server-sent events of one request; cancels it if the client disconnects."""
-    finished = False
+class _StalledClient(Exception):
+    pass
+
+
+class _EventStream(StreamingResponse):
+    """The server-sent events of one request. However the response ends (finished, client
+    gone, or a send blocked for ``write_timeout_s`` because the client stopped reading),
+    ``close`` runs once: it cancels the request if unfinished and frees its stream slot."""
+
+    def __init__(self, chunks: AsyncIterator[str], close: Callable[[], None],
+                 write_timeout_s: float, request_id: str):  # fmt: skip
+        super().__init__(chunks, media_type="text/event-stream")
+        self._close, self._timeout, self._request_id = close, write_timeout_s, request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_in_time(message) -> None:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await send(message)
+            except TimeoutError:
+                raise _StalledClient from None
+
+        try:
+            await super().__call__(scope, receive, send_in_time)
+        except* _StalledClient:
+            log.warning(
+                "request %s cancelled: its client read nothing for %g s",
+                self._request_id,
+                self._timeout,
+            )
+        finally:
+            self._close()
+            await self.body_iterator.aclose()
+
+
+async def _sse(events: asyncio.Queue, kind: str, meta: dict) -> AsyncIterator[str]:
+    """Server-sent events of one request, up to its last output."""
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
-    try:
-        if kind == "chat.completion":
-            first = _choice(kind, delta={"role": "assistant", "content": ""})
-            yield _event({**meta, "object": chunk_kind, "choices": [first]})
-        while True:
-            out: RequestOutput = await events.get()
-            finished = out.finished
-            if out.finish_reason == "error":
-                yield _event({"error": {"message": f"generation failed: {out.error}"}})
-                break
-            reason = out.finish_reason if finished else None
-            if out.delta or finished:
-                body = {"content": out.delta} if kind == "chat.completion" else None
-                choice = _choice(kind, delta=body, text=out.delta, finish_reason=reason)
-                yield _event({**meta, "object": chunk_kind, "choices": [choice]})
-            if finished:
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        if not finished:
-            engine.cancel(request_id)
+    if kind == "chat.completion":
+        first = _choice(kind, delta={"role": "assistant", "content": ""})
+        yield _event({**meta, "object": chunk_kind, "choices": [first]})
+    while True:
+        out: RequestOutput = await events.get()
+        if out.finish_reason == "error":
+            yield _event({"error": {"message": f"generation failed: {out.error}"}})
+            break
+        reason = out.finish_reason if out.finished else None
+        if out.delta or out.finished:
+            body = {"content": out.delta} if kind == "chat.completion" else None
+            choice = _choice(kind, delta=body, text=out.delta, finish_reason=reason)
+            yield _event({**meta, "object": chunk_kind, "choices": [choice]})
+        if out.finished:
+            break
+    yield "data: [DONE]\n\n"
 
 
 async def _final_output(request: Request, events: asyncio.Queue) -> RequestOutput | None:
@@ -266,6 +340,17 @@ def _raise_template_error(message: str):
     raise ValueError(message)
 
 
-def serve(llm: LLM, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve ``llm`` over HTTP until interrupted (``jaxstack serve``)."""
-    uvicorn.run(create_app(llm), host=host, port=port, log_level=log_level)
+def serve(
+    llm: LLM,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    config: ServerConfig | None = None,
+) -> None:
+    """Serve ``llm`` over HTTP until interrupted (``jaxstack serve``); warns when ``host`` is
+    reachable from other machines and ``config`` has no API key."""
+    config = config or ServerConfig()
+    warning = exposure_warning(host, config.api_keys)
+    if warning:
+        log.warning(warning)
+    uvicorn.run(create_app(llm, config), host=host, port=port, log_level=log_level)

@@ -4,57 +4,29 @@ import asyncio
 import json
 import socket
 import struct
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from conftest import cancelled, running_server, wait_until_idle
 
 from jaxstack.serve import SamplingParams
 from jaxstack.serve.engine import QueueFullError
-from jaxstack.serve.server import create_app
+from jaxstack.serve.server import ServerConfig, create_app
 
 PROMPT = "def add(a, b):"
 
 
 @pytest.fixture(scope="module")
 def base_url(llm):
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(llm, retry_after_s=2), host="127.0.0.1", port=0, log_level="warning"
-        )  # fmt: skip
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running_server(create_app(llm, ServerConfig(retry_after_s=2))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(base_url):
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
-
-
-def wait_until_idle(engine, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.scheduler.running or engine.scheduler.waiting or engine.cache.num_used:
-        assert time.monotonic() < deadline, f"{engine.cache.num_used} pages still in use"
-        time.sleep(0.02)
-
-
-def cancelled(engine) -> float:
-    """Requests the engine finished as cancelled so far."""
-    labels = {"reason": "cancelled"}
-    value = engine.metrics.registry.get_sample_value("jaxstack_requests_finished_total", labels)
-    return value or 0.0
 
 
 def test_completions_plain_and_streamed(client, llm):
