@@ -37,10 +37,10 @@ def check_api_keys(keys: Iterable[str]) -> tuple[str, ...]:
         ValueError: an empty key, or one with spaces, commas or non-printable characters.
     """
     keys = tuple(keys)
-    for key in keys:
+    for number, key in enumerate(keys, 1):
         if not key or not key.isascii() or not key.isprintable() or " " in key or "," in key:
             raise ValueError(
-                f"API key {key[:4]!r}... is empty or has spaces, commas or characters that "
+                f"API key number {number} is empty or has spaces, commas or characters that "
                 "are not printable ASCII; use letters, digits and -_.~+/="
             )
     return keys

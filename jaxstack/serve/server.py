@@ -63,9 +63,11 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "api_keys", check_api_keys(self.api_keys))
-        for name in ("max_body_bytes", "max_streams", "stream_timeout_s"):
+        flags = {"max_body_bytes": "max-body-mb", "max_streams": "max-streams",
+                 "stream_timeout_s": "stream-timeout"}  # fmt: skip
+        for name, flag in flags.items():
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0 (serve --{flag})")
         if self.retry_after_s < 0:
             raise ValueError(f"retry_after_s={self.retry_after_s} must be >= 0")
 
