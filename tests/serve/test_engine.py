@@ -176,15 +176,25 @@ def test_stop_strings_and_stop_tokens(llm, workload):
 
 
 def test_engine_survives_a_failing_request(llm, workload):
-    prompts = workload[0]
+    prompts, seen = workload[0], []
 
     def broken(out: RequestOutput) -> None:
+        seen.append(out)
         raise RuntimeError("callback bug")
 
     llm.engine.submit(prompts[0], SamplingParams(max_tokens=5), broken)
     out = llm.generate([prompts[1]], SamplingParams(max_tokens=3))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 3
     assert llm.engine.alive
+    deadline = time.monotonic() + 30
+    while not (seen and seen[-1].finished):
+        assert time.monotonic() < deadline, "the broken request never ended"
+        time.sleep(0.01)
+    # its first token's report failed, so it ended there, as an error naming the failure
+    first, last = seen
+    assert not first.finished and len(first.token_ids) == 1
+    assert last.finish_reason == "error" and "callback bug" in last.error
+    assert last.token_ids == first.token_ids
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 from conftest import cancelled, running_server, wait_until_idle
+from prometheus_client.parser import text_string_to_metric_families
 
 from jaxstack.serve import SamplingParams
 from jaxstack.serve.engine import QueueFullError
@@ -67,21 +68,36 @@ def test_chat_plain_and_streamed(client, llm):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_64_concurrent_requests_complete_in_bounded_time(base_url, llm):
+def test_64_concurrent_seeded_requests_each_get_their_own_answer(base_url, llm):
+    prompts = [f"{i} + {i} =" for i in range(64)]
+
     async def run() -> list:
         client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
         requests = [
-            client.completions.create(model="tiny", prompt=f"{i} + {i} =", max_tokens=6,
-                                      temperature=0.7, seed=i, extra_body={"ignore_eos": True})
-            for i in range(64)
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0.7,
+                                      seed=i, extra_body={"ignore_eos": True})
+            for i, prompt in enumerate(prompts)
         ]  # fmt: skip
-        return await asyncio.wait_for(asyncio.gather(*requests), timeout=180)
+        return await asyncio.wait_for(asyncio.gather(*requests), timeout=180)  # a hang fails
 
-    start = time.monotonic()
     results = asyncio.run(run())
-    assert len(results) == 64 and all(r.usage.completion_tokens == 6 for r in results)
-    assert time.monotonic() - start < 180
+    # a seeded request samples the same tokens however it is batched: here in one offline batch
+    params = [SamplingParams(max_tokens=6, temperature=0.7, seed=i, ignore_eos=True)
+              for i in range(64)]  # fmt: skip
+    expected = [out.text for out in llm.generate(prompts, params)]
+    assert [r.choices[0].text for r in results] == expected
+    assert len(set(expected)) > 32  # distinct prompts and seeds: not one answer for all
+    assert all(r.usage.completion_tokens == 6 for r in results)
     wait_until_idle(llm.engine)
+
+
+def metric(base_url: str, name: str, **labels) -> float:
+    """A sample of the server's ``/metrics`` now (0 when absent)."""
+    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
 
 
 def test_models_health_and_metrics(base_url):
@@ -97,7 +113,15 @@ def test_models_health_and_metrics(base_url):
         "jaxstack_time_per_output_token_seconds_bucket",
     ):
         assert name in text
-    assert "jaxstack_generation_tokens_total 0.0" not in text  # earlier tests made tokens
+    counted = ("jaxstack_generation_tokens_total", "jaxstack_time_to_first_token_seconds_count",
+               "jaxstack_time_per_output_token_seconds_count")  # fmt: skip
+    before = [metric(base_url, name) for name in counted]
+    lengths = metric(base_url, "jaxstack_requests_finished_total", reason="length")
+    body = {"prompt": PROMPT, "max_tokens": 5, "ignore_eos": True}
+    assert httpx.post(f"{base_url}/v1/completions", json=body).status_code == 200
+    after = [metric(base_url, name) for name in counted]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [5, 1, 1]
+    assert metric(base_url, "jaxstack_requests_finished_total", reason="length") == lengths + 1
 
 
 @pytest.mark.parametrize(
