@@ -180,8 +180,9 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         except Exception as error:
             raise _BadRequest(f"the chat template failed on these messages: {error}") from None
         ids = tokenizer.encode(text, add_bos=False)
-        limit = body.max_completion_tokens or body.max_tokens
-        params = _sampling(body, limit)
+        limit = body.max_completion_tokens
+        limit = body.max_tokens if limit is None else limit
+        params = _sampling(body, _rest_of_context(len(ids)) if limit is None else limit)
         return await _respond(request, ids, params, "chat.completion", body.stream)
 
     async def _respond(request: Request, ids: list[int], params: SamplingParams, kind: str,
@@ -221,6 +222,16 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         if out.finish_reason == "error":
             return error_response(500, f"generation failed: {out.error}", "server_error")
         return _full_response(out, kind, meta)
+
+    def _rest_of_context(prompt_tokens: int) -> int:
+        """A chat reply's default length: whatever the context (and the KV cache) leaves."""
+        room = min(engine.max_model_len, engine.config.num_pages * engine.config.page_size)
+        if prompt_tokens >= room:
+            raise _BadRequest(
+                f"the messages take {prompt_tokens} tokens and the context holds {room}: no "
+                "room for a reply; shorten them"
+            )
+        return room - prompt_tokens
 
     def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
         if body.n != 1:

@@ -68,6 +68,23 @@ def test_chat_plain_and_streamed(client, llm):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(client, llm):
+    prompt = llm.tokenizer.encode("user: hi\nassistant: ")
+    rest = llm.engine.max_model_len - len(prompt)
+    params = SamplingParams(max_tokens=rest, ignore_eos=True)
+    expected = llm.generate([prompt], params)[0]
+    hi = [{"role": "user", "content": "hi"}]
+    done = client.chat.completions.create(
+        model="tiny", messages=hi, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert done.usage.completion_tokens == rest == 108  # not the completions default of 16
+    assert done.choices[0].message.content == expected.text
+    assert done.choices[0].finish_reason == "length"
+    too_long = [{"role": "user", "content": "x" * 120}]  # 138 tokens rendered: no room
+    with pytest.raises(openai.BadRequestError, match="no room for a reply"):
+        client.chat.completions.create(model="tiny", messages=too_long)
+
+
 def test_64_concurrent_seeded_requests_each_get_their_own_answer(base_url, llm):
     prompts = [f"{i} + {i} =" for i in range(64)]
 
