@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -111,8 +112,9 @@ class _Request:
 class Engine:
     """Continuous-batching inference over a paged KV cache (see the module docstring).
 
-    ``tokenizer`` is needed for text outputs and stop strings; ``eos_id`` ends a request
-    (default: the tokenizer's EOS). ``mesh``: tensor-parallel serving (params placed by
+    ``tokenizer`` is needed for text outputs and stop strings; ``eos_id`` (one id or several,
+    e.g. a chat model's end-of-text and end-of-turn) ends a request (default: the tokenizer's
+    EOS). ``mesh``: tensor-parallel serving (params placed by
     ``sharding_rules``, KV heads over ``tensor``). Compiles every bucket at construction
     (``progress`` shows a bar), then starts the engine thread.
     """
@@ -124,13 +126,17 @@ class Engine:
         config: EngineConfig | None = None,
         *,
         tokenizer: Tokenizer | None = None,
-        eos_id: int | None = None,
+        eos_id: int | SequenceOf[int] | None = None,
         mesh: Mesh | None = None,
         progress: bool = True,
     ):
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
-        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        if eos_id is None:
+            eos_id = getattr(tokenizer, "eos_id", None)
+        eos = () if eos_id is None else (eos_id,) if isinstance(eos_id, int) else eos_id
+        self.eos_ids: frozenset[int] = frozenset(int(i) for i in eos)
+        """Token ids that end a request (unless it ``ignore_eos``)."""
         self.max_model_len = config.max_model_len or model.config.max_seq_len
         self.cache = KVCacheManager(config.num_pages, config.page_size, config.prefix_caching)
         self.scheduler = Scheduler(
@@ -325,8 +331,8 @@ class Engine:
             self.metrics.ttft.observe(now - request.arrival_time)
         token = seq.output[-1]
         stop_ids = set(params.stop_token_ids)
-        if self.eos_id is not None and not params.ignore_eos:
-            stop_ids.add(self.eos_id)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_ids
         reason = None
         if token in stop_ids:
             reason = "stop"

@@ -38,7 +38,7 @@ class LLM:
         hf: str | os.PathLike | None = None,
         work_dir: str | os.PathLike | None = None,
         tokenizer: Tokenizer | None = None,
-        eos_id: int | None = None,
+        eos_id: int | SequenceOf[int] | None = None,
         mesh: Mesh | None = None,
         config: EngineConfig | None = None,
         progress: bool = True,
@@ -69,9 +69,11 @@ class LLM:
             if params is None:
                 raise ValueError("a model needs its params: LLM(model, params)")
             self.name = type(model).__name__.lower()
-        if eos_id is None and getattr(tokenizer, "eos_id", None) is None:
-            configured = model.config.extra.get("eos_token_id")  # an HF config's
-            eos_id = configured if isinstance(configured, int) else None
+        if eos_id is None:  # the tokenizer's, and every id the model's configs name
+            named = [getattr(tokenizer, "eos_id", None)]
+            named += _ids(model.config.extra.get("eos_token_id"))
+            named += read_eos_ids(hf) if hf is not None else []
+            eos_id = tuple(dict.fromkeys(i for i in named if i is not None)) or None
         self.tokenizer = tokenizer
         self.engine = Engine(
             model, params, config, tokenizer=tokenizer, eos_id=eos_id, mesh=mesh, progress=progress
@@ -133,6 +135,25 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _ids(value) -> list[int]:
+    """An ``eos_token_id`` entry (an int, a list of ints or absent) as a list."""
+    if isinstance(value, int):
+        return [value]
+    return [i for i in value if isinstance(i, int)] if isinstance(value, list) else []
+
+
+def read_eos_ids(directory: str | os.PathLike) -> list[int]:
+    """The end-of-sequence ids a Hugging Face model directory names: ``eos_token_id`` of
+    ``generation_config.json`` then of ``config.json``, each an int or a list (Llama 3 lists
+    end-of-text and end-of-turn ids there)."""
+    ids = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(directory) / name
+        if path.is_file():
+            ids += _ids(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
+    return list(dict.fromkeys(ids))
 
 
 def read_chat_template(directory: str | os.PathLike) -> tuple[str | None, dict[str, str]]:
