@@ -3,7 +3,8 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true``
 for server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus).
 Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 for a prompt longer
-than the context or invalid sampling parameters, 401 for a missing or wrong API key, 413 for
+than the context, invalid sampling parameters or a field it does not implement
+(``protocol.py``), 401 for a missing or wrong API key, 413 for
 a body over the size cap, 429 with ``Retry-After`` when the queue or the stream slots are
 full. A request whose client goes away (mid-stream or while waiting), or stops reading its
 stream for ``ServerConfig.stream_timeout_s``, is cancelled at once, which frees its KV pages.
@@ -24,11 +25,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import Receive, Scope, Send
 
 from jaxstack.serve.engine import QueueFullError, RequestOutput
 from jaxstack.serve.llm import LLM
+from jaxstack.serve.protocol import ChatRequest, CompletionRequest, SamplingFields
 from jaxstack.serve.sampling import SamplingParams
 from jaxstack.serve.security import RequestGuard, check_api_keys, error_response, exposure_warning
 
@@ -72,41 +73,6 @@ class ServerConfig:
             raise ValueError(f"retry_after_s={self.retry_after_s} must be >= 0")
 
 
-class _Sampling(BaseModel):
-    """Fields common to both endpoints (unknown OpenAI fields are accepted and ignored)."""
-
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = 1
-    ignore_eos: bool = False
-
-
-class CompletionRequest(_Sampling):
-    """``POST /v1/completions``."""
-
-    prompt: str | list[int] | list[str]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str
-
-
-class ChatRequest(_Sampling):
-    """``POST /v1/chat/completions``."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-
-
 class _BadRequest(Exception):
     pass
 
@@ -133,11 +99,13 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}"
-            for e in error.errors()
-        )
-        return error_response(400, f"invalid request: {problems}")
+        problems = []
+        for e in error.errors():
+            where = ".".join(str(p) for p in e["loc"] if p != "body")
+            text = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+            text = text.removeprefix("Value error, ")
+            problems.append(f"{where}: {text}" if where else text)
+        return error_response(400, f"invalid request: {'; '.join(problems)}")
 
     @app.exception_handler(_BadRequest)
     async def bad_request(_: Request, error: _BadRequest) -> JSONResponse:
@@ -173,7 +141,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
     async def chat(body: ChatRequest, request: Request):
         try:
             text = chat_template.render(
-                messages=[m.model_dump() for m in body.messages],
+                messages=[m.model_dump(exclude_none=True) for m in body.messages],
                 add_generation_prompt=True,
                 **{"bos_token": "", "eos_token": "", **llm.chat_tokens},
             )
@@ -233,7 +201,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             )
         return room - prompt_tokens
 
-    def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
+    def _sampling(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
         if body.n != 1:
             raise _BadRequest(f"n={body.n}: only n=1 is supported")
         try:
@@ -244,6 +212,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
                 top_k=body.top_k,
                 seed=body.seed,
                 stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+                stop_token_ids=tuple(body.stop_token_ids or ()),
                 ignore_eos=body.ignore_eos,
             )
         except ValueError as error:

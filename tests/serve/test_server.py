@@ -153,12 +153,57 @@ def test_models_health_and_metrics(base_url):
         ({"prompt": "x", "n": 2}, "n=2"),
         ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
         ({"max_tokens": 3}, "prompt"),
+        ({"prompt": "x", "max_token": 3}, "max_token: unknown field"),
+        ({"prompt": "x", "logprobs": 2}, "logprobs=2 is not supported"),
+        ({"prompt": "x", "echo": True}, "echo=True is not supported"),
+        ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty=0.5 is not supported"),
+        ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias={'1': 5} is not supported"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options="),
     ],
 )
 def test_bad_requests_get_400(base_url, body, message):
     response = httpx.post(f"{base_url}/v1/completions", json=body)
     assert response.status_code == 400
     assert message in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format="),
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs=True is not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools="),
+        ({"frequency_penalty": 1}, "frequency_penalty=1 is not supported"),
+        ({"logprobs": 0}, "logprobs=0"),  # 0 is not false
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "'image_url'"),
+        ({"messages": [{"role": "user", "content": "hi", "tool_call_id": "1"}]}, "tool_call_id"),
+    ],
+)
+def test_unsupported_chat_fields_get_400_naming_them(client, fields, message):
+    options = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=1) | fields
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tiny", **options)
+    assert message in raised.value.body["message"]
+
+
+def test_neutral_values_text_parts_and_stop_token_ids_are_served(client, llm):
+    parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
+    options = dict(model="tiny", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    neutral = dict(presence_penalty=0, frequency_penalty=0.0, logprobs=False, user="u",
+                   response_format={"type": "text"}, stream_options=None)  # fmt: skip
+    as_string = client.chat.completions.create(
+        messages=[{"role": "user", "content": "h\ni"}], **options
+    )
+    as_parts = client.chat.completions.create(
+        messages=[{"role": "user", "content": parts}], **options, **neutral
+    )
+    assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+    assert as_parts.usage == as_string.usage
+    tokens = llm.generate(PROMPT, SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids
+    extra_body = {"ignore_eos": True, "stop_token_ids": [tokens[1]]}
+    stopped = client.completions.create(prompt=PROMPT, **options | {"extra_body": extra_body})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == tokens.index(tokens[1]) + 1
 
 
 def test_full_queue_gets_429_with_retry_after(base_url, llm):
