@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ENGINE_OPTIONS, EOS
+from serve_helpers import ENGINE_OPTIONS, EOS
 
 from jaxstack.data import ByteTokenizer
 from jaxstack.generate import generate

@@ -1,6 +1,7 @@
 """The real HTTP server on 127.0.0.1, driven by the ``openai`` client and ``httpx``."""
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
@@ -9,8 +10,8 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import cancelled, running_server, wait_until_idle
 from prometheus_client.parser import text_string_to_metric_families
+from serve_helpers import EngineHold, cancelled, running_server, wait_until_idle
 
 from jaxstack.serve import SamplingParams
 from jaxstack.serve.engine import QueueFullError
@@ -208,20 +209,22 @@ def test_neutral_values_text_parts_and_stop_token_ids_are_served(client, llm):
 
 def test_full_queue_gets_429_with_retry_after(base_url, llm):
     engine, fillers = llm.engine, []
+    hold = EngineHold(engine)  # nothing leaves the queue meanwhile, however slow the client
     try:
-        while True:  # long requests until the queue is full (8 run, the rest wait)
-            fillers.append(engine.submit([1, 2, 3], SamplingParams(max_tokens=100), lambda o: None))
-    except QueueFullError:
-        pass
-    # generous timeout: the engine thread busy with the fillers competes for the GIL on a
-    # loaded 2-core machine; what is tested is the status, not the latency
-    response = httpx.post(
-        f"{base_url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=120
-    )
-    for request_id in fillers:
-        engine.cancel(request_id)
+        assert hold.entered.wait(timeout=30)
+        with contextlib.suppress(QueueFullError):
+            while True:  # requests until the queue is full
+                fillers.append(engine.submit([1, 2, 3], SamplingParams(), lambda o: None))
+        response = httpx.post(
+            f"{base_url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60
+        )
+    finally:
+        for request_id in fillers:
+            engine.cancel(request_id)
+        hold.release()
     assert response.status_code == 429
     assert response.headers["retry-after"] == "2"
+    assert "max_queue=96" in response.json()["error"]["message"]
     wait_until_idle(engine)
 
 

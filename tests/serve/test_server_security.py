@@ -4,15 +4,14 @@ directly where a stalled socket is the point."""
 
 import asyncio
 import json
-import threading
 import time
 import tracemalloc
 
 import httpx
 import openai
 import pytest
-from conftest import cancelled, running_server, wait_until_idle
 from fastapi.testclient import TestClient
+from serve_helpers import EngineHold, cancelled, running_server, wait_until_idle
 
 from jaxstack.cli import build_parser, serve_config
 from jaxstack.serve import SamplingParams
@@ -30,23 +29,6 @@ CONFIG = ServerConfig(
     retry_after_s=3,
 )
 PROMPT = "def add(a, b):"
-
-
-class EngineHold:
-    """Holds the engine thread inside a request's first output callback until ``release``:
-    running requests make no progress meanwhile (a stand-in for a busy engine)."""
-
-    def __init__(self, engine):
-        self.entered, self._release = threading.Event(), threading.Event()
-        engine.submit([1], SamplingParams(max_tokens=2, ignore_eos=True), self._hold)
-
-    def _hold(self, out) -> None:
-        if not out.finished:
-            self.entered.set()
-            self._release.wait(timeout=60)
-
-    def release(self) -> None:
-        self._release.set()
 
 
 @pytest.fixture(scope="module")
