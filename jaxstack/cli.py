@@ -32,7 +32,8 @@ from jaxstack.overrides import field_names, parse_overrides
 from jaxstack.planning import choose_mesh, plan_run
 from jaxstack.run import RUN_FILE, RunConfig, has_checkpoint, is_converted, load_run, train
 from jaxstack.serve import LLM
-from jaxstack.serve.server import serve
+from jaxstack.serve.security import API_KEY_ENV, api_keys_from
+from jaxstack.serve.server import ServerConfig, serve
 from jaxstack.trainer import NonFiniteError, TrainConfig
 from jaxstack.workdir import ERROR_LOG, WorkDirBusyError, is_local, work_path
 from jaxstack.xla_flags import apply_xla_flags
@@ -353,6 +354,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a run's checkpoint or a Hugging Face directory over an OpenAI-compatible API."""
     check_paths(args)
     _say_xla_flags(args)
+    config = serve_config(args)  # bad flags fail before the model loads
     buckets = lambda text: tuple(int(n) for n in text.split(","))  # noqa: E731
     options = dict(page_size=args.page_size, num_pages=args.num_pages, max_queue=args.max_queue)
     options.update(max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching)
@@ -367,9 +369,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     llm = LLM(**source, mesh=mesh, **options)
     print(f"serving {llm.name} on http://{args.host}:{args.port}/v1", flush=True)
     try:
-        serve(llm, args.host, args.port)
+        serve(llm, args.host, args.port, config=config)
     finally:
         llm.close()
+
+
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """The HTTP server's keys and limits from ``jaxstack serve`` flags (keys: ``--api-key``,
+    else the ``JAXSTACK_API_KEY`` environment variable)."""
+    return ServerConfig(
+        api_keys=api_keys_from(args.api_key),
+        protect_metrics=args.protect_metrics,
+        max_body_bytes=round(args.max_body_mb * 2**20),
+        max_streams=args.max_streams,
+        stream_timeout_s=args.stream_timeout,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -445,6 +459,27 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--token-buckets", help="tokens per step to compile, e.g. 16,64,256")
     srv.add_argument("--seq-buckets", help="sequences per step to compile, e.g. 4,16,64")
     srv.add_argument("--no-prefix-caching", action="store_true")
+    srv.add_argument(
+        "--api-key",
+        action="append",
+        help="require 'Authorization: Bearer KEY' on /v1 (repeatable); to keep keys out of "
+        f"process listings set {API_KEY_ENV}=KEY1,KEY2 instead",
+    )
+    srv.add_argument(
+        "--protect-metrics", action="store_true", help="require the API key on /metrics too"
+    )
+    srv.add_argument(
+        "--max-body-mb", type=float, default=4.0, help="largest request body (default 4)"
+    )
+    srv.add_argument(
+        "--max-streams", type=int, default=256, help="streamed responses at once before 429"
+    )
+    srv.add_argument(
+        "--stream-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a streaming client may read nothing before its request is cancelled",
+    )
     return parser
 
 

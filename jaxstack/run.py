@@ -241,12 +241,9 @@ def eos_id_for(data: DataConfig, tokenizer: Tokenizer) -> int:
     if tokenizer.eos_id is not None:
         return tokenizer.eos_id
     folder = _folder(data.tokenizer)
-    for name in ("generation_config.json", "config.json") if folder else ():
-        path = folder / name
-        found = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
-        found = found[0] if isinstance(found, list) and found else found
-        if isinstance(found, int):
-            return found
+    named = hf.read_eos_ids(folder) if folder else []
+    if named:
+        return named[0]
     raise ValueError(
         f"the tokenizer {data.tokenizer} has no end-of-document (EOS) token, and no "
         "generation_config.json or config.json beside it names one; pass --data.eos_token "

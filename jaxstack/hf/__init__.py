@@ -16,7 +16,14 @@ its model (``jaxstack/models/llama.py``, ``jaxstack/models/mixtral.py``).
 from typing import Any
 
 from jaxstack.hf.commands import generate_text
-from jaxstack.hf.families import FAMILIES, family_for_config, family_for_hf, read_hf_config
+from jaxstack.hf.families import (
+    FAMILIES,
+    eos_ids,
+    family_for_config,
+    family_for_hf,
+    read_eos_ids,
+    read_hf_config,
+)
 from jaxstack.hf.loading import load, read_params
 from jaxstack.hf.saving import convert_to_checkpoint, convert_to_hf, save
 
@@ -41,8 +48,10 @@ __all__ = [
     "config_to_hf",
     "convert_to_checkpoint",
     "convert_to_hf",
+    "eos_ids",
     "generate_text",
     "load",
+    "read_eos_ids",
     "read_hf_config",
     "read_params",
     "save",

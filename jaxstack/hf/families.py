@@ -55,6 +55,26 @@ FAMILIES: dict[str, HFFamily] = {
 """HF ``model_type`` -> family."""
 
 
+def eos_ids(value: Any) -> list[int]:
+    """An ``eos_token_id`` entry of a Hugging Face config (an int, a list of ints or absent)
+    as a list."""
+    if isinstance(value, int):
+        return [value]
+    return [i for i in value if isinstance(i, int)] if isinstance(value, list) else []
+
+
+def read_eos_ids(directory: str | os.PathLike) -> list[int]:
+    """The end-of-sequence ids a Hugging Face model directory names, in order and without
+    repeats: ``eos_token_id`` of ``generation_config.json``, then of ``config.json``, each an
+    int or a list (Llama 3 lists its end-of-text and end-of-turn ids there)."""
+    ids = []
+    for name in ("generation_config.json", "config.json"):
+        path = Path(directory) / name
+        if path.is_file():
+            ids += eos_ids(json.loads(path.read_text(encoding="utf-8")).get("eos_token_id"))
+    return list(dict.fromkeys(ids))
+
+
 def read_hf_config(directory: str | os.PathLike) -> dict:
     """The parsed ``config.json`` of a Hugging Face model directory.
 

@@ -5,7 +5,9 @@
   :class:`~jaxstack.serve.scheduler.Scheduler` (chunked prefill, preemption), the
   :class:`~jaxstack.serve.kv_cache.KVCacheManager` (pages, prefix cache) and the
   :class:`~jaxstack.serve.runner.ModelRunner` (the jitted paged step, shape buckets).
-* :mod:`jaxstack.serve.server`: the OpenAI-compatible HTTP server (``jaxstack serve``).
+* :mod:`jaxstack.serve.server`: the OpenAI-compatible HTTP server (``jaxstack serve``), its
+  request bodies (:mod:`~jaxstack.serve.protocol`) and its API keys and body cap
+  (:mod:`~jaxstack.serve.security`).
 """
 
 from jaxstack.serve.engine import Engine, EngineConfig, QueueFullError, RequestOutput

@@ -12,9 +12,11 @@ import itertools
 import logging
 import math
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
+from collections.abc import Sequence as SequenceOf
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -83,7 +85,8 @@ class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]
-    """Every output token so far (the stop token included)."""
+    """Every output token so far (a stop token included; at a stop string, the tokens
+    before it)."""
     new_token_ids: list[int]
     """Tokens since the previous report."""
     text: str = ""
@@ -106,13 +109,15 @@ class _Request:
     text: str = ""
     sent_chars: int = 0
     stops: tuple[str, ...] = field(default_factory=tuple)
+    kept_tokens: int | None = None  # output tokens before a stop string's cut (None: all)
 
 
 class Engine:
     """Continuous-batching inference over a paged KV cache (see the module docstring).
 
-    ``tokenizer`` is needed for text outputs and stop strings; ``eos_id`` ends a request
-    (default: the tokenizer's EOS). ``mesh``: tensor-parallel serving (params placed by
+    ``tokenizer`` is needed for text outputs and stop strings; ``eos_id`` (one id or several,
+    e.g. a chat model's end-of-text and end-of-turn) ends a request (default: the tokenizer's
+    EOS). ``mesh``: tensor-parallel serving (params placed by
     ``sharding_rules``, KV heads over ``tensor``). Compiles every bucket at construction
     (``progress`` shows a bar), then starts the engine thread.
     """
@@ -124,13 +129,17 @@ class Engine:
         config: EngineConfig | None = None,
         *,
         tokenizer: Tokenizer | None = None,
-        eos_id: int | None = None,
+        eos_id: int | SequenceOf[int] | None = None,
         mesh: Mesh | None = None,
         progress: bool = True,
     ):
         self.config = config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
-        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        if eos_id is None:
+            eos_id = getattr(tokenizer, "eos_id", None)
+        eos = () if eos_id is None else (eos_id,) if isinstance(eos_id, int) else eos_id
+        self.eos_ids: frozenset[int] = frozenset(int(i) for i in eos)
+        """Token ids that end a request (unless it ``ignore_eos``)."""
         self.max_model_len = config.max_model_len or model.config.max_seq_len
         self.cache = KVCacheManager(config.num_pages, config.page_size, config.prefix_caching)
         self.scheduler = Scheduler(
@@ -186,7 +195,7 @@ class Engine:
         self._validate(prompt, params)
         number = next(self._ids)
         request_id = request_id or f"req-{number}"
-        seed = params.seed if params.seed is not None else number
+        seed = params.seed if params.seed is not None else secrets.randbits(32)
         seq = Sequence(request_id, [int(t) for t in prompt], params, seed % 2**32, number)
         request = _Request(seq, on_output, time.monotonic(), stops=params.stop)
         with self._lock:
@@ -325,8 +334,8 @@ class Engine:
             self.metrics.ttft.observe(now - request.arrival_time)
         token = seq.output[-1]
         stop_ids = set(params.stop_token_ids)
-        if self.eos_id is not None and not params.ignore_eos:
-            stop_ids.add(self.eos_id)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_ids
         reason = None
         if token in stop_ids:
             reason = "stop"
@@ -338,6 +347,7 @@ class Engine:
             cut = min((i for s in request.stops if (i := visible.find(s)) >= 0), default=-1)
             if cut >= 0:
                 request.text = visible = visible[:cut]
+                request.kept_tokens = self._tokens_for(seq.output, visible)
                 reason = "stop"
             if reason is None:  # hold back what may still become a stop string or a character
                 hold = max((len(s) - 1 for s in request.stops), default=0)
@@ -346,16 +356,29 @@ class Engine:
         if reason is not None:
             self._remove(request, reason)
 
+    def _tokens_for(self, tokens: list[int], text: str) -> int:
+        """The fewest leading ``tokens`` whose decoding starts with ``text`` (a prefix of the
+        decoding of all of them), by bisection: what a stop string's cut keeps."""
+        low, high = 0, len(tokens)
+        while low < high:
+            middle = (low + high) // 2
+            if self.tokenizer.decode(tokens[:middle]).startswith(text):
+                high = middle
+            else:
+                low = middle + 1
+        return low
+
     def _send(self, request: _Request, visible: str, *, finished: bool, reason=None, error=None):
         seq = request.seq
         delta = visible[request.sent_chars :] if len(visible) > request.sent_chars else ""
         request.sent_chars = max(request.sent_chars, len(visible))
-        new_tokens = seq.output[request.reported_tokens :]
+        tokens = seq.output[: request.kept_tokens]
+        new_tokens = tokens[request.reported_tokens :]
         request.reported_tokens = len(seq.output)
         output = RequestOutput(
             seq.request_id,
             seq.prompt,
-            list(seq.output),
+            tokens,
             new_tokens,
             request.text,
             delta,

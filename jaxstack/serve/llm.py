@@ -38,7 +38,7 @@ class LLM:
         hf: str | os.PathLike | None = None,
         work_dir: str | os.PathLike | None = None,
         tokenizer: Tokenizer | None = None,
-        eos_id: int | None = None,
+        eos_id: int | SequenceOf[int] | None = None,
         mesh: Mesh | None = None,
         config: EngineConfig | None = None,
         progress: bool = True,
@@ -71,9 +71,11 @@ class LLM:
             if params is None:
                 raise ValueError("a model needs its params: LLM(model, params)")
             self.name = type(model).__name__.lower()
-        if eos_id is None and getattr(tokenizer, "eos_id", None) is None:
-            configured = model.config.extra.get("eos_token_id")  # an HF config's
-            eos_id = configured if isinstance(configured, int) else None
+        if eos_id is None:  # the tokenizer's, and every id the model's configs name
+            named = [getattr(tokenizer, "eos_id", None)]
+            named += hf_io.eos_ids(model.config.extra.get("eos_token_id"))
+            named += hf_io.read_eos_ids(hf) if hf is not None else []
+            eos_id = tuple(dict.fromkeys(i for i in named if i is not None)) or None
         self.tokenizer = tokenizer
         self.engine = Engine(
             model, params, config, tokenizer=tokenizer, eos_id=eos_id, mesh=mesh, progress=progress

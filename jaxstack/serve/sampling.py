@@ -27,7 +27,7 @@ class SamplingParams:
     top_k: int = 0
     """Keep only the k most likely tokens; 0 keeps all."""
     seed: int | None = None
-    """Seed of this request's random draws (None: one derived from the request id)."""
+    """Seed of this request's random draws (None: a fresh random one per request)."""
     stop: tuple[str, ...] = field(default_factory=tuple)
     """Stop strings: the output ends before the first one it contains (needs a tokenizer)."""
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)

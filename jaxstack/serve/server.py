@@ -3,16 +3,20 @@
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true``
 for server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus).
 Errors use OpenAI's shape ``{"error": {"message", "type", "code"}}``: 400 for a prompt longer
-than the context or invalid sampling parameters, 429 with ``Retry-After`` when the queue is
-full. A request whose client goes away (mid-stream or while waiting) is cancelled at once,
-which frees its KV pages.
+than the context, invalid sampling parameters or a field it does not implement
+(``protocol.py``), 401 for a missing or wrong API key, 413 for
+a body over the size cap, 429 with ``Retry-After`` when the queue or the stream slots are
+full. A request whose client goes away (mid-stream or while waiting), or stops reading its
+stream for ``ServerConfig.stream_timeout_s``, is cancelled at once, which frees its KV pages.
 """
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import uvicorn
@@ -21,63 +25,58 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.types import Receive, Scope, Send
 
 from jaxstack.data.chat import FALLBACK_CHAT_TEMPLATE
-from jaxstack.serve.engine import Engine, QueueFullError, RequestOutput
+from jaxstack.serve.engine import QueueFullError, RequestOutput
 from jaxstack.serve.llm import LLM
+from jaxstack.serve.protocol import ChatRequest, CompletionRequest, SamplingFields
 from jaxstack.serve.sampling import SamplingParams
+from jaxstack.serve.security import RequestGuard, check_api_keys, error_response, exposure_warning
+
+log = logging.getLogger("jaxstack.serve")
 
 DISCONNECT_POLL_S = 0.05
 """How often a request awaiting a whole (not streamed) answer checks its client is there."""
 
 
-class _Sampling(BaseModel):
-    """Fields common to both endpoints (unknown OpenAI fields are accepted and ignored)."""
+@dataclass(frozen=True)
+class ServerConfig:
+    """Who may use the server and how much one client can take (``jaxstack serve`` flags)."""
 
-    model_config = ConfigDict(extra="ignore")
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = 1
-    ignore_eos: bool = False
+    api_keys: tuple[str, ...] = ()
+    """Keys accepted as ``Authorization: Bearer <key>`` on ``/v1/*``; empty: no auth."""
+    protect_metrics: bool = False
+    """Require a key on ``/metrics`` too (``/health`` is always open)."""
+    max_body_bytes: int = 4 * 2**20
+    """Largest request body; a larger one is a 413 before it is read."""
+    max_streams: int = 256
+    """Streamed responses open at once; one more is a 429 with ``Retry-After``."""
+    stream_timeout_s: float = 30.0
+    """A streaming client that reads nothing for this long (its socket buffers full) has its
+    request cancelled and its KV pages freed."""
+    retry_after_s: int = 1
+    """``Retry-After`` of a 429."""
 
-
-class CompletionRequest(_Sampling):
-    """``POST /v1/completions``."""
-
-    prompt: str | list[int] | list[str]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str
-
-
-class ChatRequest(_Sampling):
-    """``POST /v1/chat/completions``."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-
-
-def _error(status: int, message: str, kind: str = "invalid_request_error", headers=None):
-    body = {"error": {"message": message, "type": kind, "code": status}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "api_keys", check_api_keys(self.api_keys))
+        flags = {"max_body_bytes": "max-body-mb", "max_streams": "max-streams",
+                 "stream_timeout_s": "stream-timeout"}  # fmt: skip
+        for name, flag in flags.items():
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0 (serve --{flag})")
+        if self.retry_after_s < 0:
+            raise ValueError(f"retry_after_s={self.retry_after_s} must be >= 0")
 
 
 class _BadRequest(Exception):
     pass
 
 
-def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
-    """The FastAPI app serving ``llm`` (its engine thread must be running)."""
+def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
+    """The FastAPI app serving ``llm`` (its engine thread must be running), guarded by
+    ``config`` (default ``ServerConfig()``: no API key, the default limits)."""
+    config = config or ServerConfig()
     engine, tokenizer = llm.engine, llm.tokenizer
     if tokenizer is None:
         raise ValueError("the server needs an LLM with a tokenizer")
@@ -85,18 +84,28 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
     template.globals["raise_exception"] = _raise_template_error
     chat_template = template.from_string(llm.chat_template or FALLBACK_CHAT_TEMPLATE)
     app = FastAPI(title="jaxstack", version="0.1.0")
+    app.add_middleware(
+        RequestGuard,
+        api_keys=config.api_keys,
+        protect_metrics=config.protect_metrics,
+        max_body_bytes=config.max_body_bytes,
+    )
+    app.state.open_streams = 0
+    retry_after = {"Retry-After": str(config.retry_after_s)}
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'] if p != 'body')}: {e['msg']}"
-            for e in error.errors()
-        )
-        return _error(400, f"invalid request: {problems}")
+        problems = []
+        for e in error.errors():
+            where = ".".join(str(p) for p in e["loc"] if p != "body")
+            text = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+            text = text.removeprefix("Value error, ")
+            problems.append(f"{where}: {text}" if where else text)
+        return error_response(400, f"invalid request: {'; '.join(problems)}")
 
     @app.exception_handler(_BadRequest)
     async def bad_request(_: Request, error: _BadRequest) -> JSONResponse:
-        return _error(400, str(error))
+        return error_response(400, str(error))
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -128,15 +137,16 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
     async def chat(body: ChatRequest, request: Request):
         try:
             text = chat_template.render(
-                messages=[m.model_dump() for m in body.messages],
+                messages=[m.model_dump(exclude_none=True) for m in body.messages],
                 add_generation_prompt=True,
                 **{"bos_token": "", "eos_token": "", **llm.chat_tokens},
             )
         except Exception as error:
             raise _BadRequest(f"the chat template failed on these messages: {error}") from None
         ids = tokenizer.encode(text, add_bos=False)
-        limit = body.max_completion_tokens or body.max_tokens
-        params = _sampling(body, limit)
+        limit = body.max_completion_tokens
+        limit = body.max_tokens if limit is None else limit
+        params = _sampling(body, _rest_of_context(len(ids)) if limit is None else limit)
         return await _respond(request, ids, params, "chat.completion", body.stream)
 
     async def _respond(request: Request, ids: list[int], params: SamplingParams, kind: str,
@@ -145,6 +155,9 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
         events: asyncio.Queue[RequestOutput] = asyncio.Queue()
         prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex}"
+        if stream and app.state.open_streams >= config.max_streams:
+            message = f"server busy: {config.max_streams} streams are open (--max-streams)"
+            return error_response(429, message, "rate_limit_error", retry_after)
         try:
             engine.submit(
                 ids,
@@ -153,23 +166,38 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
                 request_id=request_id,
             )
         except QueueFullError as error:
-            headers = {"Retry-After": str(retry_after_s)}
-            return _error(429, f"server busy: {error}", "rate_limit_error", headers)
+            return error_response(429, f"server busy: {error}", "rate_limit_error", retry_after)
         except ValueError as error:
             raise _BadRequest(str(error)) from None
         meta = dict(id=request_id, created=int(time.time()), model=llm.name)
         if stream:
-            chunks = _sse(engine, events, request_id, kind, meta)
-            return StreamingResponse(chunks, media_type="text/event-stream")
+            app.state.open_streams += 1
+
+            def close() -> None:
+                app.state.open_streams -= 1
+                engine.cancel(request_id)  # a no-op once the request finished
+
+            chunks = _sse(events, kind, meta)
+            return _EventStream(chunks, close, config.stream_timeout_s, request_id)
         out = await _final_output(request, events)
         if out is None:  # the client went away: free its pages now
             engine.cancel(request_id)
             return Response(status_code=499)
         if out.finish_reason == "error":
-            return _error(500, f"generation failed: {out.error}", "server_error")
+            return error_response(500, f"generation failed: {out.error}", "server_error")
         return _full_response(out, kind, meta)
 
-    def _sampling(body: _Sampling, max_tokens: int | None) -> SamplingParams:
+    def _rest_of_context(prompt_tokens: int) -> int:
+        """A chat reply's default length: whatever the context (and the KV cache) leaves."""
+        room = min(engine.max_model_len, engine.config.num_pages * engine.config.page_size)
+        if prompt_tokens >= room:
+            raise _BadRequest(
+                f"the messages take {prompt_tokens} tokens and the context holds {room}: no "
+                "room for a reply; shorten them"
+            )
+        return room - prompt_tokens
+
+    def _sampling(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
         if body.n != 1:
             raise _BadRequest(f"n={body.n}: only n=1 is supported")
         try:
@@ -180,6 +208,7 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
                 top_k=body.top_k,
                 seed=body.seed,
                 stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+                stop_token_ids=tuple(body.stop_token_ids or ()),
                 ignore_eos=body.ignore_eos,
             )
         except ValueError as error:
@@ -188,33 +217,60 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
     return app
 
 
-async def _sse(
-    engine: Engine, events: asyncio.Queue, request_id: str, kind: str, meta: dict
-) -> AsyncIterator[str]:
-    """Server-sent events of one request; cancels it if the client disconnects."""
-    finished = False
+class _StalledClient(Exception):
+    pass
+
+
+class _EventStream(StreamingResponse):
+    """The server-sent events of one request. However the response ends (finished, client
+    gone, or a send blocked for ``write_timeout_s`` because the client stopped reading),
+    ``close`` runs once: it cancels the request if unfinished and frees its stream slot."""
+
+    def __init__(self, chunks: AsyncIterator[str], close: Callable[[], None],
+                 write_timeout_s: float, request_id: str):  # fmt: skip
+        super().__init__(chunks, media_type="text/event-stream")
+        self._close, self._timeout, self._request_id = close, write_timeout_s, request_id
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_in_time(message) -> None:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await send(message)
+            except TimeoutError:
+                raise _StalledClient from None
+
+        try:
+            await super().__call__(scope, receive, send_in_time)
+        except* _StalledClient:
+            log.warning(
+                "request %s cancelled: its client read nothing for %g s",
+                self._request_id,
+                self._timeout,
+            )
+        finally:
+            self._close()
+            await self.body_iterator.aclose()
+
+
+async def _sse(events: asyncio.Queue, kind: str, meta: dict) -> AsyncIterator[str]:
+    """Server-sent events of one request, up to its last output."""
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
-    try:
-        if kind == "chat.completion":
-            first = _choice(kind, delta={"role": "assistant", "content": ""})
-            yield _event({**meta, "object": chunk_kind, "choices": [first]})
-        while True:
-            out: RequestOutput = await events.get()
-            finished = out.finished
-            if out.finish_reason == "error":
-                yield _event({"error": {"message": f"generation failed: {out.error}"}})
-                break
-            reason = out.finish_reason if finished else None
-            if out.delta or finished:
-                body = {"content": out.delta} if kind == "chat.completion" else None
-                choice = _choice(kind, delta=body, text=out.delta, finish_reason=reason)
-                yield _event({**meta, "object": chunk_kind, "choices": [choice]})
-            if finished:
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        if not finished:
-            engine.cancel(request_id)
+    if kind == "chat.completion":
+        first = _choice(kind, delta={"role": "assistant", "content": ""})
+        yield _event({**meta, "object": chunk_kind, "choices": [first]})
+    while True:
+        out: RequestOutput = await events.get()
+        if out.finish_reason == "error":
+            yield _event({"error": {"message": f"generation failed: {out.error}"}})
+            break
+        reason = out.finish_reason if out.finished else None
+        if out.delta or out.finished:
+            body = {"content": out.delta} if kind == "chat.completion" else None
+            choice = _choice(kind, delta=body, text=out.delta, finish_reason=reason)
+            yield _event({**meta, "object": chunk_kind, "choices": [choice]})
+        if out.finished:
+            break
+    yield "data: [DONE]\n\n"
 
 
 async def _final_output(request: Request, events: asyncio.Queue) -> RequestOutput | None:
@@ -262,6 +318,17 @@ def _raise_template_error(message: str):
     raise ValueError(message)
 
 
-def serve(llm: LLM, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve ``llm`` over HTTP until interrupted (``jaxstack serve``)."""
-    uvicorn.run(create_app(llm), host=host, port=port, log_level=log_level)
+def serve(
+    llm: LLM,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    config: ServerConfig | None = None,
+) -> None:
+    """Serve ``llm`` over HTTP until interrupted (``jaxstack serve``); warns when ``host`` is
+    reachable from other machines and ``config`` has no API key."""
+    config = config or ServerConfig()
+    warning = exposure_warning(host, config.api_keys)
+    if warning:
+        log.warning(warning)
+    uvicorn.run(create_app(llm, config), host=host, port=port, log_level=log_level)

@@ -4,21 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from serve_helpers import ENGINE_OPTIONS, EOS
 
 from jaxstack.data import ByteTokenizer
 from jaxstack.generate import generate
 from jaxstack.models import Llama, preset
 from jaxstack.serve import LLM
 
-EOS = ByteTokenizer.eos_id
-ENGINE_OPTIONS = dict(
-    page_size=4,
-    num_pages=48,  # 192 token slots: eight running requests overflow it (preemption)
-    max_model_len=128,
-    token_buckets=(8, 32),  # prompts over 32 tokens are prefilled in chunks
-    seq_buckets=(8,),
-    max_queue=96,
-)
 # staggered workload: ragged prompts (some longer than the token budget) and output lengths
 PROMPT_LENS = (5, 37, 3, 50, 9, 23, 11, 2, 61, 14)
 MAX_TOKENS = (7, 12, 20, 5, 16, 9, 30, 14, 6, 25)

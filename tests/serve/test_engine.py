@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ENGINE_OPTIONS, EOS
+from serve_helpers import ENGINE_OPTIONS, EOS
 
 from jaxstack.data import ByteTokenizer
 from jaxstack.generate import generate
@@ -173,18 +173,45 @@ def test_stop_strings_and_stop_tokens(llm, workload):
     stop = next(w for w in windows if w.isprintable() and w.isascii() and text.index(w) >= 3)
     out = llm.generate([prompts[7]], SamplingParams(max_tokens=max_tokens[7], stop=stop))[0]
     assert out.text == text[: text.index(stop)] and out.finish_reason == "stop"
+    # the tokens end where the text does (ASCII characters are single byte tokens)
+    cut = next(j for j in range(len(tokens)) if tokens[j : j + 2] == [ord(c) for c in stop])
+    assert out.token_ids == tokens[:cut]
+
+
+def test_a_request_without_a_seed_gets_a_random_one(llm, workload):
+    prompt, params = workload[0][0], SamplingParams(max_tokens=16, temperature=100.0)
+    outputs = []
+    request_id = llm.engine.submit(prompt, params, lambda out: outputs.append(out))
+    number = int(request_id.removeprefix("req-"))  # what used to seed it
+    as_numbered = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=100.0,
+                                                        seed=number))[0]  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (outputs and outputs[-1].finished):
+        assert time.monotonic() < deadline, "the unseeded request never finished"
+        time.sleep(0.01)
+    assert outputs[-1].token_ids != as_numbered.token_ids
 
 
 def test_engine_survives_a_failing_request(llm, workload):
-    prompts = workload[0]
+    prompts, seen = workload[0], []
 
     def broken(out: RequestOutput) -> None:
+        seen.append(out)
         raise RuntimeError("callback bug")
 
     llm.engine.submit(prompts[0], SamplingParams(max_tokens=5), broken)
     out = llm.generate([prompts[1]], SamplingParams(max_tokens=3))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 3
     assert llm.engine.alive
+    deadline = time.monotonic() + 30
+    while not (seen and seen[-1].finished):
+        assert time.monotonic() < deadline, "the broken request never ended"
+        time.sleep(0.01)
+    # its first token's report failed, so it ended there, as an error naming the failure
+    first, last = seen
+    assert not first.finished and len(first.token_ids) == 1
+    assert last.finish_reason == "error" and "callback bug" in last.error
+    assert last.token_ids == first.token_ids
 
 
 @pytest.mark.parametrize(

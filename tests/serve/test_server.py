@@ -1,60 +1,34 @@
 """The real HTTP server on 127.0.0.1, driven by the ``openai`` client and ``httpx``."""
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+from serve_helpers import EngineHold, cancelled, running_server, wait_until_idle
 
 from jaxstack.serve import SamplingParams
 from jaxstack.serve.engine import QueueFullError
-from jaxstack.serve.server import create_app
+from jaxstack.serve.server import ServerConfig, create_app
 
 PROMPT = "def add(a, b):"
 
 
 @pytest.fixture(scope="module")
 def base_url(llm):
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(llm, retry_after_s=2), host="127.0.0.1", port=0, log_level="warning"
-        )  # fmt: skip
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+    with running_server(create_app(llm, ServerConfig(retry_after_s=2))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def client(base_url):
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
-
-
-def wait_until_idle(engine, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.scheduler.running or engine.scheduler.waiting or engine.cache.num_used:
-        assert time.monotonic() < deadline, f"{engine.cache.num_used} pages still in use"
-        time.sleep(0.02)
-
-
-def cancelled(engine) -> float:
-    """Requests the engine finished as cancelled so far."""
-    labels = {"reason": "cancelled"}
-    value = engine.metrics.registry.get_sample_value("jaxstack_requests_finished_total", labels)
-    return value or 0.0
 
 
 def test_completions_plain_and_streamed(client, llm):
@@ -95,21 +69,53 @@ def test_chat_plain_and_streamed(client, llm):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-def test_64_concurrent_requests_complete_in_bounded_time(base_url, llm):
+def test_chat_without_max_tokens_runs_to_the_end_of_the_context(client, llm):
+    prompt = llm.tokenizer.encode("user: hi\nassistant: ")
+    rest = llm.engine.max_model_len - len(prompt)
+    params = SamplingParams(max_tokens=rest, ignore_eos=True)
+    expected = llm.generate([prompt], params)[0]
+    hi = [{"role": "user", "content": "hi"}]
+    done = client.chat.completions.create(
+        model="tiny", messages=hi, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert done.usage.completion_tokens == rest == 108  # not the completions default of 16
+    assert done.choices[0].message.content == expected.text
+    assert done.choices[0].finish_reason == "length"
+    too_long = [{"role": "user", "content": "x" * 120}]  # 138 tokens rendered: no room
+    with pytest.raises(openai.BadRequestError, match="no room for a reply"):
+        client.chat.completions.create(model="tiny", messages=too_long)
+
+
+def test_64_concurrent_seeded_requests_each_get_their_own_answer(base_url, llm):
+    prompts = [f"{i} + {i} =" for i in range(64)]
+
     async def run() -> list:
         client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
         requests = [
-            client.completions.create(model="tiny", prompt=f"{i} + {i} =", max_tokens=6,
-                                      temperature=0.7, seed=i, extra_body={"ignore_eos": True})
-            for i in range(64)
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0.7,
+                                      seed=i, extra_body={"ignore_eos": True})
+            for i, prompt in enumerate(prompts)
         ]  # fmt: skip
-        return await asyncio.wait_for(asyncio.gather(*requests), timeout=180)
+        return await asyncio.wait_for(asyncio.gather(*requests), timeout=180)  # a hang fails
 
-    start = time.monotonic()
     results = asyncio.run(run())
-    assert len(results) == 64 and all(r.usage.completion_tokens == 6 for r in results)
-    assert time.monotonic() - start < 180
+    # a seeded request samples the same tokens however it is batched: here in one offline batch
+    params = [SamplingParams(max_tokens=6, temperature=0.7, seed=i, ignore_eos=True)
+              for i in range(64)]  # fmt: skip
+    expected = [out.text for out in llm.generate(prompts, params)]
+    assert [r.choices[0].text for r in results] == expected
+    assert len(set(expected)) > 32  # distinct prompts and seeds: not one answer for all
+    assert all(r.usage.completion_tokens == 6 for r in results)
     wait_until_idle(llm.engine)
+
+
+def metric(base_url: str, name: str, **labels) -> float:
+    """A sample of the server's ``/metrics`` now (0 when absent)."""
+    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
 
 
 def test_models_health_and_metrics(base_url):
@@ -125,7 +131,15 @@ def test_models_health_and_metrics(base_url):
         "jaxstack_time_per_output_token_seconds_bucket",
     ):
         assert name in text
-    assert "jaxstack_generation_tokens_total 0.0" not in text  # earlier tests made tokens
+    counted = ("jaxstack_generation_tokens_total", "jaxstack_time_to_first_token_seconds_count",
+               "jaxstack_time_per_output_token_seconds_count")  # fmt: skip
+    before = [metric(base_url, name) for name in counted]
+    lengths = metric(base_url, "jaxstack_requests_finished_total", reason="length")
+    body = {"prompt": PROMPT, "max_tokens": 5, "ignore_eos": True}
+    assert httpx.post(f"{base_url}/v1/completions", json=body).status_code == 200
+    after = [metric(base_url, name) for name in counted]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [5, 1, 1]
+    assert metric(base_url, "jaxstack_requests_finished_total", reason="length") == lengths + 1
 
 
 @pytest.mark.parametrize(
@@ -140,6 +154,12 @@ def test_models_health_and_metrics(base_url):
         ({"prompt": "x", "n": 2}, "n=2"),
         ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
         ({"max_tokens": 3}, "prompt"),
+        ({"prompt": "x", "max_token": 3}, "max_token: unknown field"),
+        ({"prompt": "x", "logprobs": 2}, "logprobs=2 is not supported"),
+        ({"prompt": "x", "echo": True}, "echo=True is not supported"),
+        ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty=0.5 is not supported"),
+        ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias={'1': 5} is not supported"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options="),
     ],
 )
 def test_bad_requests_get_400(base_url, body, message):
@@ -148,22 +168,63 @@ def test_bad_requests_get_400(base_url, body, message):
     assert message in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format="),
+        ({"logprobs": True, "top_logprobs": 2}, "logprobs=True is not supported"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools="),
+        ({"frequency_penalty": 1}, "frequency_penalty=1 is not supported"),
+        ({"logprobs": 0}, "logprobs=0"),  # 0 is not false
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "'image_url'"),
+        ({"messages": [{"role": "user", "content": "hi", "tool_call_id": "1"}]}, "tool_call_id"),
+    ],
+)
+def test_unsupported_chat_fields_get_400_naming_them(client, fields, message):
+    options = dict(messages=[{"role": "user", "content": "hi"}], max_tokens=1) | fields
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.chat.completions.create(model="tiny", **options)
+    assert message in raised.value.body["message"]
+
+
+def test_neutral_values_text_parts_and_stop_token_ids_are_served(client, llm):
+    parts = [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]
+    options = dict(model="tiny", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    neutral = dict(presence_penalty=0, frequency_penalty=0.0, logprobs=False, user="u",
+                   response_format={"type": "text"}, stream_options=None)  # fmt: skip
+    as_string = client.chat.completions.create(
+        messages=[{"role": "user", "content": "h\ni"}], **options
+    )
+    as_parts = client.chat.completions.create(
+        messages=[{"role": "user", "content": parts}], **options, **neutral
+    )
+    assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+    assert as_parts.usage == as_string.usage
+    tokens = llm.generate(PROMPT, SamplingParams(max_tokens=4, ignore_eos=True))[0].token_ids
+    extra_body = {"ignore_eos": True, "stop_token_ids": [tokens[1]]}
+    stopped = client.completions.create(prompt=PROMPT, **options | {"extra_body": extra_body})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens == tokens.index(tokens[1]) + 1
+
+
 def test_full_queue_gets_429_with_retry_after(base_url, llm):
     engine, fillers = llm.engine, []
+    hold = EngineHold(engine)  # nothing leaves the queue meanwhile, however slow the client
     try:
-        while True:  # long requests until the queue is full (8 run, the rest wait)
-            fillers.append(engine.submit([1, 2, 3], SamplingParams(max_tokens=100), lambda o: None))
-    except QueueFullError:
-        pass
-    # generous timeout: the engine thread busy with the fillers competes for the GIL on a
-    # loaded 2-core machine; what is tested is the status, not the latency
-    response = httpx.post(
-        f"{base_url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=120
-    )
-    for request_id in fillers:
-        engine.cancel(request_id)
+        assert hold.entered.wait(timeout=30)
+        with contextlib.suppress(QueueFullError):
+            while True:  # requests until the queue is full
+                fillers.append(engine.submit([1, 2, 3], SamplingParams(), lambda o: None))
+        response = httpx.post(
+            f"{base_url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=60
+        )
+    finally:
+        for request_id in fillers:
+            engine.cancel(request_id)
+        hold.release()
     assert response.status_code == 429
     assert response.headers["retry-after"] == "2"
+    assert "max_queue=96" in response.json()["error"]["message"]
     wait_until_idle(engine)
 
 
