@@ -9,9 +9,9 @@ from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from jaxstack import hf
+from jaxstack.hf import read_eos_ids
 from jaxstack.models import Llama, preset
 from jaxstack.serve import LLM, SamplingParams
-from jaxstack.serve.llm import read_eos_ids
 from jaxstack.serve.server import create_app
 
 TEMPLATE = (
