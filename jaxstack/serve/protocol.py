@@ -40,13 +40,19 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "min_tokens": _absent_or(0),
     "logit_bias": _absent_or({}),
     "response_format": _absent_or({"type": "text"}),
-    "stream_options": _absent_or({}, {"include_usage": False}),
     "tools": _absent_or([]),
     "tool_choice": _absent_or("none"),
     "functions": _absent_or([]),
     "function_call": _absent_or("none"),
 }
 """OpenAI fields not implemented, each with the test that a value asks for nothing."""
+
+
+class StreamOptions(BaseModel):
+    """``stream_options``: ``include_usage`` adds a last chunk with the token counts."""
+
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
@@ -62,6 +68,7 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False
     user: str | None = None

@@ -131,7 +131,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             prompt = prompt[0]
         ids = llm.encode(prompt) if isinstance(prompt, str) else list(prompt)
         params = _sampling(body, body.max_tokens)
-        return await _respond(request, ids, params, "text_completion", body.stream)
+        return await _respond(request, ids, params, "text_completion", body)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -147,10 +147,11 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         limit = body.max_completion_tokens
         limit = body.max_tokens if limit is None else limit
         params = _sampling(body, _rest_of_context(len(ids)) if limit is None else limit)
-        return await _respond(request, ids, params, "chat.completion", body.stream)
+        return await _respond(request, ids, params, "chat.completion", body)
 
     async def _respond(request: Request, ids: list[int], params: SamplingParams, kind: str,
-                       stream: bool):  # fmt: skip
+                       body: SamplingFields):  # fmt: skip
+        stream = body.stream
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestOutput] = asyncio.Queue()
         prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
@@ -177,7 +178,8 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
                 app.state.open_streams -= 1
                 engine.cancel(request_id)  # a no-op once the request finished
 
-            chunks = _sse(events, kind, meta)
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            chunks = _sse(events, kind, meta, include_usage=usage)
             return _EventStream(chunks, close, config.stream_timeout_s, request_id)
         out = await _final_output(request, events)
         if out is None:  # the client went away: free its pages now
@@ -252,8 +254,10 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _sse(events: asyncio.Queue, kind: str, meta: dict) -> AsyncIterator[str]:
-    """Server-sent events of one request, up to its last output."""
+async def _sse(events: asyncio.Queue, kind: str, meta: dict,
+               include_usage: bool = False) -> AsyncIterator[str]:  # fmt: skip
+    """Server-sent events of one request, up to its last output; with ``include_usage`` a
+    last chunk (no choices) carries the token counts, as OpenAI's ``stream_options`` asks."""
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     if kind == "chat.completion":
         first = _choice(kind, delta={"role": "assistant", "content": ""})
@@ -269,6 +273,8 @@ async def _sse(events: asyncio.Queue, kind: str, meta: dict) -> AsyncIterator[st
             choice = _choice(kind, delta=body, text=out.delta, finish_reason=reason)
             yield _event({**meta, "object": chunk_kind, "choices": [choice]})
         if out.finished:
+            if include_usage:
+                yield _event({**meta, "object": chunk_kind, "choices": [], "usage": _usage(out)})
             break
     yield "data: [DONE]\n\n"
 
@@ -308,10 +314,13 @@ def _full_response(out: RequestOutput, kind: Literal["text_completion", "chat.co
         choice = {"index": 0, "message": message, "finish_reason": out.finish_reason}
     else:
         choice = _choice(kind, text=out.text, finish_reason=out.finish_reason)
+    return {**meta, "object": kind, "choices": [choice], "usage": _usage(out)}
+
+
+def _usage(out: RequestOutput) -> dict[str, int]:
     prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
-    usage = {"prompt_tokens": prompt, "completion_tokens": completion}
-    usage["total_tokens"] = prompt + completion
-    return {**meta, "object": kind, "choices": [choice], "usage": usage}
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}  # fmt: skip
 
 
 def _raise_template_error(message: str):

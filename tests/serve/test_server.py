@@ -67,6 +67,20 @@ def test_chat_plain_and_streamed(client, llm):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
     assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks)
+    counted = list(
+        client.chat.completions.create(
+            **options, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert [c.usage for c in counted[:-1]] == [None] * (len(counted) - 1)
+    assert counted[-1].choices == [] and counted[-1].usage.model_dump() == {
+        **counted[-1].usage.model_dump(),
+        "prompt_tokens": len(prompt),
+        "completion_tokens": 8,
+        "total_tokens": len(prompt) + 8,
+    }
+    assert "".join(c.choices[0].delta.content or "" for c in counted[:-1]) == expected.text
 
 
 def test_chat_without_max_tokens_runs_to_the_end_of_the_context(client, llm):
@@ -159,7 +173,7 @@ def test_models_health_and_metrics(base_url):
         ({"prompt": "x", "echo": True}, "echo=True is not supported"),
         ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty=0.5 is not supported"),
         ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias={'1': 5} is not supported"),
-        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options="),
+        ({"prompt": "x", "stream_options": {"include_usage": True, "x": 1}}, "x: unknown field"),
     ],
 )
 def test_bad_requests_get_400(base_url, body, message):
