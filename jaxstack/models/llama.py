@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxstack.layers import context_parallel, tensor_parallel
+from jaxstack.layers import context_parallel, pipeline, tensor_parallel
 from jaxstack.layers.attention import Attention, LayerCache, PagedCache
 from jaxstack.layers.mlp import SwiGLU
 from jaxstack.layers.norms import RMSNorm
@@ -85,6 +85,10 @@ class LlamaConfig:
     under a mesh with ``tensor`` > 1 and no KV cache, and need the head counts and
     ``intermediate_size`` to be multiples of ``tensor`` (``jaxstack.layers.tensor_parallel``,
     docs/long_context.md)."""
+    pipeline_microbatches: int = 0
+    """Microbatches of the pipeline schedule under a mesh with ``stage`` > 1 (needs
+    ``scan_layers``; ``jaxstack.layers.pipeline``): a multiple of ``stage`` dividing the batch;
+    0 picks 2 x stages when the batch allows (``choose_microbatches``)."""
     initializer_range: float = 0.02
     """Std of the normal initialiser of weights."""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -114,6 +118,11 @@ class LlamaConfig:
             raise ValueError(
                 f"context_parallel={self.context_parallel!r}; choose one of "
                 f"{context_parallel.CONTEXT_PARALLEL}"
+            )
+        if self.pipeline_microbatches < 0:
+            raise ValueError(
+                f"pipeline_microbatches={self.pipeline_microbatches}; use 0 (automatic) or a "
+                "positive multiple of the stage count"
             )
         if self.tensor_parallel not in tensor_parallel.TENSOR_PARALLEL:
             raise ValueError(
@@ -363,7 +372,10 @@ class Llama(nn.Module):
         x = jnp.take(table, input_ids, axis=0).astype(dtype)
         x = tensor_parallel.constrain_residual(x, cfg.tensor_parallel)
 
-        if cfg.scan_layers:
+        stages = pipeline.stage_count()
+        if stages > 1 and cache is None and not initializing:
+            x = self._pipelined(x, positions, segment_ids, stages)
+        elif cfg.scan_layers:
             stack = nn.scan(
                 self._layer(ScannedBlock),
                 variable_axes={True: 0},  # params and anything the layers sow: per layer
@@ -410,6 +422,46 @@ class Llama(nn.Module):
             )(x)
         logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
         return logits if cache is None else (logits, cache)
+
+    def _pipelined(self, x, positions, segment_ids, stages: int) -> jax.Array:
+        """The scanned layers run as a pipeline over the ``stage`` mesh axis (GPipe,
+        ``jaxstack.layers.pipeline``) on the parameters ``nn.scan`` created at init."""
+        cfg = self.config
+        if not cfg.scan_layers:
+            raise ValueError(
+                f"a mesh with stage={stages} pipelines stacked layers: set scan_layers=True "
+                "(--model.scan_layers true)"
+            )
+        block_type = self.block_type(0)
+        if block_type is not Block:
+            raise ValueError(
+                f"pipeline stages run the dense Llama block, not {block_type.__name__} (its "
+                "routing losses would be lost); use a mesh without stage for this model"
+            )
+        if cfg.context_parallel != "none" or cfg.tensor_parallel != "plain":
+            raise ValueError(
+                "pipeline stages support tensor_parallel='plain' and context_parallel='none' "
+                f"(got {cfg.tensor_parallel!r}, {cfg.context_parallel!r}); drop one of them"
+            )
+        block = block_type(cfg)
+        shards = pipeline.batch_shards()
+
+        def layer_fn(weights, h, extras):
+            return block.apply({"params": weights}, h, *extras, None, None)[0]
+
+        if cfg.remat != "none":
+            layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat])
+        microbatches = pipeline.choose_microbatches(
+            x.shape[0], stages, cfg.pipeline_microbatches, shards
+        )
+        return pipeline.pipeline(
+            layer_fn,
+            self.variables["params"]["layers"]["block"],
+            x,
+            (positions, segment_ids),
+            stages=stages,
+            microbatches=microbatches,
+        )
 
     def head_kernel(self, params: dict) -> jax.Array:
         """The LM head of ``params`` (the inner ``params`` dict) as a [hidden, vocab] matrix:
