@@ -96,6 +96,16 @@ def weight_decay_mask(analysis: ModelAnalysis, config: TrainConfig) -> Any:
     return jax.tree.unflatten(analysis.treedef, mask)
 
 
+HOST = "pinned_host"
+"""The memory kind offloaded state lives in (``TrainConfig.optimizer_offload``)."""
+
+
+def in_memory(tree: Any, shardings: Any, kind: str) -> Any:
+    """``tree`` moved to memory ``kind`` (``device`` or ``pinned_host``) of its ``shardings``
+    (a pytree of ``NamedSharding``); inside ``jit`` a transfer XLA schedules in the step."""
+    return jax.device_put(tree, jax.tree.map(lambda s: s.with_memory_kind(kind), shardings))
+
+
 def clip_by_global_norm(grads: Any, norm: jax.Array, max_norm: float | None) -> Any:
     """``grads`` scaled so that their global norm (``norm``, computed once by the caller) is at
     most ``max_norm``; unchanged when ``max_norm`` is None."""

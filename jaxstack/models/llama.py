@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxstack.layers import context_parallel, pipeline, tensor_parallel
 from jaxstack.layers.attention import Attention, LayerCache, PagedCache
@@ -26,6 +27,49 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+ACTIVATION_NAMES = ("block_input", "attention_out", "mlp_in", "mlp_out")
+"""The ``checkpoint_name``s of a block's activations (each ``[b, s, hidden]``), for a per-name
+``remat``: the block's input, the attention output, the normed MLP input, the MLP output."""
+REMAT_CHOICES = ("save", "offload", "recompute")
+"""Per-name remat choices: keep on the device, keep in host memory (``pinned_host``), or
+recompute in the backward pass."""
+
+
+def parse_remat(remat: str) -> dict[str, str] | None:
+    """``"block_input=offload,attention_out=save"`` -> ``{name: choice}``; None for one of
+    ``REMAT_POLICIES``. Names left out are recomputed.
+
+    Raises:
+        ValueError: neither a policy name nor ``name=choice`` pairs of ``ACTIVATION_NAMES`` and
+            ``REMAT_CHOICES``.
+    """
+    if remat in REMAT_POLICIES:
+        return None
+    choices = {}
+    for part in remat.split(","):
+        name, _, choice = (x.strip() for x in part.partition("="))
+        if name not in ACTIVATION_NAMES or choice not in REMAT_CHOICES:
+            raise ValueError(
+                f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)} or name=choice pairs "
+                f"such as 'block_input=offload,attention_out=save' (names {ACTIVATION_NAMES}, "
+                f"choices {REMAT_CHOICES})"
+            )
+        choices[name] = choice
+    return choices
+
+
+def remat_policy(remat: str) -> Callable | None:
+    """The ``jax.checkpoint`` policy of a ``LlamaConfig.remat`` value (None: no remat)."""
+    choices = parse_remat(remat)
+    if choices is None:
+        return REMAT_POLICIES[remat]
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[n for n, c in choices.items() if c == "save"],
+        names_which_can_be_offloaded=[n for n, c in choices.items() if c == "offload"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    )
 
 
 @dataclass(frozen=True)
@@ -65,7 +109,9 @@ class LlamaConfig:
     scan_layers: bool = False
     """Stack the layers with ``nn.scan`` (faster compiles, leading layer axis on params)."""
     remat: str = "none"
-    """Rematerialisation policy per layer: one of ``REMAT_POLICIES``."""
+    """Rematerialisation policy per layer: one of ``REMAT_POLICIES``, or per named activation
+    (``ACTIVATION_NAMES``) ``save``, ``offload`` (to ``pinned_host`` memory) or ``recompute``:
+    ``"block_input=offload,attention_out=save"`` (unnamed ones are recomputed)."""
     dtype: str = "float32"
     """Compute dtype (``bfloat16`` for mixed precision); parameters stay float32."""
     attention_impl: str = "auto"
@@ -104,8 +150,7 @@ class LlamaConfig:
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
                 "set head_dim explicitly"
             )
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        parse_remat(self.remat)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}; choose float32, bfloat16 or float16")
         if self.attention_impl not in ("auto", "pallas", "cudnn", "xla"):
@@ -262,6 +307,7 @@ class Block(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, name=name)  # noqa: E731
+        x = checkpoint_name(x, "block_input")
         attn_out, cache = Attention(
             num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_kv_heads,
@@ -278,8 +324,10 @@ class Block(nn.Module):
             dtype=dtype,
             name="attn",
         )(norm("attn_norm")(x), positions, segment_ids, cache, decode_index)
+        attn_out = checkpoint_name(attn_out, "attention_out")
         x = tensor_parallel.constrain_residual(x + attn_out, cfg.tensor_parallel)
-        x = x + self.feed_forward()(norm("mlp_norm")(x))
+        mlp_in = checkpoint_name(norm("mlp_norm")(x), "mlp_in")
+        x = x + checkpoint_name(self.feed_forward()(mlp_in), "mlp_out")
         return tensor_parallel.constrain_residual(x, cfg.tensor_parallel), cache
 
 
@@ -314,9 +362,9 @@ class Llama(nn.Module):
         return Block
 
     def _layer(self, remat_cls):
-        policy = REMAT_POLICIES[self.config.remat]
         if self.config.remat == "none":
             return remat_cls
+        policy = remat_policy(self.config.remat)
         return nn.remat(remat_cls, policy=policy, prevent_cse=not self.config.scan_layers)
 
     @nn.compact
@@ -450,7 +498,7 @@ class Llama(nn.Module):
             return block.apply({"params": weights}, h, *extras, None, None)[0]
 
         if cfg.remat != "none":
-            layer_fn = jax.checkpoint(layer_fn, policy=REMAT_POLICIES[cfg.remat])
+            layer_fn = jax.checkpoint(layer_fn, policy=remat_policy(cfg.remat))
         microbatches = pipeline.choose_microbatches(
             x.shape[0], stages, cfg.pipeline_microbatches, shards
         )
