@@ -26,7 +26,7 @@ from jaxstack.generate import complete
 from jaxstack.mesh import make_mesh
 from jaxstack.models import PRESETS, preset
 from jaxstack.overrides import apply_overrides, field_names
-from jaxstack.planning import choose_mesh, plan_run
+from jaxstack.planning import choose_mesh, plan_notes, plan_run
 from jaxstack.run import RUN_FILE, RunConfig, load_run, train
 from jaxstack.serve import LLM
 from jaxstack.serve.server import serve
@@ -187,7 +187,8 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> None:
         run = dataclasses.replace(
             run, mesh=",".join(f"{a}={n}" for a, n in choice.axis_sizes.items())
         )
-    print(format_plan(plan_run(run, devices)))
+    plan = plan_run(run, devices)
+    print("\n".join([format_plan(plan), *plan_notes(run, plan)]))
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -1,5 +1,6 @@
 """Pipeline parallelism over the ``stage`` axis trains like one device, moving only activations."""
 
+import math
 import re
 
 import jax
@@ -12,7 +13,11 @@ from jaxstack.layers.pipeline import PipelineSchedule, choose_microbatches, pipe
 from jaxstack.lm import lm_analysis
 from jaxstack.mesh import make_mesh
 from jaxstack.models import Llama, preset
+from jaxstack.planning import plan_notes, plan_run
+from jaxstack.run import DataConfig, RunConfig
+from jaxstack.trainer import TrainConfig
 from sharding_rules import ShardingRuleError, param_rules
+from sharding_rules.plan import format_bytes
 
 MODEL = Llama(preset("tiny", num_layers=4, hidden_size=64, intermediate_size=128,
                      scan_layers=True))  # fmt: skip
@@ -148,3 +153,28 @@ def test_unstacked_layers_under_stages_name_the_fix():
 
 def test_schedule_bubble():
     assert PipelineSchedule(stages=4, layers=8, microbatches=8).bubble_fraction == 3 / 11
+
+
+def test_plan_shows_bubble_stage_memory_and_boundary_bytes(tmp_path):
+    def run(mesh, **train):
+        return RunConfig(
+            model=MODEL.config.replace(scan_layers=False),  # a stage mesh stacks the layers
+            data=DataConfig(seq_len=32),
+            train=TrainConfig(work_dir=str(tmp_path), batch_size=16, num_steps=1, **train),
+            mesh=mesh,
+        )
+
+    staged = run("data=2,stage=4", optimizer_offload=True)
+    assert staged.model.scan_layers
+    plan, flat = plan_run(staged), plan_run(run("data=2,fsdp=4"))
+    notes = "\n".join(plan_notes(staged, plan))
+    # 8 microbatches (2 x stages) of 2 rows, one per data shard: bubble 3 / 11
+    assert "8 microbatches of 2 rows" in notes and f"{3 / 11:.1%}" in notes
+    # per device and direction: 11 iterations of [1 row, 32 tokens, 64 wide] float32
+    assert f"{format_bytes(2 * 11 * 32 * 64 * 4)} (forward and backward)" in notes
+    assert "optimizer offload" in notes
+    layer_bytes = sum(e.bytes_per_device for e in plan.entries if e.path.startswith("layers/"))
+    whole = sum(math.prod(e.shape) * 4 for e in plan.entries if e.path.startswith("layers/"))
+    assert layer_bytes == whole // 4  # a stage holds a quarter of the layers
+    # GPipe keeps 11 iterations of 2-row microbatches: more than 16 / 2 rows, less than 16
+    assert flat.activation_bytes < plan.activation_bytes < 2 * flat.activation_bytes
