@@ -365,6 +365,16 @@ class Trainer:
         self._host_step += 1
         return metrics
 
+    def compiled_train_step(self, example_batch: dict[str, np.ndarray]) -> jax.stages.Compiled:
+        """The train step compiled for ``example_batch``'s shapes, for inspection: its
+        ``memory_analysis()`` (device bytes) and ``as_text()`` (collectives, memory spaces).
+        Creates the state if there is none."""
+        placement = self._prepare(example_batch)
+        self.init(example_batch)
+        with jax.set_mesh(self.mesh):
+            lowered = placement.train_step.lower(self._state, self.to_global(example_batch))
+        return lowered.compile()
+
     def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Assemble each host's share of the batch into global arrays split over (data, fsdp)."""
         return {
