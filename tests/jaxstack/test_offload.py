@@ -1,7 +1,5 @@
 """Host offload: optimizer state in ``pinned_host`` between steps, activations by remat name."""
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +10,7 @@ from lm_setup import MODEL, lm_trainer, packed_dataset
 from jaxstack.data import lm_collate
 from jaxstack.mesh import make_mesh
 from jaxstack.models import Llama
-from jaxstack.optim import HOST, in_memory
+from jaxstack.optim import HOST, host_argument_bytes, in_memory
 
 
 @pytest.fixture(scope="module")
@@ -21,27 +19,17 @@ def batch():
     return lm_collate([data[i] for i in range(16)])
 
 
-def _entry_host_bytes(hlo: str) -> int:
-    """Bytes of the compiled entry computation's parameters laid out in host memory (S(5))."""
-    layout = re.search(r"entry_computation_layout=\{\((.*?)\)->", hlo).group(1)
-    total = 0
-    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]\{[^}]*S\(5\)", layout):
-        itemsize = 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype)) // 8  # f32, s32, bf16
-        total += itemsize * int(np.prod([int(d) for d in dims.split(",") if d]))
-    return total
-
-
 def test_offloaded_optimizer_trains_the_same_from_host_memory(tmp_path, batch):
     """Same losses; the moments live in pinned_host; the compiled step's device-resident
     arguments shrink by the moments' bytes (CPU's memory analysis counts host arguments with
-    the device ones, so the host part is read from the compiled entry layout)."""
+    the device ones, so ``host_argument_bytes`` reads the host part from the entry layout)."""
     mesh = make_mesh(data=8)
     losses, device_bytes = {}, {}
     for offload in (False, True):
         trainer = lm_trainer(tmp_path / str(offload), mesh=mesh, optimizer_offload=offload)
         losses[offload] = [float(trainer.train_step(batch)["loss"]) for _ in range(2)]
         compiled = trainer.compiled_train_step(batch)
-        host = _entry_host_bytes(compiled.as_text())
+        host = host_argument_bytes(compiled)
         device_bytes[offload] = compiled.memory_analysis().argument_size_in_bytes - host
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-6)
     opt_state = jax.tree.leaves(trainer.state.opt_state)
