@@ -254,6 +254,10 @@ class Trainer:
         offload = opt_shardings if cfg.optimizer_offload else None
         if offload is not None:  # the optimizer state lives on the host between steps
             opt_shardings = jax.tree.map(lambda s: s.with_memory_kind(HOST), opt_shardings)
+            moments = make_plan(abstract.params, specs, self.mesh, opt_state=abstract.opt_state,
+                                opt_state_specs=opt_specs).opt_state_bytes  # fmt: skip
+            _say(f"optimizer_offload: {moments / 2**20:.2f} MiB of optimizer state per device "
+                 f"in {HOST} memory between steps", once=True)  # fmt: skip
         state_shardings = TrainState(replicated, named(specs), opt_shardings, replicated,
                                      replicated, replicated)  # fmt: skip
         batch_shardings = {

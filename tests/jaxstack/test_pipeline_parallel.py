@@ -25,8 +25,8 @@ STEPS = 4
 
 
 def _trainer(work_dir, mesh, **config):
-    return lm_trainer(work_dir, model=MODEL, mesh=mesh, batch_size=16, warmup_steps=0,
-                      num_steps=STEPS, save_every=STEPS, **config)  # fmt: skip
+    settings = dict(batch_size=16, warmup_steps=0, num_steps=STEPS, save_every=STEPS) | config
+    return lm_trainer(work_dir, model=MODEL, mesh=mesh, **settings)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +74,16 @@ def test_checkpoint_from_stages_restores_without_them(runs):
     q = flat.params["layers"]["block"]["attn"]["q"]["kernel"]
     assert "stage" not in q.sharding.spec
     for a, b in zip(jax.tree.leaves(flat.state), jax.tree.leaves(staged.state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # and back onto stages (a checkpoint of the data-only run, restored split over stage=2)
+    data_state = flat.loader(packed_dataset(), shuffle=True).get_state()
+    flat.checkpoints.save(STEPS + 1, flat.state, data_state, force=True)
+    flat.checkpoints.wait()
+    again = _trainer(staged.config.work_dir, make_mesh(stage=2, data=4), num_steps=STEPS + 1)
+    assert again.fit(packed_dataset()) == [] and again.step == STEPS + 1
+    q = again.params["layers"]["block"]["attn"]["q"]["kernel"]
+    assert q.sharding.spec[0] == "stage" and q.addressable_shards[0].data.shape[0] == 2
+    for a, b in zip(jax.tree.leaves(again.state), jax.tree.leaves(flat.state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
