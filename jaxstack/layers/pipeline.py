@@ -17,7 +17,8 @@ Stage ``s`` works on microbatch ``t - s``; iterations where that is outside ``0 
 are the bubble, ``(S - 1) / (M + S - 1)`` of the time. The backward pass is the scan's own
 transpose (the permutes run the other way). Weights of one stage never leave its devices;
 only activations of ``[mb, ...]`` cross a stage boundary, once per iteration and direction.
-Within a stage, FSDP-sharded weights are gathered at each use (once per microbatch).
+Within a stage, FSDP-sharded weights are gathered at each use (once per microbatch) or, with
+``fsdp_gather="once"``, once per step before the schedule.
 
 Not supported here: the circular (interleaved) schedule, 1F1B / zero-bubble (they need
 MPMD), KV caches (decoding runs the stack without stages).
@@ -33,6 +34,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from sharding_rules import LOGICAL_AXIS_RULES, logical_to_spec, uses_our_axes
+
+FSDP_GATHER = ("per_microbatch", "once")
+"""When a stage gathers its FSDP-split weights (``pipeline``'s ``fsdp_gather``)."""
 
 LayerFn = Callable[[Any, jax.Array, Any], jax.Array]
 """``(one layer's weights, x [mb, ...], extras of the microbatch) -> x``."""
@@ -155,6 +159,7 @@ def pipeline(
     *,
     stages: int,
     microbatches: int,
+    fsdp_gather: str = "per_microbatch",
 ) -> jax.Array:
     """Run ``x [B, ...]`` through the stacked layers, pipelined over ``stages`` (GPipe).
 
@@ -166,6 +171,10 @@ def pipeline(
         extras: pytree of ``[B, ...]`` arrays travelling with each row (positions, segment
             ids), or None.
         stages, microbatches: the ``PipelineSchedule``.
+        fsdp_gather: when weights split over ``fsdp`` inside a stage are gathered:
+            ``per_microbatch`` (at each use, in every iteration: least memory) or ``once``
+            (the stage's whole block before the schedule, its gradient reduced once after:
+            fewest collectives, a stage's weights whole on each of its devices).
 
     Returns:
         ``[B, ...]``: the same as applying the ``L`` layers in order to every row.
@@ -173,14 +182,19 @@ def pipeline(
     Raises:
         ValueError: the schedule is invalid (``PipelineSchedule``) or ``B`` does not split.
     """
+    if fsdp_gather not in FSDP_GATHER:
+        raise ValueError(f"fsdp_gather={fsdp_gather!r}; choose one of {FSDP_GATHER}")
     num_layers = jax.tree.leaves(layer_weights)[0].shape[0]
     schedule = PipelineSchedule(stages, num_layers, microbatches)
     choose_microbatches(x.shape[0], stages, microbatches)
-    # [L, ...] -> [S, K, ...]: stage s's contiguous block of layers, still on its devices
-    weights = jax.tree.map(
-        lambda w: _constrain(w.reshape(stages, num_layers // stages, *w.shape[1:]), ("stage",)),
-        layer_weights,
-    )
+
+    def per_stage(w):  # [L, ...] -> [S, K, ...]: stage s's block of layers, on its devices
+        w = w.reshape(stages, num_layers // stages, *w.shape[1:])
+        if fsdp_gather == "once" and uses_our_axes(jax.sharding.get_abstract_mesh()):
+            return jax.lax.with_sharding_constraint(w, PartitionSpec("stage"))  # rest whole
+        return _constrain(w, ("stage",))
+
+    weights = jax.tree.map(per_stage, layer_weights)
     xs = _constrain(to_microbatches(x, microbatches), (None, "batch"))
     extras_mb = jax.tree.map(lambda e: to_microbatches(e, microbatches), extras)
     stage_ids = jnp.arange(stages)

@@ -135,6 +135,9 @@ class LlamaConfig:
     """Microbatches of the pipeline schedule under a mesh with ``stage`` > 1 (needs
     ``scan_layers``; ``jaxstack.layers.pipeline``): a multiple of ``stage`` dividing the batch;
     0 picks 2 x stages when the batch allows (``choose_microbatches``)."""
+    pipeline_fsdp_gather: str = "per_microbatch"
+    """Under ``stage`` and ``fsdp`` > 1: gather a stage's FSDP-split weights at each use
+    (``per_microbatch``, least memory) or ``once`` per step (fewest collectives)."""
     initializer_range: float = 0.02
     """Std of the normal initialiser of weights."""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -168,6 +171,11 @@ class LlamaConfig:
             raise ValueError(
                 f"pipeline_microbatches={self.pipeline_microbatches}; use 0 (automatic) or a "
                 "positive multiple of the stage count"
+            )
+        if self.pipeline_fsdp_gather not in pipeline.FSDP_GATHER:
+            raise ValueError(
+                f"pipeline_fsdp_gather={self.pipeline_fsdp_gather!r}; choose one of "
+                f"{pipeline.FSDP_GATHER}"
             )
         if self.tensor_parallel not in tensor_parallel.TENSOR_PARALLEL:
             raise ValueError(
@@ -509,6 +517,7 @@ class Llama(nn.Module):
             (positions, segment_ids),
             stages=stages,
             microbatches=microbatches,
+            fsdp_gather=cfg.pipeline_fsdp_gather,
         )
 
     def head_kernel(self, params: dict) -> jax.Array:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from lm_setup import lm_trainer, packed_dataset
 
 from jaxstack.layers.pipeline import PipelineSchedule, choose_microbatches, pipeline
@@ -188,3 +189,21 @@ def test_plan_shows_bubble_stage_memory_and_boundary_bytes(tmp_path):
     assert layer_bytes == whole // 4  # a stage holds a quarter of the layers
     # GPipe keeps 11 iterations of 2-row microbatches: more than 16 / 2 rows, less than 16
     assert flat.activation_bytes < plan.activation_bytes < 2 * flat.activation_bytes
+
+
+@pytest.mark.parametrize("gather", ["per_microbatch", "once"])
+def test_fsdp_inside_stages_gathers_either_way(gather):
+    model = Llama(MODEL.config.replace(pipeline_fsdp_gather=gather))
+    ids = jnp.asarray(np.arange(8 * 16).reshape(8, 16) % 250)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), ids)["params"]
+    mesh = make_mesh(stage=4, fsdp=2, data=1)
+    specs = param_rules(lm_analysis(model, 16, params), mesh)
+    shardings = [jax.sharding.NamedSharding(mesh, r.spec) for r in specs.values()]
+    placed = jax.device_put(params, jax.tree.unflatten(jax.tree.structure(params), shardings))
+    assert placed["layers"]["block"]["mlp"]["up"]["kernel"].sharding.spec == P(
+        "stage", None, "fsdp"
+    )
+    apply = jax.jit(lambda p: model.apply({"params": p}, ids))
+    with jax.set_mesh(mesh):
+        staged = apply(placed)
+    np.testing.assert_allclose(staged, apply(params), atol=1e-5)
