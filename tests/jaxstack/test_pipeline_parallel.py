@@ -10,10 +10,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from lm_setup import lm_trainer, packed_dataset
 
+from jaxstack.cli import main
 from jaxstack.layers.pipeline import PipelineSchedule, choose_microbatches, pipeline
 from jaxstack.lm import lm_analysis
 from jaxstack.mesh import make_mesh
-from jaxstack.models import Llama, preset
+from jaxstack.models import Llama, model_for, preset
 from jaxstack.planning import plan_notes, plan_run
 from jaxstack.run import DataConfig, RunConfig
 from jaxstack.trainer import TrainConfig
@@ -207,3 +208,21 @@ def test_fsdp_inside_stages_gathers_either_way(gather):
     with jax.set_mesh(mesh):
         staged = apply(placed)
     np.testing.assert_allclose(staged, apply(params), atol=1e-5)
+
+
+def test_cli_plan_of_a_stage_mesh_prints_the_bubble(capsys):
+    assert main(["plan", "--mesh", "data=2,stage=4", "--data.seq_len", "32"]) == 0
+    out = capsys.readouterr().out
+    # the default batch of 8 rows: 2 x stages = 8 microbatches leave 1 row for 2 data
+    # shards, so 4 microbatches of 2 rows: bubble 3 / 7
+    assert "4 microbatches of 2 rows" in out and f"{3 / 7:.1%}" in out
+
+
+def test_a_mixture_of_experts_under_stages_names_the_fix():
+    model = model_for(preset("tiny-moe", scan_layers=True))
+    ids = jnp.zeros((8, 8), jnp.int32)
+    params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), ids)["params"])
+    mesh = make_mesh(stage=4, data=2)
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match="mesh without stage") as error:
+        jax.eval_shape(lambda p: model.apply({"params": p}, ids), params)
+    assert "\n" not in str(error.value)
