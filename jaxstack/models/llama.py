@@ -359,7 +359,9 @@ class Llama(nn.Module):
     sequences with their ``positions`` ([1, T]) and returns the cache with their keys written.
     With ``return_hidden=True`` returns the final-norm hidden states [b, s, hidden] (compute
     dtype) in place of the logits, for a loss that applies ``head_kernel(params)`` itself
-    (``jaxstack.losses.fused_cross_entropy``).
+    (``jaxstack.losses.fused_cross_entropy``). Under a mesh with ``stage`` > 1 and no cache
+    the stacked layers run as a pipeline (``jaxstack.layers.pipeline``, GPipe) on the same
+    parameters.
     """
 
     config: LlamaConfig
