@@ -440,6 +440,43 @@ def collectives_table(records: list[Record]) -> str:
     return f"{_table(header, rows)}\n\nSources:\n\n{_source(runs)}"
 
 
+def pipeline_table(records: list[Record]) -> str:
+    """The newest ``pipeline.py`` run per device: step time, tokens/s and the bubble (formula
+    and measured) of the pipeline variants beside the data and fsdp meshes, then each offload
+    choice's device bytes (arguments off the host, and temporaries) and step time."""
+    runs = _newest_per(_of(records, "pipeline"), lambda r: r["result"]["device_kind"])
+    if not runs:
+        return "_No recorded run yet: `python -m benchmarks.pipeline` records one._"
+    tables = []
+    for record in runs:
+        result = record["result"]
+        setup = result["setup"]
+        shape = (f"{result['device_kind']}; width {setup['hidden']}, {setup['layers']} layers, "
+                 f"batch {setup['batch']} x {setup['seq']}")  # fmt: skip
+        rows = [
+            [
+                row["variant"], _number(row["median_step_s"] * 1e3), _number(row["tokens_per_s"]),
+                _percent(row.get("bubble_formula")), _percent(row.get("bubble_measured")),
+                f"{row['first_loss']:.5f}",
+            ]
+            for row in result["pipeline"]
+        ]  # fmt: skip
+        header = ["mesh", "step ms", "tokens/s", "bubble (formula)", "bubble (measured)"]
+        tables.append(f"{shape}\n\n{_table([*header, 'first loss'], rows)}")
+        rows = [
+            [
+                row["variant"], _number(row["device_argument_bytes"] / 2**20, 2),
+                _number(row["host_argument_bytes"] / 2**20, 2),
+                _number(row["temp_bytes"] / 2**20, 2), _number(row["median_step_s"] * 1e3),
+                f"{row['first_loss']:.5f}",
+            ]
+            for row in result["offload"]
+        ]  # fmt: skip
+        header = ["offload (data=8)", "device args MiB", "host args MiB", "temp MiB", "step ms"]
+        tables.append(_table([*header, "first loss"], rows))
+    return "\n\n".join(tables) + f"\n\nSources:\n\n{_source(runs)}"
+
+
 TABLES: dict[str, Callable[[list[Record]], str]] = {
     "train_cpu": train_cpu_table,
     "sharding_cpu": sharding_cpu_table,
@@ -449,6 +486,7 @@ TABLES: dict[str, Callable[[list[Record]], str]] = {
     "moe": moe_table,
     "serve": serve_table,
     "collectives": collectives_table,
+    "pipeline": pipeline_table,
 }
 """Marker name in docs/benchmarks.md -> the function making that table from all records."""
 

@@ -29,7 +29,7 @@ from jaxstack.mesh import make_mesh
 from jaxstack.metrics import long_step
 from jaxstack.models import PRESETS, preset
 from jaxstack.overrides import field_names, parse_overrides
-from jaxstack.planning import choose_mesh, plan_run
+from jaxstack.planning import choose_mesh, plan_notes, plan_run
 from jaxstack.run import RUN_FILE, RunConfig, has_checkpoint, is_converted, load_run, train
 from jaxstack.serve import LLM
 from jaxstack.serve.security import API_KEY_ENV, api_keys_from
@@ -307,7 +307,8 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> None:
         run = dataclasses.replace(
             run, mesh=",".join(f"{a}={n}" for a, n in choice.axis_sizes.items())
         )
-    print(format_plan(plan_run(run, devices)))
+    plan = plan_run(run, devices)
+    print("\n".join([format_plan(plan), *plan_notes(run, plan)]))
 
 
 def _merge(base: dict, update: dict) -> dict:

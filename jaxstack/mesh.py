@@ -20,15 +20,19 @@ def make_mesh(
     tensor: int = 1,
     expert: int = 1,
     sequence: int = 1,
+    stage: int = 1,
     devices: list | None = None,
 ) -> Mesh:
-    """A mesh with axes ``(data, fsdp, tensor, expert, sequence)`` over ``devices`` (default all).
+    """A mesh with axes ``(stage, data, fsdp, tensor, expert, sequence)`` over ``devices``
+    (default all); ``stage`` (pipeline stages, ``jaxstack.layers.pipeline``) is outermost, so
+    its neighbours are the farthest apart (across slices or nodes).
 
     One axis may be ``-1``: it takes whatever the others leave. Axes are ``Auto``, so XLA
     propagates shardings from parameters, inputs and ``sharding_rules.constrain`` hints.
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert, "sequence": sequence}
+    sizes = {"stage": stage, "data": data, "fsdp": fsdp, "tensor": tensor, "expert": expert,
+             "sequence": sequence}  # fmt: skip
     free = [name for name, size in sizes.items() if size == -1]
     if len(free) > 1 or any(size == 0 or size < -1 for size in sizes.values()):
         raise ValueError(f"mesh axes {sizes}: sizes must be positive, at most one may be -1")

@@ -96,6 +96,32 @@ def weight_decay_mask(analysis: ModelAnalysis, config: TrainConfig) -> Any:
     return jax.tree.unflatten(analysis.treedef, mask)
 
 
+HOST = "pinned_host"
+"""The memory kind offloaded state lives in (``TrainConfig.optimizer_offload``)."""
+
+
+def in_memory(tree: Any, shardings: Any, kind: str) -> Any:
+    """``tree`` moved to memory ``kind`` (``device`` or ``pinned_host``) of its ``shardings``
+    (a pytree of ``NamedSharding``); inside ``jit`` a transfer XLA schedules in the step."""
+    return jax.device_put(tree, jax.tree.map(lambda s: s.with_memory_kind(kind), shardings))
+
+
+def host_argument_bytes(compiled: jax.stages.Compiled) -> int:
+    """Bytes per device of a compiled step's arguments laid out in host memory (memory space
+    ``S(5)`` in its entry layout): what offload keeps off the device. XLA's CPU
+    ``memory_analysis`` counts them among the device arguments; GPU and TPU report them apart."""
+    text = compiled.as_text()
+    layout = re.search(r"entry_computation_layout=\{\((.*?)\)->", text)
+    total = 0
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]\{[^}]*S\(5\)", layout.group(1)):
+        itemsize = 1 if dtype == "pred" else int(re.sub(r"\D", "", dtype)) // 8  # f32, s32, bf16
+        count = 1
+        for d in filter(None, dims.split(",")):
+            count *= int(d)
+        total += itemsize * count
+    return total
+
+
 def clip_by_global_norm(grads: Any, norm: jax.Array, max_norm: float | None) -> Any:
     """``grads`` scaled so that their global norm (``norm``, computed once by the caller) is at
     most ``max_norm``; unchanged when ``max_norm`` is None."""

@@ -12,10 +12,12 @@ import jax.numpy as jnp
 
 from jaxstack.auto import device_memory_bytes
 from jaxstack.layers.moe import expert_capacity
+from jaxstack.layers.pipeline import PipelineSchedule, choose_microbatches
 from jaxstack.lm import lm_analysis
 from jaxstack.losses import DEFAULT_CHUNK_SIZE, chunk_layout
 from jaxstack.mesh import BATCH_AXES, parse_mesh
 from jaxstack.models import Llama, LlamaConfig, MixtralConfig, model_for
+from jaxstack.models.llama import parse_remat
 from jaxstack.optim import optimizer_for
 from jaxstack.train_config import global_batch_size
 from sharding_rules import (
@@ -29,6 +31,7 @@ from sharding_rules import (
     specs_tree,
     tensor_allreduce_bytes,
 )
+from sharding_rules.plan import format_bytes
 
 if TYPE_CHECKING:
     from jaxstack.run import RunConfig
@@ -56,6 +59,11 @@ def activation_bytes(
     recomputes them ring step by ring step) but a float32 log-sum-exp per query and head;
     its one live step holds the scores and probabilities of a ``[s / sequence]^2`` block per
     head, counted once.
+
+    A per-name ``remat`` keeps the activations it saves (``[tokens, hidden]`` each); offloaded
+    ones live in host memory (``offloaded_activation_bytes``). With ``stage`` > 1 (GPipe,
+    ``jaxstack.layers.pipeline``) a device keeps its ``num_layers / stage`` layers' residuals
+    for every one of the ``microbatches + stage - 1`` iterations, each on one microbatch.
 
     An MoE layer (``MixtralConfig``) keeps, in place of the dense SwiGLU hidden tensors, its
     routing buffers (``moe_layer_bytes``).
@@ -85,11 +93,25 @@ def activation_bytes(
     mlp = ((config.num_layers - moe_layers) * dense_mlp + moe_layers * moe) / config.num_layers
     full_layer = tokens * (itemsize * (4 * resid + qkvo) + scores) + mlp
     dots = tokens * itemsize * (resid + qkvo) + 2 / 3 * mlp  # the matmul outputs of the MLP
-    kept = {"none": full_layer, "full": tokens * itemsize * resid}.get(config.remat, dots)
+    named = parse_remat(config.remat)
+    if named is not None:  # each named activation is [tokens, hidden]
+        saved = sum(choice == "save" for choice in named.values())
+        kept = tokens * itemsize * resid * saved
+    else:
+        kept = {"none": full_layer, "full": tokens * itemsize * resid}.get(config.remat, dots)
     recompute = (0 if config.remat == "none" else full_layer) + live_block
+    layers = config.num_layers * kept
+    stages = axis_sizes.get("stage", 1)
+    if stages > 1:  # GPipe: a stage keeps its layers' residuals of every iteration
+        microbatches = choose_microbatches(micro_batch, stages, config.pipeline_microbatches,
+                                           batch_shards(axis_sizes))  # fmt: skip
+        share = math.ceil(micro_batch / microbatches / batch_shards(axis_sizes)) / rows
+        in_flight = microbatches + stages - 1
+        layers = in_flight * config.num_layers // stages * kept * share
+        recompute *= share
     chunk_tokens = rows * chunk_layout(local_seq, chunk_size)[1]
     logits = 2 * chunk_tokens * config.vocab_size / tensor * 4 + tokens * 4
-    return int(config.num_layers * kept + recompute + logits)
+    return int(layers + recompute + logits)
 
 
 def moe_layer_bytes(config: MixtralConfig, tokens: int, axis_sizes: dict[str, int]) -> int:
@@ -196,8 +218,72 @@ def choose_mesh(run: "RunConfig", num_devices: int, memory_bytes: int | None = N
     )
 
 
+def offloaded_activation_bytes(
+    config: LlamaConfig, micro_batch: int, seq_len: int, axis_sizes: dict[str, int]
+) -> int:
+    """Host bytes per device of the activations a per-name ``remat`` offloads (``[tokens,
+    hidden]`` per name and layer; under stages, those of every in-flight iteration)."""
+    named = parse_remat(config.remat) or {}
+    offloaded = sum(choice == "offload" for choice in named.values())
+    shards, stages = batch_shards(axis_sizes), axis_sizes.get("stage", 1)
+    rows, layers = math.ceil(micro_batch / shards), config.num_layers
+    if stages > 1:
+        microbatches = choose_microbatches(micro_batch, stages, config.pipeline_microbatches,
+                                           shards)  # fmt: skip
+        rows = math.ceil(micro_batch / microbatches / shards)
+        layers = (microbatches + stages - 1) * config.num_layers // stages
+    width = config.hidden_size * jnp.dtype(config.dtype).itemsize
+    tokens = rows * math.ceil(seq_len / axis_sizes.get("sequence", 1))
+    return int(layers * offloaded * tokens * width)
+
+
+def plan_notes(run: "RunConfig", plan: MemoryPlan) -> list[str]:
+    """Lines the plan table leaves out: the pipeline schedule of a ``stage`` mesh (its
+    bubble, per-stage memory and the bytes crossing each stage boundary per step) and host
+    offload (device bytes saved, host bytes used)."""
+    sizes, cfg = plan.mesh_axis_sizes, run.model
+    micro = micro_batch_size(run, sizes)
+    notes = []
+    stages = sizes.get("stage", 1)
+    if stages > 1:
+        shards = batch_shards(sizes)
+        m = choose_microbatches(micro, stages, cfg.pipeline_microbatches, shards)
+        schedule = PipelineSchedule(stages, cfg.num_layers, m)
+        # per device and direction: one [microbatch rows, seq, hidden] slice per iteration
+        slice_bytes = (
+            math.ceil(micro / m / shards) * math.ceil(run.data.seq_len / sizes["sequence"])
+            * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
+        )  # fmt: skip
+        boundary = 2 * schedule.iterations * slice_bytes * run.train.grad_accum_steps
+        notes += [
+            f"pipeline: GPipe, {stages} stages x {cfg.num_layers // stages} layers, {m} "
+            f"microbatches of {micro // m} rows; bubble (stages-1)/(microbatches+stages-1) = "
+            f"{schedule.bubble_fraction:.1%}",
+            f"  per stage (each device of a stage): {format_bytes(plan.total_bytes)} "
+            f"(params {format_bytes(plan.param_bytes)}, optimizer "
+            f"{format_bytes(plan.opt_state_bytes)}, activations of {schedule.iterations} "
+            f"in-flight iterations {format_bytes(plan.activation_bytes)})",
+            f"  crossing each stage boundary per step, per device: {format_bytes(boundary)} "
+            "(forward and backward)",
+        ]
+    if run.train.optimizer_offload:
+        notes.append(
+            f"optimizer offload: the {format_bytes(plan.opt_state_bytes)} of optimizer state "
+            "per device live in pinned_host (host) memory between steps; on the device "
+            f"{format_bytes(plan.total_bytes - plan.opt_state_bytes)}"
+        )
+    host = offloaded_activation_bytes(cfg, micro, run.data.seq_len, sizes)
+    if host:
+        notes.append(
+            f"activation offload (remat={cfg.remat!r}): {format_bytes(host)} per device in "
+            "pinned_host (host) memory, not on the device"
+        )
+    return notes
+
+
 def plan_run(run: "RunConfig", num_devices: int | None = None) -> MemoryPlan:
-    """The memory plan of ``run`` on its mesh (``auto`` included) for ``num_devices``."""
+    """The memory plan of ``run`` on its mesh (``auto`` included) for ``num_devices``
+    (``plan_notes`` adds what lives in host memory and the pipeline schedule)."""
     sizes = mesh_axis_sizes(run, num_devices)
     model, params, opt_state = _abstract(run)
     analysis, rules_fn = _rules_fn(run, model, params)

@@ -111,8 +111,9 @@ class RunConfig:
                 f"{self.model.max_seq_len} (the longest sequence the model is configured "
                 "for); lower --data.seq_len or raise --model.max_seq_len"
             )
-        if self.mesh.strip() != "auto":
-            parse_mesh(self.mesh)
+        if self.mesh.strip() != "auto" and parse_mesh(self.mesh).get("stage", 1) != 1:
+            # pipeline stages run a stack of layers (jaxstack.layers.pipeline)
+            object.__setattr__(self, "model", self.model.replace(scan_layers=True))
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (the inverse of ``from_dict``); ``model.family`` names the model

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxstack.optim import clip_by_global_norm, learning_rate_of
+from jaxstack.optim import HOST, clip_by_global_norm, in_memory, learning_rate_of
 
 NUM_TOKENS = "num_tokens"
 """The ``loss_fn`` metric that names its normaliser (module doc)."""
@@ -98,8 +98,13 @@ def make_train_step(
     grad_accum_steps: int,
     grad_clip: float | None,
     compute_dtype: str | None,
+    offload_shardings: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """``(state, batch) -> (state, metrics)``: one optimizer update (module doc).
+
+    With ``offload_shardings`` (the optimizer state's ``NamedSharding``s) the state's
+    optimizer state lives in host memory (``pinned_host``): it comes to the device for the
+    update and goes back after it, inside the step.
 
     The batch's leading dim is split into ``grad_accum_steps`` micro-batches (micro-batch
     ``i`` takes examples ``i, i+k, ...`` so each stays spread over every batch shard). The
@@ -154,14 +159,21 @@ def make_train_step(
             updates, opt_state = optimizer.update(clipped, opt_state, params)
             return optax.apply_updates(params, updates), opt_state
 
+        opt_state = state.opt_state
+        if offload_shardings is not None:
+            opt_state = in_memory(opt_state, offload_shardings, "device")
         params, opt_state = jax.lax.cond(
-            finite, update, lambda operands: operands, (state.params, state.opt_state)
+            finite, update, lambda operands: operands, (state.params, opt_state)
         )
         skipped = (~finite).astype(jnp.int32)
         new_state = TrainState(
             step=state.step + 1,
             params=params,
-            opt_state=opt_state,
+            opt_state=(
+                opt_state
+                if offload_shardings is None
+                else in_memory(opt_state, offload_shardings, HOST)
+            ),  # fmt: skip
             rng=rng,
             skipped_in_row=jnp.where(finite, 0, state.skipped_in_row + 1),
             skipped_total=state.skipped_total + skipped,
@@ -170,6 +182,7 @@ def make_train_step(
         learning_rate = learning_rate_of(opt_state)
         if learning_rate is not None:
             out["lr"] = learning_rate
+
         if num_tokens is not None:
             out[NUM_TOKENS] = num_tokens
         return new_state, out

@@ -67,6 +67,10 @@ class TrainConfig:
     """Mixed precision: floating parameters are cast to this dtype (``bfloat16``, ``float16``)
     before ``loss_fn`` / ``pred_fn`` see them, while the parameters, gradients and optimizer
     state stay in their own (float32) dtype. None: compute in the parameters' dtype."""
+    optimizer_offload: bool = False
+    """Keep the optimizer state (Adam's moments) in host memory (``pinned_host``) and bring it
+    to the device only for the update, inside the step: saves its bytes of device memory
+    for a host transfer each way per step (docs/pipeline_parallel.md)."""
     nonfinite: str = "skip"
     """A non-finite loss or gradient norm: ``skip`` the update (the state stays as it was;
     the run stops after ``max_nonfinite_skips`` in a row) or ``stop`` the run at once. Either

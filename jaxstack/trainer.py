@@ -33,7 +33,7 @@ from jaxstack.checkpoint import CheckpointManager
 from jaxstack.data import DataLoader, Prefix
 from jaxstack.mesh import MeshSpec, batch_divisor, batch_sharding, resolve_mesh
 from jaxstack.metrics import MetricsLogger, Throughput, host_value
-from jaxstack.optim import optimizer_for, weight_decay_mask
+from jaxstack.optim import HOST, optimizer_for, weight_decay_mask
 from jaxstack.perf import peak_flops
 from jaxstack.predictor import Predictor
 from jaxstack.preemption import PreemptionGuard
@@ -250,7 +250,15 @@ class Trainer:
         opt_specs = optimizer_state_specs(abstract.opt_state, abstract.params, specs)
         named = lambda tree: jax.tree.map(lambda s: NamedSharding(self.mesh, s), tree)  # noqa: E731
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        state_shardings = TrainState(replicated, named(specs), named(opt_specs), replicated,
+        opt_shardings = named(opt_specs)
+        offload = opt_shardings if cfg.optimizer_offload else None
+        if offload is not None:  # the optimizer state lives on the host between steps
+            opt_shardings = jax.tree.map(lambda s: s.with_memory_kind(HOST), opt_shardings)
+            moments = make_plan(abstract.params, specs, self.mesh, opt_state=abstract.opt_state,
+                                opt_state_specs=opt_specs).opt_state_bytes  # fmt: skip
+            _say(f"optimizer_offload: {moments / 2**20:.2f} MiB of optimizer state per device "
+                 f"in {HOST} memory between steps", once=True)  # fmt: skip
+        state_shardings = TrainState(replicated, named(specs), opt_shardings, replicated,
                                      replicated, replicated)  # fmt: skip
         batch_shardings = {
             name: batch_sharding(self.mesh, np.ndim(v)) for name, v in example_batch.items()
@@ -261,6 +269,7 @@ class Trainer:
             grad_accum_steps=cfg.grad_accum_steps,
             grad_clip=cfg.grad_clip,
             compute_dtype=cfg.compute_dtype,
+            offload_shardings=offload,
         )
         self._placement = _Placement(
             abstract=abstract,
@@ -359,6 +368,16 @@ class Trainer:
             self._state, metrics = placement.train_step(self._state, self.to_global(batch))
         self._host_step += 1
         return metrics
+
+    def compiled_train_step(self, example_batch: dict[str, np.ndarray]) -> jax.stages.Compiled:
+        """The train step compiled for ``example_batch``'s shapes, for inspection: its
+        ``memory_analysis()`` (device bytes) and ``as_text()`` (collectives, memory spaces).
+        Creates the state if there is none."""
+        placement = self._prepare(example_batch)
+        self.init(example_batch)
+        with jax.set_mesh(self.mesh):
+            lowered = placement.train_step.lower(self._state, self.to_global(example_batch))
+        return lowered.compile()
 
     def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Assemble each host's share of the batch into global arrays split over (data, fsdp)."""

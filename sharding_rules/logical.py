@@ -11,7 +11,9 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
+MESH_AXES = ("stage", "data", "fsdp", "tensor", "expert", "sequence")
+"""Mesh axis names, outermost first: ``stage`` (pipeline stages, ``jaxstack.layers.pipeline``)
+spans the slowest links."""
 
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "batch": ("data", "fsdp", "expert"),  # expert: data-parallel outside the MoE layers
@@ -23,6 +25,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),
     "vocab": ("tensor",),
     "expert": ("expert",),
+    "stage": ("stage",),  # the leading axis of stacked pipeline-stage weights and activations
 }
 
 

@@ -26,10 +26,13 @@ Order of decisions for each parameter:
    against an activation (``einsum('ecd,edf->ecf')``, ``ragged_dot`` groups).
 4. Followers: an unmatched parameter dimension (bias, scale) merged into the same factor as
    a column-parallel, vocab-parallel or expert dimension takes that axis.
-5. FSDP (``fsdp`` > 1): the largest remaining dimension divisible by ``fsdp``, never the
+5. Stages (``stage`` > 1): the layer axis of a scanned stack, split into contiguous blocks of
+   layers, one block per pipeline stage (``jaxstack.layers.pipeline``); parameters outside
+   the stack (embeddings, final norm, head) stay whole on every stage.
+6. FSDP (``fsdp`` > 1): the largest remaining dimension divisible by ``fsdp``, never the
    layer axis of a scanned stack; a parameter with none is replicated and says so.
 
-A dimension chosen for ``tensor`` or ``expert`` that the axis does not divide raises
+A dimension chosen for ``tensor``, ``expert`` or ``stage`` that the axis does not divide raises
 ``ShardingRuleError`` naming the parameter, the dimension and the axis sizes that work.
 """
 
@@ -428,6 +431,20 @@ def _followers(asg: _Assignment) -> None:
             asg.put(leaf, dim, axis, f"follows {an.paths[anchor]}")
 
 
+def _stages(st: _Structure, asg: _Assignment, s: int) -> None:
+    an = asg.an
+    for leaf, dim in sorted(st.layers):
+        if not asg.free(leaf) or dim in asg.axes[leaf] or "stage" in asg.axes[leaf].values():
+            continue
+        if an.shapes[leaf][dim] % s:
+            raise ShardingRuleError(
+                f"{an.shapes[leaf][dim]} stacked layers of {an.paths[leaf]!r} do not split into "
+                f"stage={s} pipeline stages; use a stage count that divides the layer count "
+                f"({divisors(an.shapes[leaf][dim])})"
+            )
+        asg.put(leaf, dim, "stage", f"layer axis {dim}, one block of layers per stage")
+
+
 def _fsdp(st: _Structure, asg: _Assignment, f: int) -> None:
     an = asg.an
     for leaf, shape in enumerate(an.shapes):
@@ -479,6 +496,8 @@ def param_rules(
                     )
                 asg.put(leaf, dim, "expert", f"expert-stacked dim {dim}", True)
     _followers(asg)
+    if sizes["stage"] > 1:
+        _stages(st, asg, sizes["stage"])
     if sizes["fsdp"] > 1:
         _fsdp(st, asg, sizes["fsdp"])
     rules = {}

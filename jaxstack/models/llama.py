@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
-from jaxstack.layers import context_parallel, tensor_parallel
+from jaxstack.layers import context_parallel, pipeline, tensor_parallel
 from jaxstack.layers.attention import Attention, LayerCache, PagedCache
 from jaxstack.layers.mlp import SwiGLU
 from jaxstack.layers.norms import RMSNorm
@@ -26,6 +27,49 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+ACTIVATION_NAMES = ("block_input", "attention_out", "mlp_in", "mlp_out")
+"""The ``checkpoint_name``s of a block's activations (each ``[b, s, hidden]``), for a per-name
+``remat``: the block's input, the attention output, the normed MLP input, the MLP output."""
+REMAT_CHOICES = ("save", "offload", "recompute")
+"""Per-name remat choices: keep on the device, keep in host memory (``pinned_host``), or
+recompute in the backward pass."""
+
+
+def parse_remat(remat: str) -> dict[str, str] | None:
+    """``"block_input=offload,attention_out=save"`` -> ``{name: choice}``; None for one of
+    ``REMAT_POLICIES``. Names left out are recomputed.
+
+    Raises:
+        ValueError: neither a policy name nor ``name=choice`` pairs of ``ACTIVATION_NAMES`` and
+            ``REMAT_CHOICES``.
+    """
+    if remat in REMAT_POLICIES:
+        return None
+    choices = {}
+    for part in remat.split(","):
+        name, _, choice = (x.strip() for x in part.partition("="))
+        if name not in ACTIVATION_NAMES or choice not in REMAT_CHOICES:
+            raise ValueError(
+                f"remat={remat!r}; choose one of {sorted(REMAT_POLICIES)} or name=choice pairs "
+                f"such as 'block_input=offload,attention_out=save' (names {ACTIVATION_NAMES}, "
+                f"choices {REMAT_CHOICES})"
+            )
+        choices[name] = choice
+    return choices
+
+
+def remat_policy(remat: str) -> Callable | None:
+    """The ``jax.checkpoint`` policy of a ``LlamaConfig.remat`` value (None: no remat)."""
+    choices = parse_remat(remat)
+    if choices is None:
+        return REMAT_POLICIES[remat]
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[n for n, c in choices.items() if c == "save"],
+        names_which_can_be_offloaded=[n for n, c in choices.items() if c == "offload"],
+        offload_src="device",
+        offload_dst="pinned_host",
+    )
 
 
 @dataclass(frozen=True)
@@ -65,7 +109,9 @@ class LlamaConfig:
     scan_layers: bool = False
     """Stack the layers with ``nn.scan`` (faster compiles, leading layer axis on params)."""
     remat: str = "none"
-    """Rematerialisation policy per layer: one of ``REMAT_POLICIES``."""
+    """Rematerialisation policy per layer: one of ``REMAT_POLICIES``, or per named activation
+    (``ACTIVATION_NAMES``) ``save``, ``offload`` (to ``pinned_host`` memory) or ``recompute``:
+    ``"block_input=offload,attention_out=save"`` (unnamed ones are recomputed)."""
     dtype: str = "float32"
     """Compute dtype (``bfloat16`` for mixed precision); parameters stay float32."""
     attention_impl: str = "auto"
@@ -85,6 +131,13 @@ class LlamaConfig:
     under a mesh with ``tensor`` > 1 and no KV cache, and need the head counts and
     ``intermediate_size`` to be multiples of ``tensor`` (``jaxstack.layers.tensor_parallel``,
     docs/long_context.md)."""
+    pipeline_microbatches: int = 0
+    """Microbatches of the pipeline schedule under a mesh with ``stage`` > 1 (needs
+    ``scan_layers``; ``jaxstack.layers.pipeline``): a multiple of ``stage`` dividing the batch;
+    0 picks 2 x stages when the batch allows (``choose_microbatches``)."""
+    pipeline_fsdp_gather: str = "per_microbatch"
+    """Under ``stage`` and ``fsdp`` > 1: gather a stage's FSDP-split weights at each use
+    (``per_microbatch``, least memory) or ``once`` per step (fewest collectives)."""
     initializer_range: float = 0.02
     """Std of the normal initialiser of weights."""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -100,8 +153,7 @@ class LlamaConfig:
                 f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
                 "set head_dim explicitly"
             )
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        parse_remat(self.remat)
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype={self.dtype!r}; choose float32, bfloat16 or float16")
         if self.attention_impl not in ("auto", "pallas", "cudnn", "xla"):
@@ -114,6 +166,16 @@ class LlamaConfig:
             raise ValueError(
                 f"context_parallel={self.context_parallel!r}; choose one of "
                 f"{context_parallel.CONTEXT_PARALLEL}"
+            )
+        if self.pipeline_microbatches < 0:
+            raise ValueError(
+                f"pipeline_microbatches={self.pipeline_microbatches}; use 0 (automatic) or a "
+                "positive multiple of the stage count"
+            )
+        if self.pipeline_fsdp_gather not in pipeline.FSDP_GATHER:
+            raise ValueError(
+                f"pipeline_fsdp_gather={self.pipeline_fsdp_gather!r}; choose one of "
+                f"{pipeline.FSDP_GATHER}"
             )
         if self.tensor_parallel not in tensor_parallel.TENSOR_PARALLEL:
             raise ValueError(
@@ -253,6 +315,7 @@ class Block(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, name=name)  # noqa: E731
+        x = checkpoint_name(x, "block_input")
         attn_out, cache = Attention(
             num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_kv_heads,
@@ -269,8 +332,10 @@ class Block(nn.Module):
             dtype=dtype,
             name="attn",
         )(norm("attn_norm")(x), positions, segment_ids, cache, decode_index)
+        attn_out = checkpoint_name(attn_out, "attention_out")
         x = tensor_parallel.constrain_residual(x + attn_out, cfg.tensor_parallel)
-        x = x + self.feed_forward()(norm("mlp_norm")(x))
+        mlp_in = checkpoint_name(norm("mlp_norm")(x), "mlp_in")
+        x = x + checkpoint_name(self.feed_forward()(mlp_in), "mlp_out")
         return tensor_parallel.constrain_residual(x, cfg.tensor_parallel), cache
 
 
@@ -294,7 +359,9 @@ class Llama(nn.Module):
     sequences with their ``positions`` ([1, T]) and returns the cache with their keys written.
     With ``return_hidden=True`` returns the final-norm hidden states [b, s, hidden] (compute
     dtype) in place of the logits, for a loss that applies ``head_kernel(params)`` itself
-    (``jaxstack.losses.fused_cross_entropy``).
+    (``jaxstack.losses.fused_cross_entropy``). Under a mesh with ``stage`` > 1 and no cache
+    the stacked layers run as a pipeline (``jaxstack.layers.pipeline``, GPipe) on the same
+    parameters.
     """
 
     config: LlamaConfig
@@ -305,9 +372,9 @@ class Llama(nn.Module):
         return Block
 
     def _layer(self, remat_cls):
-        policy = REMAT_POLICIES[self.config.remat]
         if self.config.remat == "none":
             return remat_cls
+        policy = remat_policy(self.config.remat)
         return nn.remat(remat_cls, policy=policy, prevent_cse=not self.config.scan_layers)
 
     @nn.compact
@@ -363,7 +430,10 @@ class Llama(nn.Module):
         x = jnp.take(table, input_ids, axis=0).astype(dtype)
         x = tensor_parallel.constrain_residual(x, cfg.tensor_parallel)
 
-        if cfg.scan_layers:
+        stages = pipeline.stage_count()
+        if stages > 1 and cache is None and not initializing:
+            x = self._pipelined(x, positions, segment_ids, stages)
+        elif cfg.scan_layers:
             stack = nn.scan(
                 self._layer(ScannedBlock),
                 variable_axes={True: 0},  # params and anything the layers sow: per layer
@@ -410,6 +480,47 @@ class Llama(nn.Module):
             )(x)
         logits = constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
         return logits if cache is None else (logits, cache)
+
+    def _pipelined(self, x, positions, segment_ids, stages: int) -> jax.Array:
+        """The scanned layers run as a pipeline over the ``stage`` mesh axis (GPipe,
+        ``jaxstack.layers.pipeline``) on the parameters ``nn.scan`` created at init."""
+        cfg = self.config
+        if not cfg.scan_layers:
+            raise ValueError(
+                f"a mesh with stage={stages} pipelines stacked layers: set scan_layers=True "
+                "(--model.scan_layers true)"
+            )
+        block_type = self.block_type(0)
+        if block_type is not Block:
+            raise ValueError(
+                f"pipeline stages run the dense Llama block, not {block_type.__name__} (its "
+                "routing losses would be lost); use a mesh without stage for this model"
+            )
+        if cfg.context_parallel != "none" or cfg.tensor_parallel != "plain":
+            raise ValueError(
+                "pipeline stages support tensor_parallel='plain' and context_parallel='none' "
+                f"(got {cfg.tensor_parallel!r}, {cfg.context_parallel!r}); drop one of them"
+            )
+        block = block_type(cfg)
+        shards = pipeline.batch_shards()
+
+        def layer_fn(weights, h, extras):
+            return block.apply({"params": weights}, h, *extras, None, None)[0]
+
+        if cfg.remat != "none":
+            layer_fn = jax.checkpoint(layer_fn, policy=remat_policy(cfg.remat))
+        microbatches = pipeline.choose_microbatches(
+            x.shape[0], stages, cfg.pipeline_microbatches, shards
+        )
+        return pipeline.pipeline(
+            layer_fn,
+            self.variables["params"]["layers"]["block"],
+            x,
+            (positions, segment_ids),
+            stages=stages,
+            microbatches=microbatches,
+            fsdp_gather=cfg.pipeline_fsdp_gather,
+        )
 
     def head_kernel(self, params: dict) -> jax.Array:
         """The LM head of ``params`` (the inner ``params`` dict) as a [hidden, vocab] matrix:

@@ -97,7 +97,9 @@ def test_meshes_by_name_in_trainer_and_predictor(tmp_path, examples, spelling):
         spelling = js.make_mesh(data=4, tensor=2)
     t = trainer(tmp_path, mesh=spelling)
     t.train_step(collate_fn(examples[:16]))
-    assert dict(t.mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2, "expert": 1, "sequence": 1}
+    assert dict(t.mesh.shape) == {
+        "stage": 1, "data": 4, "fsdp": 1, "tensor": 2, "expert": 1, "sequence": 1,
+    }  # fmt: skip
     predictor = js.Predictor(collate_fn=collate_fn, pred_fn=pred_fn, mesh=spelling)
     assert predictor.mesh.shape == t.mesh.shape
     ours = predictor.predict(t.params, examples[:20], batch_size=8)

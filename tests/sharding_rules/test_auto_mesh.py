@@ -53,8 +53,10 @@ def totals():
 
 def test_plenty_of_memory_is_pure_data_parallel():
     result = choose(2**40)
-    assert result.axis_sizes == {"data": 8, "fsdp": 1, "tensor": 1, "expert": 1, "sequence": 1}
-    assert result.shape == (8, 1, 1, 1, 1)
+    assert result.axis_sizes == {
+        "stage": 1, "data": 8, "fsdp": 1, "tensor": 1, "expert": 1, "sequence": 1,
+    }  # fmt: skip
+    assert result.shape == (1, 8, 1, 1, 1, 1)
     # KVH=2 key/value heads: tensor=4 and tensor=8 are rejected by the rules, with the reason.
     rejected = [c for c in result.candidates if c.plan is None]
     assert {c.axis_sizes["tensor"] for c in rejected} == {4, 8}

@@ -304,7 +304,7 @@ def test_reasons_name_the_partner():
 
 
 def test_a_mesh_gives_the_same_specs_as_its_axis_sizes():
-    shape = (2, 2, 2, 1, 1)
+    shape = (1, 2, 2, 2, 1, 1)
     mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     model = tm.LlamaLike()
     params = tm.shapes_of(model, IDS)
