@@ -104,8 +104,9 @@ def create_app(llm: LLM, *, retry_after_s: int = 1) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if not engine.alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        if not engine.healthy:
+            status = "engine recovering" if engine.alive else "engine stopped"
+            return JSONResponse({"status": status}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
