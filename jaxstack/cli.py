@@ -28,8 +28,6 @@ from jaxstack.models import PRESETS, preset
 from jaxstack.overrides import apply_overrides, field_names
 from jaxstack.planning import choose_mesh, plan_run
 from jaxstack.run import RUN_FILE, RunConfig, load_run, train
-from jaxstack.serve import LLM
-from jaxstack.serve.server import serve
 from jaxstack.trainer import NonFiniteError, TrainConfig
 from jaxstack.workdir import ERROR_LOG, WorkDirBusyError, is_local, work_path
 from jaxstack.xla_flags import apply_xla_flags
@@ -229,6 +227,18 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a run's checkpoint or a Hugging Face directory over an OpenAI-compatible API."""
+    from jaxstack.serve.metrics import SERVE_EXTRA  # the engine needs no web package
+
+    try:
+        from jaxstack.serve.server import serve
+    except ImportError as error:  # the web packages are an extra
+        raise ModuleNotFoundError(
+            f"jaxstack serve needs the {error.name or 'web server'} package, which comes with "
+            f"the serve extra: {SERVE_EXTRA}",
+            name=error.name,
+        ) from error
+    from jaxstack.serve import LLM
+
     _say_xla_flags(args)
     buckets = lambda text: tuple(int(n) for n in text.split(","))  # noqa: E731
     options = dict(page_size=args.page_size, num_pages=args.num_pages, max_queue=args.max_queue)
@@ -347,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_serve(args)
         else:
             cmd_generate(args)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as error:
+    except (ValueError, KeyError, FileNotFoundError, TypeError, ModuleNotFoundError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"jaxstack: error: {message}", file=sys.stderr)
         return 2
