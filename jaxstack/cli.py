@@ -251,7 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.tensor > 1:
         mesh = make_mesh(data=1, tensor=args.tensor, devices=jax.devices()[: args.tensor])
     source = {"hf": args.hf} if args.hf else {"work_dir": args.work_dir}
-    llm = LLM(**source, mesh=mesh, **options)
+    llm = LLM(**source, mesh=mesh, dtype=args.dtype, **options)
     print(f"serving {llm.name} on http://{args.host}:{args.port}/v1", flush=True)
     try:
         serve(llm, args.host, args.port)
@@ -332,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--token-buckets", help="tokens per step to compile, e.g. 16,64,256")
     srv.add_argument("--seq-buckets", help="sequences per step to compile, e.g. 4,16,64")
     srv.add_argument("--no-prefix-caching", action="store_true")
+    srv.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="weights, KV cache and compute (auto: the checkpoint's torch_dtype, else bfloat16 "
+        "on GPU/TPU)",
+    )
     return parser
 
 

@@ -1,7 +1,9 @@
 """Hugging Face interop: load a local HF directory sharded, and write one back.
 
 - :func:`load` ``(hf_dir, *, mesh, param_specs, param_dtype, **overrides)`` ->
-  ``(model, config, params)``, streaming each tensor into its sharded placement.
+  ``(model, config, params)``, streaming each tensor into its sharded placement;
+  :func:`load_config` + :func:`read_params` are its two halves (config first, to derive the
+  placement from the model before any weight is read).
 - :func:`save` ``(out_dir, config, params, *, tokenizer_dir, dtype)``: ``config.json`` +
   safetensors that ``transformers`` loads.
 - :func:`convert_to_checkpoint` / :func:`convert_to_hf`: HF directory <-> jaxstack checkpoint.
@@ -17,7 +19,7 @@ from typing import Any
 
 from jaxstack.hf.commands import generate_text
 from jaxstack.hf.families import FAMILIES, family_for_config, family_for_hf, read_hf_config
-from jaxstack.hf.loading import load, read_params
+from jaxstack.hf.loading import load, load_config, read_params
 from jaxstack.hf.saving import convert_to_checkpoint, convert_to_hf, save
 
 
@@ -43,6 +45,7 @@ __all__ = [
     "convert_to_hf",
     "generate_text",
     "load",
+    "load_config",
     "read_hf_config",
     "read_params",
     "save",

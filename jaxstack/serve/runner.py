@@ -38,6 +38,15 @@ class StepInputs:
     counters: np.ndarray  # i32[S]
 
 
+def serving_param_specs(model: Llama, params, mesh: Mesh):
+    """The ``PartitionSpec`` of every parameter when serving on ``mesh``: the training sharding
+    rules traced from ``model``'s forward. ``params`` may be abstract (``ShapeDtypeStruct``), so
+    weights can be loaded straight into this placement."""
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    forward = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    return infer_param_specs(forward, params, ids, mesh_axis_sizes=dict(mesh.shape))
+
+
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket >= ``n``."""
     for size in buckets:
@@ -78,15 +87,13 @@ class ModelRunner:
             self._step = jax.jit(self._forward, donate_argnums=1)
             return
         sizes = dict(mesh.shape)
-        ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-        forward = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-        specs = infer_param_specs(forward, params, ids, mesh_axis_sizes=sizes)
+        specs = serving_param_specs(model, params, mesh)
         param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
         kv_heads = lambda x: NamedSharding(  # noqa: E731
             mesh, fitting_spec(x.shape, (None,) * (x.ndim - 2) + ("kv_heads", None), sizes)
         )
         self._pages_sharding = pages_sh = jax.tree.map(kv_heads, jax.eval_shape(self._zero_pages))
-        self.params = jax.device_put(params, param_sh)
+        self.params = jax.device_put(params, param_sh)  # a no-op where loaded in place
         self.pages = self._zero_pages()
         replicated = NamedSharding(mesh, PartitionSpec())
         self._step = jax.jit(

@@ -1,16 +1,23 @@
 """``LLM(hf=DIR)``: a Hugging Face directory served with its tokenizer and chat template."""
 
 import json
+import math
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from jaxstack import hf
+from jaxstack.hf import loading
+from jaxstack.mesh import make_mesh
 from jaxstack.models import Llama, preset
 from jaxstack.serve import LLM, SamplingParams
+from jaxstack.serve.llm import load_hf_for_serving, load_run_for_serving
+from jaxstack.serve.runner import serving_param_specs
 from jaxstack.serve.server import create_app
 
 TEMPLATE = (
@@ -49,3 +56,87 @@ def test_chat_uses_the_directorys_template_and_special_tokens(hf_llm):
     expected = hf_llm.generate([ids], SamplingParams(max_tokens=5, ignore_eos=True))[0]
     assert reply["choices"][0]["message"]["content"] == expected.text
     assert client.get("/v1/models").json()["data"][0]["id"] == "model"
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    """A 4-layer checkpoint stored in bfloat16 whose heads split 8 ways."""
+    directory = tmp_path_factory.mktemp("bf16")
+    config = preset("tiny", vocab_size=len(WORDS), num_layers=4, hidden_size=64, num_heads=8,
+                    num_kv_heads=8, intermediate_size=256, max_seq_len=64, initializer_range=0.1,
+                    extra={"hf_model_type": "llama"})  # fmt: skip
+    params = Llama(config).init(jax.random.PRNGKey(6), jnp.zeros((1, 4), jnp.int32))["params"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, "<unk>"))
+    tokenizer.save(str(directory / "tokenizer.json"))
+    hf.save(directory / "model", config, params, tokenizer_dir=directory, dtype="bfloat16")
+    return directory / "model"
+
+
+def bytes_per_device(arrays) -> Counter:
+    """Bytes each device holds of ``arrays`` (a replicated array counts on every device)."""
+    held = Counter()
+    for array in arrays:
+        if not array.is_deleted():
+            shard = math.prod(array.sharding.shard_shape(array.shape)) * array.dtype.itemsize
+            for device in array.sharding.addressable_devices:
+                held[device] += shard
+    return held
+
+
+def test_weights_load_shard_by_shard_into_the_serving_placement(bf16_dir, monkeypatch):
+    mesh = make_mesh(data=1, tensor=8)
+    existing = jax.live_arrays()  # held, so that no new array reuses an old one's id
+    old = {id(array) for array in existing}
+    peak = Counter()
+
+    def measured(function):
+        def wrapper(*args, **kwargs):
+            out = function(*args, **kwargs)
+            new = bytes_per_device(a for a in jax.live_arrays() if id(a) not in old)
+            for device, n in new.items():
+                peak[device] = max(peak[device], n)
+            return out
+
+        return wrapper
+
+    for name in ("_put", "_astype", "_set_index"):
+        monkeypatch.setattr(loading, name, measured(getattr(loading, name)))
+    model, params = load_hf_for_serving(bf16_dir, "auto", mesh)
+    assert model.config.dtype == "bfloat16"  # auto: the checkpoint's torch_dtype
+    leaves = jax.tree.leaves(params)
+    assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)}
+    placed = bytes_per_device(leaves)
+    whole = sum(leaf.nbytes for leaf in leaves)
+    assert len(placed) == 8 and max(placed.values()) < whole / 3  # really sharded
+    assert max(peak.values()) <= 1.2 * max(placed.values())
+    specs = serving_param_specs(model, params, mesh)  # already where the engine wants them
+    assert all(jax.tree.leaves(jax.tree.map(lambda leaf, spec: leaf.sharding.spec == spec,
+                                            params, specs)))  # fmt: skip
+
+
+def test_bfloat16_tensor_parallel_greedy_equals_float32(bf16_dir):
+    prompts = [[1, 6, 9, 12, 7], [1, 30, 31, 8]]
+    options = dict(token_buckets=(16,), seq_buckets=(2,), num_pages=16, page_size=4)
+    greedy = SamplingParams(max_tokens=4, ignore_eos=True)
+    with LLM(hf=bf16_dir, dtype="float32", progress=False, **options) as f32:
+        assert f32.engine.model.config.dtype == "float32"
+        expected = [out.token_ids for out in f32.generate(prompts, greedy)]
+    mesh = make_mesh(data=1, tensor=4, devices=jax.devices()[:4])
+    with LLM(hf=bf16_dir, mesh=mesh, progress=False, **options) as bf16:
+        runner = bf16.engine.runner
+        assert all(page.dtype == jnp.bfloat16 for page in runner.pages)
+        assert runner.params["layers_0"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
+        assert [out.token_ids for out in bf16.generate(prompts, greedy)] == expected
+
+
+def test_run_checkpoint_loads_into_the_serving_placement(bf16_dir, tmp_path):
+    config = hf.convert_to_checkpoint(bf16_dir, tmp_path / "run")  # float32 in the checkpoint
+    mesh = make_mesh(data=1, tensor=8)
+    model, params = load_run_for_serving(tmp_path / "run", config, "auto", mesh)
+    assert model.config.dtype == "float32"  # auto on CPU: the run's compute dtype
+    _, bf16 = load_run_for_serving(tmp_path / "run", config, "bfloat16", mesh)
+    _, expected = load_hf_for_serving(bf16_dir, "bfloat16", mesh)
+    for got, want in zip(jax.tree.leaves(bf16), jax.tree.leaves(expected), strict=True):
+        assert got.dtype == jnp.bfloat16 and got.sharding == want.sharding
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
