@@ -229,6 +229,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a run's checkpoint or a Hugging Face directory over an OpenAI-compatible API."""
     from jaxstack.serve.metrics import SERVE_EXTRA  # the engine needs no web package
 
+    options = _engine_options(args)
+    if args.dry_run:
+        print(_serving_plan(args, options))
+        return
     try:
         from jaxstack.serve.server import serve
     except ImportError as error:  # the web packages are an extra
@@ -240,13 +244,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from jaxstack.serve import LLM
 
     _say_xla_flags(args)
-    buckets = lambda text: tuple(int(n) for n in text.split(","))  # noqa: E731
-    options = dict(page_size=args.page_size, num_pages=args.num_pages, max_queue=args.max_queue)
-    options.update(max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching)
-    if args.token_buckets:
-        options["token_buckets"] = buckets(args.token_buckets)
-    if args.seq_buckets:
-        options["seq_buckets"] = buckets(args.seq_buckets)
     mesh = None
     if args.tensor > 1:
         mesh = make_mesh(data=1, tensor=args.tensor, devices=jax.devices()[: args.tensor])
@@ -257,6 +254,35 @@ def cmd_serve(args: argparse.Namespace) -> None:
         serve(llm, args.host, args.port)
     finally:
         llm.close()
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    """``EngineConfig`` fields from the serve flags."""
+    buckets = lambda text: tuple(int(n) for n in text.split(","))  # noqa: E731
+    options = dict(page_size=args.page_size, num_pages=args.num_pages, max_queue=args.max_queue)
+    options.update(max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching)
+    if args.token_buckets:
+        options["token_buckets"] = buckets(args.token_buckets)
+    if args.seq_buckets:
+        options["seq_buckets"] = buckets(args.seq_buckets)
+    return options
+
+
+def _serving_plan(args: argparse.Namespace, options: dict) -> str:
+    """``serve --dry-run``: per-device bytes of the model and KV cache, nothing loaded."""
+    from jaxstack.serve import EngineConfig
+    from jaxstack.serve.llm import hf_serving_dtype, resolve_dtype
+    from jaxstack.serve.plan import plan_serving
+
+    if args.hf:
+        hf_config = hf.read_hf_config(args.hf)
+        config = hf.config_from_hf(hf_config)
+        dtype = hf_serving_dtype(hf_config, args.dtype)
+    else:
+        config = RunConfig.load(args.work_dir).model
+        dtype = resolve_dtype(args.dtype, None, config.dtype)
+    config = dataclasses.replace(config, dtype=dtype)
+    return str(plan_serving(config, tensor=args.tensor, engine=EngineConfig(**options)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="weights, KV cache and compute (auto: the checkpoint's torch_dtype, else bfloat16 "
         "on GPU/TPU)",
+    )
+    srv.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the per-device plan (weights, KV cache) without loading anything",
     )
     return parser
 

@@ -167,13 +167,17 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None, cpu_default: str) ->
     return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else cpu_default
 
 
+def hf_serving_dtype(hf_config: dict, dtype: str) -> str:
+    """``resolve_dtype`` for a checkpoint with the ``config.json`` dict ``hf_config``."""
+    stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return resolve_dtype(dtype, stored, "float32")
+
+
 def load_hf_for_serving(directory: str | os.PathLike, dtype: str, mesh: Mesh | None):
     """``(model, params)`` of a Hugging Face directory in the serving ``dtype`` (see ``LLM``),
     each tensor streamed into the serving placement on ``mesh`` (the first device without
     one) by ``jaxstack.hf.read_params``."""
-    checkpoint = hf_io.read_hf_config(directory)
-    stored = checkpoint.get("torch_dtype") or checkpoint.get("dtype")
-    dtype = resolve_dtype(dtype, stored, "float32")
+    dtype = hf_serving_dtype(hf_io.read_hf_config(directory), dtype)
     config = hf_io.load_config(directory, dtype=dtype)
     model = hf_io.family_for_config(config).model(config)
     specs = None if mesh is None else lambda abstract, m: serving_param_specs(model, abstract, m)

@@ -47,6 +47,16 @@ def serving_param_specs(model: Llama, params, mesh: Mesh):
     return infer_param_specs(forward, params, ids, mesh_axis_sizes=dict(mesh.shape))
 
 
+def page_shape(config, num_pages: int, page_size: int) -> tuple[int, ...]:
+    """Shape of one layer's KV pages, ``[num_pages, page_size, 2 * kv_heads, head_dim]``."""
+    return (num_pages, page_size, 2 * config.num_kv_heads, config.head_dim_)
+
+
+def page_spec(shape: tuple[int, ...], mesh_sizes: dict[str, int]) -> PartitionSpec:
+    """KV pages (one layer's, or stacked layers') split their heads over ``tensor``."""
+    return fitting_spec(shape, (None,) * (len(shape) - 2) + ("kv_heads", None), mesh_sizes)
+
+
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket >= ``n``."""
     for size in buckets:
@@ -78,7 +88,7 @@ class ModelRunner:
         self.page_size, self.pages_per_seq = page_size, pages_per_seq
         self.token_buckets = tuple(sorted(token_buckets))
         self.seq_buckets = tuple(sorted(seq_buckets))
-        self._layer_shape = (num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim_)
+        self._layer_shape = page_shape(cfg, num_pages, page_size)
         self.num_traces = 0
         """How often the step was traced (each trace is one compilation)."""
         self._pages_sharding = None  # default placement
@@ -89,9 +99,7 @@ class ModelRunner:
         sizes = dict(mesh.shape)
         specs = serving_param_specs(model, params, mesh)
         param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-        kv_heads = lambda x: NamedSharding(  # noqa: E731
-            mesh, fitting_spec(x.shape, (None,) * (x.ndim - 2) + ("kv_heads", None), sizes)
-        )
+        kv_heads = lambda x: NamedSharding(mesh, page_spec(x.shape, sizes))  # noqa: E731
         self._pages_sharding = pages_sh = jax.tree.map(kv_heads, jax.eval_shape(self._zero_pages))
         self.params = jax.device_put(params, param_sh)  # a no-op where loaded in place
         self.pages = self._zero_pages()

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from collections import Counter
 
 import jax
@@ -11,10 +12,11 @@ import pytest
 from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from jaxstack import hf
+from jaxstack import cli, hf
 from jaxstack.hf import loading
 from jaxstack.mesh import make_mesh
 from jaxstack.models import Llama, preset
+from jaxstack.models.llama import LlamaConfig
 from jaxstack.serve import LLM, SamplingParams
 from jaxstack.serve.llm import load_hf_for_serving, load_run_for_serving
 from jaxstack.serve.runner import serving_param_specs
@@ -140,3 +142,19 @@ def test_run_checkpoint_loads_into_the_serving_placement(bf16_dir, tmp_path):
         assert got.dtype == jnp.bfloat16 and got.sharding == want.sharding
         assert np.array_equal(np.asarray(got), np.asarray(want))
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+
+
+def test_dry_run_plans_a_1b_model_over_8_devices(tmp_path, capsys):
+    """Llama-3.2-1B's shape (1,235,814,400 parameters, tied head) from its config alone."""
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
+                         num_kv_heads=8, intermediate_size=8192, max_seq_len=2048,
+                         tie_embeddings=True, extra={"hf_model_type": "llama"})  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(config, "bfloat16")))
+    assert cli.main(["serve", "--hf", str(tmp_path), "--tensor", "8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    mib = {m[0]: float(m[1]) for m in re.findall(r"(\w[\w ]*?) +([\d.]+) MiB", out)}
+    assert "tensor=8, bfloat16" in out  # auto: the checkpoint's torch_dtype
+    assert mib["whole model"] == round(1_235_814_400 * 2 / 2**20, 1)
+    assert mib["whole model"] / 8 <= mib["weights"] < mib["whole model"] / 8 + 1  # norms copied
+    # 16 layers x 1024 pages x 16 slots x (2 x 8 KV heads / 8 devices) x 64 dims x 2 bytes
+    assert mib["KV cache"] == 64.0 and "(16384 token slots)" in out
