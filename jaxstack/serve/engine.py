@@ -330,8 +330,9 @@ class Engine:
             self._finish(self._requests.get(seq.request_id), "error", message)
 
     def _run(self, step: list[tuple[Sequence, int]]) -> None:
+        inputs = self.runner.pack(step)
         try:
-            sampled = self.runner.run(self.runner.pack(step))
+            sampled = self.runner.run(inputs)
         except Exception as error:
             self._step_failed(step, error)
             return
@@ -355,6 +356,7 @@ class Engine:
         every other running request for recompute, and rebuild the KV pages."""
         log.exception("engine step failed; rebuilding the KV cache")
         self._healthy = False
+        self.metrics.step_failures.inc()
         self.scheduler.requeue_running()
         self.cache.clear()
         self._recover()

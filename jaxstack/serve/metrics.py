@@ -34,6 +34,7 @@ class EngineMetrics:
         if CollectorRegistry is None:
             self.registry = None
             self.tokens = self.requests = self.ttft = self.tpot = _Unrecorded()
+            self.step_failures = _Unrecorded()
             return
         self.registry = CollectorRegistry()
         describe = {
@@ -50,6 +51,11 @@ class EngineMetrics:
             "jaxstack_requests_finished",
             "Requests finished, by reason",
             ["reason"],
+            registry=self.registry,
+        )
+        self.step_failures = Counter(
+            "jaxstack_step_failures",
+            "Device steps that failed (each rebuilt the KV cache)",
             registry=self.registry,
         )
         self.ttft = Histogram(

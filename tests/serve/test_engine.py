@@ -218,8 +218,13 @@ def test_failed_step_rebuilds_the_cache_and_recomputes(llm, workload, monkeypatc
 
     step, calls = failing_step(engine.runner, fail)
     monkeypatch.setattr(engine.runner, "_step", step)
+    failures = lambda: engine.metrics.registry.get_sample_value(  # noqa: E731
+        "jaxstack_step_failures_total"
+    )
+    before = failures()
     outputs = llm.generate(prompts[:4], [SamplingParams(max_tokens=m) for m in max_tokens[:4]])
     assert [out.token_ids for out in outputs] == expected[:4]
+    assert failures() == before + 1  # the failed probe is not a step
     assert len(calls) > 6 and health == [(False, 503)]
     assert engine.healthy and client.get("/health").status_code == 200
     assert engine.cache.num_used == 0
