@@ -5,7 +5,10 @@
   :class:`~jaxstack.serve.scheduler.Scheduler` (chunked prefill, preemption), the
   :class:`~jaxstack.serve.kv_cache.KVCacheManager` (pages, prefix cache) and the
   :class:`~jaxstack.serve.runner.ModelRunner` (the jitted paged step, shape buckets).
-* :mod:`jaxstack.serve.server`: the OpenAI-compatible HTTP server (``jaxstack serve``).
+* :mod:`jaxstack.serve.server`: the OpenAI-compatible HTTP server (``jaxstack serve``); it
+  needs the ``serve`` extra (``pip install "jaxstack[serve]"``), the engine and ``LLM`` do not.
+* :mod:`jaxstack.serve.plan`: per-device bytes of a serving configuration before loading
+  (``jaxstack serve --dry-run``).
 """
 
 from jaxstack.serve.engine import Engine, EngineConfig, QueueFullError, RequestOutput
