@@ -158,3 +158,8 @@ def test_dry_run_plans_a_1b_model_over_8_devices(tmp_path, capsys):
     assert mib["whole model"] / 8 <= mib["weights"] < mib["whole model"] / 8 + 1  # norms copied
     # 16 layers x 1024 pages x 16 slots x (2 x 8 KV heads / 8 devices) x 64 dims x 2 bytes
     assert mib["KV cache"] == 64.0 and "(16384 token slots)" in out
+
+
+def test_unknown_dtype_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="dtype='int8'; choose one of auto, bfloat16"):
+        LLM(hf=tmp_path, dtype="int8")  # an empty directory: the dtype is checked first
