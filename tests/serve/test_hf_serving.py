@@ -67,7 +67,16 @@ def bf16_dir(tmp_path_factory):
     config = preset("tiny", vocab_size=len(WORDS), num_layers=4, hidden_size=64, num_heads=8,
                     num_kv_heads=8, intermediate_size=256, max_seq_len=64, initializer_range=0.1,
                     extra={"hf_model_type": "llama"})  # fmt: skip
-    params = Llama(config).init(jax.random.PRNGKey(6), jnp.zeros((1, 4), jnp.int32))["params"]
+    shapes = jax.eval_shape(Llama(config).init, jax.random.PRNGKey(6), jnp.zeros((1, 4), int))
+    rng = np.random.default_rng(6)  # random weights without compiling init (10 s saved)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: (
+            np.ones(s.shape, np.float32)
+            if "norm" in jax.tree_util.keystr(path)
+            else (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+        ),
+        shapes["params"],
+    )
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, "<unk>"))
     tokenizer.save(str(directory / "tokenizer.json"))
     hf.save(directory / "model", config, params, tokenizer_dir=directory, dtype="bfloat16")
