@@ -13,7 +13,6 @@ from jaxstack.checkpoint import CheckpointManager, load_params
 from jaxstack.generate import generate
 from jaxstack.mesh import make_mesh
 from jaxstack.predictor import Predictor
-from jaxstack.serve import LLM, SamplingParams
 from jaxstack.trainer import NonFiniteError, TrainConfig, Trainer
 
 __all__ = [
@@ -31,3 +30,13 @@ __all__ = [
     "models",
     "sharding",
 ]
+
+
+def __getattr__(name: str):
+    """``js.LLM`` and ``js.SamplingParams`` import the serving engine on first use, so that
+    ``import jaxstack`` and training never load it."""
+    if name in ("LLM", "SamplingParams"):
+        from jaxstack import serve
+
+        return getattr(serve, name)
+    raise AttributeError(f"module 'jaxstack' has no attribute {name!r}")

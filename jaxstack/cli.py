@@ -31,9 +31,7 @@ from jaxstack.models import PRESETS, preset
 from jaxstack.overrides import field_names, parse_overrides
 from jaxstack.planning import choose_mesh, plan_notes, plan_run
 from jaxstack.run import RUN_FILE, RunConfig, has_checkpoint, is_converted, load_run, train
-from jaxstack.serve import LLM
-from jaxstack.serve.security import API_KEY_ENV, api_keys_from
-from jaxstack.serve.server import ServerConfig, serve
+from jaxstack.serve.server_config import API_KEY_ENV, ServerConfig, api_keys_from
 from jaxstack.trainer import NonFiniteError, TrainConfig
 from jaxstack.workdir import ERROR_LOG, WorkDirBusyError, is_local, work_path
 from jaxstack.xla_flags import apply_xla_flags
@@ -353,9 +351,39 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Serve a run's checkpoint or a Hugging Face directory over an OpenAI-compatible API."""
-    check_paths(args)
-    _say_xla_flags(args)
+    from jaxstack.serve.metrics import SERVE_EXTRA  # the engine needs no web package
+
     config = serve_config(args)  # bad flags fail before the model loads
+    options = _engine_options(args)
+    if args.dry_run:  # config.json is all it reads
+        print(_serving_plan(args, options))
+        return
+    check_paths(args)
+    try:
+        from jaxstack.serve.server import serve
+    except ImportError as error:  # the web packages are an extra
+        raise ModuleNotFoundError(
+            f"jaxstack serve needs the {error.name or 'web server'} package, which comes with "
+            f"the serve extra: {SERVE_EXTRA}",
+            name=error.name,
+        ) from error
+    from jaxstack.serve import LLM
+
+    _say_xla_flags(args)
+    mesh = None
+    if args.tensor > 1:
+        mesh = make_mesh(data=1, tensor=args.tensor, devices=jax.devices()[: args.tensor])
+    source = {"hf": args.hf} if args.hf else {"work_dir": args.work_dir}
+    llm = LLM(**source, mesh=mesh, dtype=args.dtype, **options)
+    print(f"serving {llm.name} on http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        serve(llm, args.host, args.port, config=config)
+    finally:
+        llm.close()
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    """``EngineConfig`` fields from the serve flags."""
     buckets = lambda text: tuple(int(n) for n in text.split(","))  # noqa: E731
     options = dict(page_size=args.page_size, num_pages=args.num_pages, max_queue=args.max_queue)
     options.update(max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching)
@@ -363,16 +391,24 @@ def cmd_serve(args: argparse.Namespace) -> None:
         options["token_buckets"] = buckets(args.token_buckets)
     if args.seq_buckets:
         options["seq_buckets"] = buckets(args.seq_buckets)
-    mesh = None
-    if args.tensor > 1:
-        mesh = make_mesh(data=1, tensor=args.tensor, devices=jax.devices()[: args.tensor])
-    source = {"hf": args.hf} if args.hf else {"work_dir": args.work_dir}
-    llm = LLM(**source, mesh=mesh, **options)
-    print(f"serving {llm.name} on http://{args.host}:{args.port}/v1", flush=True)
-    try:
-        serve(llm, args.host, args.port, config=config)
-    finally:
-        llm.close()
+    return options
+
+
+def _serving_plan(args: argparse.Namespace, options: dict) -> str:
+    """``serve --dry-run``: per-device bytes of the model and KV cache, nothing loaded."""
+    from jaxstack.serve import EngineConfig
+    from jaxstack.serve.llm import hf_serving_dtype, resolve_dtype
+    from jaxstack.serve.plan import plan_serving
+
+    if args.hf:
+        hf_config = hf.read_hf_config(args.hf)
+        config = hf.config_from_hf(hf_config)
+        dtype = hf_serving_dtype(hf_config, args.dtype)
+    else:
+        config = RunConfig.load(args.work_dir).model
+        dtype = resolve_dtype(args.dtype, None, config.dtype)
+    config = dataclasses.replace(config, dtype=dtype)
+    return str(plan_serving(config, tensor=args.tensor, engine=EngineConfig(**options)))
 
 
 def serve_config(args: argparse.Namespace) -> ServerConfig:
@@ -481,6 +517,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds a streaming client may read nothing before its request is cancelled",
     )
+    srv.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="weights, KV cache and compute (auto: the checkpoint's torch_dtype, else bfloat16 "
+        "on GPU/TPU)",
+    )
+    srv.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the per-device plan (weights, KV cache) without loading anything",
+    )
     return parser
 
 
@@ -506,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_serve(args)
         else:
             cmd_generate(args)
-    except (ValueError, KeyError, FileNotFoundError, TypeError) as error:
+    except (ValueError, KeyError, FileNotFoundError, TypeError, ModuleNotFoundError) as error:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"jaxstack: error: {message}", file=sys.stderr)
         return 2

@@ -1,7 +1,9 @@
 """Hugging Face interop: load a local HF directory sharded, and write one back.
 
 - :func:`load` ``(hf_dir, *, mesh, param_specs, param_dtype, **overrides)`` ->
-  ``(model, config, params)``, streaming each tensor into its sharded placement.
+  ``(model, config, params)``, streaming each tensor into its sharded placement;
+  :func:`load_config` + :func:`read_params` are its two halves (config first, to derive the
+  placement from the model before any weight is read).
 - :func:`save` ``(out_dir, config, params, *, tokenizer_dir, dtype)``: ``config.json`` +
   safetensors that ``transformers`` loads.
 - :func:`convert_to_checkpoint` / :func:`convert_to_hf`: HF directory <-> jaxstack checkpoint.
@@ -24,7 +26,7 @@ from jaxstack.hf.families import (
     read_eos_ids,
     read_hf_config,
 )
-from jaxstack.hf.loading import load, read_params
+from jaxstack.hf.loading import load, load_config, read_params
 from jaxstack.hf.saving import convert_to_checkpoint, convert_to_hf, save
 
 
@@ -51,6 +53,7 @@ __all__ = [
     "eos_ids",
     "generate_text",
     "load",
+    "load_config",
     "read_eos_ids",
     "read_hf_config",
     "read_params",

@@ -62,14 +62,25 @@ def load(
         KeyError: a tensor the model needs is missing.
         TypeError: an unknown config override.
     """
-    hf_config = read_hf_config(hf_dir)
-    family = family_for_hf(hf_config)
-    config = _with_overrides(family.config_from_hf(hf_config), config_overrides)
-    config = _untie_distinct_head(hf_dir, family, config)
+    config = load_config(hf_dir, **config_overrides)
     params = read_params(
         hf_dir, config, mesh=mesh, param_specs=param_specs, param_dtype=param_dtype
     )
-    return family.model(config), config, params
+    return family_for_config(config).model(config), config, params
+
+
+def load_config(hf_dir: str | os.PathLike, **config_overrides) -> Any:
+    """The model config ``load`` builds for ``hf_dir`` (``config.json`` with
+    ``config_overrides``, the head untied where the files hold a distinct one), read without
+    loading any weight: build the model from it, derive placements, then ``read_params``.
+
+    Raises:
+        FileNotFoundError, ValueError, TypeError: as ``load``.
+    """
+    hf_config = read_hf_config(hf_dir)
+    family = family_for_hf(hf_config)
+    config = _with_overrides(family.config_from_hf(hf_config), config_overrides)
+    return _untie_distinct_head(hf_dir, family, config)
 
 
 def read_params(

@@ -7,7 +7,11 @@
   :class:`~jaxstack.serve.runner.ModelRunner` (the jitted paged step, shape buckets).
 * :mod:`jaxstack.serve.server`: the OpenAI-compatible HTTP server (``jaxstack serve``), its
   request bodies (:mod:`~jaxstack.serve.protocol`) and its API keys and body cap
-  (:mod:`~jaxstack.serve.security`).
+  (:mod:`~jaxstack.serve.security`; the settings, web-free, in
+  :mod:`~jaxstack.serve.server_config`); it needs the ``serve`` extra
+  (``pip install "jaxstack[serve]"``), the engine and ``LLM`` do not.
+* :mod:`jaxstack.serve.plan`: per-device bytes of a serving configuration before loading
+  (``jaxstack serve --dry-run``).
 """
 
 from jaxstack.serve.engine import Engine, EngineConfig, QueueFullError, RequestOutput

@@ -6,6 +6,15 @@ reaches the engine thread) and ``cancel``; the engine thread owns the scheduler,
 and the model, runs ``schedule -> pack -> run -> sample`` until idle, and reports every
 new token. A failure while serving a request ends that request with ``finish_reason
 "error"``; the thread itself keeps running.
+
+A failed device step (out of memory, an XLA error) heals: the step donated the KV pages, so
+they are rebuilt empty, the prefix cache is forgotten, and every running request goes back to
+the queue to recompute its prompt and the tokens it already produced (greedy and seeded
+outputs continue unchanged). A request caught in more than ``EngineConfig.step_retries``
+failed steps ends with ``finish_reason "error"`` naming the failure, so a request that breaks
+every step cannot stall the engine. ``healthy`` is False from the failure until the rebuilt
+pages have run an empty probe step; while the probe fails it is retried every
+``RECOVERY_RETRY_S`` seconds and nothing else runs.
 """
 
 import itertools
@@ -31,6 +40,8 @@ from jaxstack.serve.sampling import SamplingParams
 from jaxstack.serve.scheduler import Scheduler, Sequence
 
 log = logging.getLogger("jaxstack.serve")
+RECOVERY_RETRY_S = 1.0
+"""Seconds between attempts to rebuild the KV pages while the device keeps failing."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +63,9 @@ class EngineConfig:
     """Requests waiting to start before ``submit`` raises ``QueueFullError``."""
     prefix_caching: bool = True
     """Share full KV pages between requests with the same token prefix."""
+    step_retries: int = 1
+    """Times a request caught in a failed device step is recomputed before it ends with
+    ``finish_reason "error"`` (0: it ends at the first failure)."""
 
     def __post_init__(self) -> None:
         for name in ("token_buckets", "seq_buckets"):
@@ -67,6 +81,8 @@ class EngineConfig:
         for name in ("page_size", "num_pages", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.step_retries < 0:
+            raise ValueError(f"step_retries={self.step_retries} must be >= 0")
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -110,6 +126,7 @@ class _Request:
     sent_chars: int = 0
     stops: tuple[str, ...] = field(default_factory=tuple)
     kept_tokens: int | None = None  # output tokens before a stop string's cut (None: all)
+    failed_steps: int = 0
 
 
 class Engine:
@@ -172,6 +189,8 @@ class Engine:
         self._lock = threading.Lock()
         self._live: set[str] = set()  # ids of unfinished requests
         self._stopping = False
+        self._healthy = True  # False from a failed step until the rebuilt pages ran a probe
+        self._next_recovery = 0.0  # monotonic time of the next rebuild attempt
         self._thread = threading.Thread(target=self._loop, name="jaxstack-engine", daemon=True)
         self._thread.start()
 
@@ -234,6 +253,12 @@ class Engine:
         return self._thread.is_alive()
 
     @property
+    def healthy(self) -> bool:
+        """Whether the engine thread runs and the device serves steps: False after a failed
+        step until the KV pages are rebuilt and a probe step has run."""
+        return self.alive and self._healthy
+
+    @property
     def num_compilations(self) -> int:
         """Times the step function was compiled (fixed after start-up)."""
         return self.runner.num_traces
@@ -265,8 +290,12 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            if not self._drain(block=not self.scheduler.has_work()):
+            if not self._drain(block=not self.scheduler.has_work() or not self._healthy):
                 break
+            if not self._healthy:
+                if time.monotonic() >= self._next_recovery:
+                    self._recover()
+                continue
             step = []
             try:
                 step = self.scheduler.schedule()
@@ -310,7 +339,12 @@ class Engine:
             self._finish(self._requests.get(seq.request_id), "error", message)
 
     def _run(self, step: list[tuple[Sequence, int]]) -> None:
-        sampled = self.runner.run(self.runner.pack(step))
+        inputs = self.runner.pack(step)
+        try:
+            sampled = self.runner.run(inputs)
+        except Exception as error:
+            self._step_failed(step, error)
+            return
         self.scheduler.advance(step)
         now, produced = time.monotonic(), 0
         for row, (seq, _) in enumerate(step):
@@ -325,6 +359,39 @@ class Engine:
                 log.exception("reporting request %s failed", seq.request_id)
                 self._finish(request, "error", repr(error))
         self.metrics.on_tokens(produced)
+
+    def _step_failed(self, step: list[tuple[Sequence, int]], error: Exception) -> None:
+        """A device step raised: end the requests that exhausted their retries, re-queue
+        every other running request for recompute, and rebuild the KV pages."""
+        log.exception("engine step failed; rebuilding the KV cache")
+        self._healthy = False
+        self.metrics.step_failures.inc()
+        self.scheduler.requeue_running()
+        self.cache.clear()
+        self._recover()
+        retries = self.config.step_retries
+        for seq, _ in step:  # reported once the engine is healthy again (if it is)
+            request = self._requests[seq.request_id]
+            request.failed_steps += 1
+            if request.failed_steps > retries:
+                message = (
+                    f"the device step failed {request.failed_steps} times while computing "
+                    f"this request (step_retries={retries}); last error: {error!r}"
+                )
+                self._finish(request, "error", message)
+
+    def _recover(self) -> None:
+        """Rebuild the KV pages and run a probe step; healthy again if it runs, else retried
+        after ``RECOVERY_RETRY_S``."""
+        try:
+            self.runner.reset_pages()
+            self.runner.probe()
+        except Exception:
+            log.exception("rebuilding the KV cache failed; retrying in %g s", RECOVERY_RETRY_S)
+            self._next_recovery = time.monotonic() + RECOVERY_RETRY_S
+            return
+        self._healthy = True
+        log.warning("engine recovered: KV cache rebuilt, running requests recompute")
 
     def _report(self, request: _Request, now: float) -> None:
         """Tell the caller about the new token; finish the request at a stop or the limit."""

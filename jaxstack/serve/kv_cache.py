@@ -67,6 +67,20 @@ class KVCacheManager:
         """Pages that hold a cached prefix (in use or not)."""
         return len(self._key_of)
 
+    def clear(self) -> None:
+        """Forget every page's contents (after the device pages were rebuilt empty): the prefix
+        cache is emptied and every page is free.
+
+        Raises:
+            RuntimeError: a sequence still references pages (release them first).
+        """
+        if self.num_used:
+            raise RuntimeError(f"{self.num_used} pages are still in use; release them first")
+        self._empty = deque(range(self.num_pages))
+        self._evictable.clear()
+        self._page_of.clear()
+        self._key_of.clear()
+
     def allocate(self, n: int) -> list[int] | None:
         """``n`` pages for one sequence's exclusive use, or None (nothing taken) if fewer are
         free. Empty pages go first, then cached prefixes, least recently used first."""

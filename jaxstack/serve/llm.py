@@ -5,17 +5,24 @@ import os
 import threading
 from collections.abc import Sequence as SequenceOf
 
+import jax
 from jax.sharding import Mesh
 
 from jaxstack import hf as hf_io
+from jaxstack.checkpoint import load_params, saved_param_shapes
 from jaxstack.data import load_tokenizer
 from jaxstack.data.chat import read_chat_template
 from jaxstack.data.tokenizers import Tokenizer
 from jaxstack.metrics import long_step
+from jaxstack.models import model_for
 from jaxstack.models.llama import Llama
-from jaxstack.run import load_run
+from jaxstack.run import RunConfig
 from jaxstack.serve.engine import Engine, EngineConfig, QueueFullError, RequestOutput
+from jaxstack.serve.runner import serving_param_specs
 from jaxstack.serve.sampling import SamplingParams
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+"""Serving dtypes (weights, KV cache and compute); ``auto`` is resolved by ``resolve_dtype``."""
 
 
 class LLM:
@@ -26,8 +33,16 @@ class LLM:
     engine (``EngineConfig``); ``mesh`` serves tensor-parallel. ``close()`` (or a ``with``
     block) stops the engine thread.
 
+    ``dtype`` (one of ``DTYPES``) is the serving dtype of the weights, the KV cache and the
+    compute. ``auto``: for ``hf``, the checkpoint's ``torch_dtype``; otherwise (or without
+    one) bfloat16 on GPU/TPU and, on CPU, the model config's dtype; a model given in memory
+    is served as given. ``hf`` and ``work_dir`` weights are read straight into their serving
+    placement (one tensor at a time, each device receiving only its shard) in that dtype,
+    never whole on one device.
+
     Raises:
-        ValueError: not exactly one of model, hf, work_dir; unknown config keys.
+        ValueError: not exactly one of model, hf, work_dir; unknown config keys; an unknown
+            dtype.
     """
 
     def __init__(
@@ -40,6 +55,7 @@ class LLM:
         tokenizer: Tokenizer | None = None,
         eos_id: int | SequenceOf[int] | None = None,
         mesh: Mesh | None = None,
+        dtype: str = "auto",
         config: EngineConfig | None = None,
         progress: bool = True,
         **config_overrides,
@@ -56,20 +72,26 @@ class LLM:
         """The model's Jinja chat template (``tokenizer_config.json``), if it has one."""
         self.chat_tokens: dict[str, str] = {}
         """``bos_token`` / ``eos_token`` strings for the chat template."""
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
         if hf is not None:
             tokenizer = tokenizer or load_tokenizer(hf)
             with long_step(f"loading weights from {hf}", progress):
-                model, _, params = hf_io.load(hf)
+                model, params = load_hf_for_serving(hf, dtype, mesh)
             self.chat_template, self.chat_tokens = read_chat_template(hf)
             self.name = os.path.basename(os.path.normpath(hf))
         elif work_dir is not None:
+            run = RunConfig.load(work_dir)
             with long_step(f"loading weights from {work_dir}", progress):
-                run, model, params = load_run(work_dir)
+                model, params = load_run_for_serving(work_dir, run.model, dtype, mesh)
             tokenizer = tokenizer or load_tokenizer(run.data.tokenizer)
             self.name = os.path.basename(os.path.normpath(work_dir))
         else:
             if params is None:
                 raise ValueError("a model needs its params: LLM(model, params)")
+            if dtype != "auto":
+                model = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
+                params = cast(params, dtype)
             self.name = type(model).__name__.lower()
         if eos_id is None:  # the tokenizer's, and every id the model's configs name
             named = [getattr(tokenizer, "eos_id", None)]
@@ -137,3 +159,54 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def resolve_dtype(dtype: str, checkpoint_dtype: str | None, cpu_default: str) -> str:
+    """The serving dtype ``dtype`` names: itself, or for ``auto`` the ``checkpoint_dtype``
+    (a ``torch_dtype``), else bfloat16 on GPU/TPU and ``cpu_default`` on CPU."""
+    if dtype != "auto":
+        return dtype
+    if checkpoint_dtype in DTYPES[1:]:
+        return checkpoint_dtype
+    return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else cpu_default
+
+
+def hf_serving_dtype(hf_config: dict, dtype: str) -> str:
+    """``resolve_dtype`` for a checkpoint with the ``config.json`` dict ``hf_config``."""
+    stored = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return resolve_dtype(dtype, stored, "float32")
+
+
+def load_hf_for_serving(directory: str | os.PathLike, dtype: str, mesh: Mesh | None):
+    """``(model, params)`` of a Hugging Face directory in the serving ``dtype`` (see ``LLM``),
+    each tensor streamed into the serving placement on ``mesh`` (the first device without
+    one) by ``jaxstack.hf.read_params``."""
+    dtype = hf_serving_dtype(hf_io.read_hf_config(directory), dtype)
+    config = hf_io.load_config(directory, dtype=dtype)
+    model = hf_io.family_for_config(config).model(config)
+    specs = None if mesh is None else lambda abstract, m: serving_param_specs(model, abstract, m)
+    params = hf_io.read_params(directory, config, mesh=mesh, param_specs=specs, param_dtype=dtype)
+    return model, params
+
+
+def load_run_for_serving(work_dir: str | os.PathLike, config, dtype: str, mesh: Mesh | None):
+    """``(model, params)`` of the latest checkpoint of a run of the model ``config`` in the
+    serving ``dtype``, restored straight into the serving placement on ``mesh`` (see
+    ``LLM``)."""
+    dtype = resolve_dtype(dtype, None, config.dtype)
+    model = model_for(dataclasses.replace(config, dtype=dtype))
+    specs = None
+    if mesh is not None:
+        specs = serving_param_specs(model, saved_param_shapes(work_dir), mesh)
+    return model, cast(load_params(work_dir, mesh=mesh, param_specs=specs), dtype)
+
+
+def cast(params, dtype: str):
+    """``params`` with every floating leaf in ``dtype``, converted one leaf at a time on its
+    devices (a leaf's old buffer is freed as soon as no one else holds ``params``)."""
+    leaves, treedef = jax.tree.flatten(params)
+    del params
+    for i, leaf in enumerate(leaves):
+        if jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating) and leaf.dtype != dtype:
+            leaves[i] = leaf.astype(dtype)
+    return jax.tree.unflatten(treedef, leaves)

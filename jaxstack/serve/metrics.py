@@ -1,11 +1,21 @@
-"""Prometheus metrics of one engine (its own registry, so several engines can coexist)."""
+"""Prometheus metrics of one engine (its own registry, so several engines can coexist).
+
+``prometheus_client`` comes with the ``serve`` extra; without it the engine runs (``js.LLM``)
+and only ``tokens_per_second`` is kept.
+"""
 
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+try:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+except ImportError:  # the serve extra is not installed
+    CollectorRegistry = None
+
+SERVE_EXTRA = 'pip install "jaxstack[serve]"'
+"""How to install the HTTP server's packages (fastapi, uvicorn, prometheus_client)."""
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -18,6 +28,14 @@ class EngineMetrics:
     """
 
     def __init__(self, gauges: dict[str, Callable[[], float]], window_s: float = 10.0):
+        self._window_s = window_s
+        self._recent: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()  # the engine appends, a scrape reads
+        if CollectorRegistry is None:
+            self.registry = None
+            self.tokens = self.requests = self.ttft = self.tpot = _Unrecorded()
+            self.step_failures = _Unrecorded()
+            return
         self.registry = CollectorRegistry()
         describe = {
             "queue_depth": "Requests waiting to start (or to resume after preemption)",
@@ -35,6 +53,11 @@ class EngineMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.step_failures = Counter(
+            "jaxstack_step_failures",
+            "Device steps that failed (each rebuilt the KV cache)",
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             "jaxstack_time_to_first_token_seconds",
             "From arrival to the first output token",
@@ -47,9 +70,6 @@ class EngineMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self._window_s = window_s
-        self._recent: deque[tuple[float, int]] = deque()
-        self._lock = threading.Lock()  # the engine appends, a scrape reads
         Gauge(
             "jaxstack_generation_tokens_per_second",
             f"Output tokens per second over the last {window_s:g} s",
@@ -71,5 +91,24 @@ class EngineMetrics:
             return sum(n for _, n in self._recent) / self._window_s
 
     def render(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
+        """The Prometheus text exposition of every metric.
+
+        Raises:
+            ModuleNotFoundError: ``prometheus_client`` (the ``serve`` extra) is not installed.
+        """
+        if self.registry is None:
+            raise ModuleNotFoundError(f"Prometheus metrics need the serve extra: {SERVE_EXTRA}")
         return generate_latest(self.registry)
+
+
+class _Unrecorded:
+    """Stands in for the Prometheus counters and histograms without ``prometheus_client``."""
+
+    def labels(self, *values: str) -> "_Unrecorded":
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def observe(self, value: float) -> None:
+        pass

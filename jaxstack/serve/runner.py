@@ -38,6 +38,25 @@ class StepInputs:
     counters: np.ndarray  # i32[S]
 
 
+def serving_param_specs(model: Llama, params, mesh: Mesh):
+    """The ``PartitionSpec`` of every parameter when serving on ``mesh``: the training sharding
+    rules traced from ``model``'s forward. ``params`` may be abstract (``ShapeDtypeStruct``), so
+    weights can be loaded straight into this placement."""
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    forward = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    return infer_param_specs(forward, params, ids, mesh_axis_sizes=dict(mesh.shape))
+
+
+def page_shape(config, num_pages: int, page_size: int) -> tuple[int, ...]:
+    """Shape of one layer's KV pages, ``[num_pages, page_size, 2 * kv_heads, head_dim]``."""
+    return (num_pages, page_size, 2 * config.num_kv_heads, config.head_dim_)
+
+
+def page_spec(shape: tuple[int, ...], mesh_sizes: dict[str, int]) -> PartitionSpec:
+    """KV pages (one layer's, or stacked layers') split their heads over ``tensor``."""
+    return fitting_spec(shape, (None,) * (len(shape) - 2) + ("kv_heads", None), mesh_sizes)
+
+
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket >= ``n``."""
     for size in buckets:
@@ -69,25 +88,21 @@ class ModelRunner:
         self.page_size, self.pages_per_seq = page_size, pages_per_seq
         self.token_buckets = tuple(sorted(token_buckets))
         self.seq_buckets = tuple(sorted(seq_buckets))
-        layer = (num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim_)
+        self._layer_shape = page_shape(cfg, num_pages, page_size)
         self.num_traces = 0
         """How often the step was traced (each trace is one compilation)."""
+        self._pages_sharding = None  # default placement
         if mesh is None:
-            self.params, self.pages = params, self._zero_pages(layer)
+            self.params, self.pages = params, self._zero_pages()
             self._step = jax.jit(self._forward, donate_argnums=1)
             return
         sizes = dict(mesh.shape)
-        ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-        forward = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
-        specs = infer_param_specs(forward, params, ids, mesh_axis_sizes=sizes)
+        specs = serving_param_specs(model, params, mesh)
         param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-        pages = self._zero_pages(layer)
-        kv_heads = lambda x: NamedSharding(  # noqa: E731
-            mesh, fitting_spec(x.shape, (None,) * (x.ndim - 2) + ("kv_heads", None), sizes)
-        )
-        pages_sh = jax.tree.map(kv_heads, pages)
-        self.params = jax.device_put(params, param_sh)
-        self.pages = jax.device_put(pages, pages_sh)
+        kv_heads = lambda x: NamedSharding(mesh, page_spec(x.shape, sizes))  # noqa: E731
+        self._pages_sharding = pages_sh = jax.tree.map(kv_heads, jax.eval_shape(self._zero_pages))
+        self.params = jax.device_put(params, param_sh)  # a no-op where loaded in place
+        self.pages = self._zero_pages()
         replicated = NamedSharding(mesh, PartitionSpec())
         self._step = jax.jit(
             self._forward,
@@ -96,14 +111,24 @@ class ModelRunner:
             donate_argnums=1,
         )
 
-    def _zero_pages(self, layer: tuple[int, ...]):
+    def _zero_pages(self):
         """Empty pages: a tuple of per-layer arrays (each updated in place), or one stacked
-        array for scanned layers."""
-        cfg = self.model.config
+        array for scanned layers; created in place on their devices once the sharding is
+        known."""
+        cfg, layer = self.model.config, self._layer_shape
         dtype = jnp.dtype(cfg.dtype)
+        shape = (cfg.num_layers, *layer) if cfg.scan_layers else layer
+        sharding = self._pages_sharding
         if cfg.scan_layers:
-            return jnp.zeros((cfg.num_layers, *layer), dtype)
-        return tuple(jnp.zeros(layer, dtype) for _ in range(cfg.num_layers))
+            return jnp.zeros(shape, dtype, device=sharding)
+        shardings = sharding or (None,) * cfg.num_layers
+        return tuple(jnp.zeros(shape, dtype, device=sh) for sh in shardings)
+
+    def reset_pages(self) -> None:
+        """Replace the KV pages with empty ones in the same placement (after a failed step,
+        whose donated pages may be gone)."""
+        self.pages = None  # drop the old buffers before allocating the new ones
+        self.pages = self._zero_pages()
 
     def _forward(self, params, pages, tokens, positions, batch, last_rows, *sampling):
         self.num_traces += 1
@@ -150,6 +175,12 @@ class ModelRunner:
         """Compile every bucket now, with a progress bar (start / done lines in a log)."""
         for t, s in tracked(self.buckets, "compiling serving buckets", progress):
             self.run(self.pack([], num_tokens=t, num_seqs=s))
+
+    def probe(self) -> None:
+        """Run one empty step of the smallest bucket (writes nowhere): raises if the device
+        cannot run steps."""
+        t, s = self.buckets[0]
+        self.run(self.pack([], num_tokens=t, num_seqs=s))
 
     def pack(
         self,

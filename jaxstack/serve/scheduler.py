@@ -93,6 +93,16 @@ class Scheduler:
             self.waiting.remove(seq)
         self._free(seq)
 
+    def requeue_running(self) -> list[Sequence]:
+        """Move every running sequence back to the waiting queue with its pages freed (its
+        tokens are recomputed when it is admitted again); returns them."""
+        requeued = list(self.running)
+        for seq in requeued:
+            self.running.remove(seq)
+            self._free(seq)
+            bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
+        return requeued
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -8,15 +8,12 @@ received pass the cap; no more than the cap plus one network read is ever held.
 """
 
 import hmac
-import ipaddress
-import os
 from collections.abc import Iterable, Mapping
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-API_KEY_ENV = "JAXSTACK_API_KEY"
-"""Environment variable with the accepted API keys, comma-separated."""
+from jaxstack.serve.server_config import check_api_keys
 
 
 def error_response(
@@ -28,46 +25,6 @@ def error_response(
     """An error in OpenAI's shape: ``{"error": {"message", "type", "code"}}``."""
     body = {"error": {"message": message, "type": kind, "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-def check_api_keys(keys: Iterable[str]) -> tuple[str, ...]:
-    """``keys`` as a tuple, each checked to fit an HTTP header.
-
-    Raises:
-        ValueError: an empty key, or one with spaces, commas or non-printable characters.
-    """
-    keys = tuple(keys)
-    for number, key in enumerate(keys, 1):
-        if not key or not key.isascii() or not key.isprintable() or " " in key or "," in key:
-            raise ValueError(
-                f"API key number {number} is empty or has spaces, commas or characters that "
-                "are not printable ASCII; use letters, digits and -_.~+/="
-            )
-    return keys
-
-
-def api_keys_from(flags: Iterable[str] | None, environ: Mapping[str, str] = os.environ):
-    """The keys to accept: those given as ``--api-key`` flags, else those in
-    ``JAXSTACK_API_KEY`` (comma-separated), else none (no authentication)."""
-    if flags:
-        return check_api_keys(flags)
-    listed = environ.get(API_KEY_ENV, "")
-    return check_api_keys(key.strip() for key in listed.split(",") if key.strip())
-
-
-def exposure_warning(host: str, api_keys: Iterable[str]) -> str | None:
-    """A warning when ``host`` is reachable from other machines and no API key is set."""
-    if tuple(api_keys) or host == "localhost":
-        return None
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return None
-    except ValueError:  # a host name: it may resolve to anything
-        pass
-    return (
-        f"serving on {host} without an API key: anyone who can reach this port can use the "
-        f"model; set {API_KEY_ENV} (or --api-key) and put a TLS proxy in front"
-    )
 
 
 class RequestGuard:

@@ -16,7 +16,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import uvicorn
@@ -32,41 +31,13 @@ from jaxstack.serve.engine import QueueFullError, RequestOutput
 from jaxstack.serve.llm import LLM
 from jaxstack.serve.protocol import ChatRequest, CompletionRequest, SamplingFields
 from jaxstack.serve.sampling import SamplingParams
-from jaxstack.serve.security import RequestGuard, check_api_keys, error_response, exposure_warning
+from jaxstack.serve.security import RequestGuard, error_response
+from jaxstack.serve.server_config import ServerConfig, exposure_warning
 
 log = logging.getLogger("jaxstack.serve")
 
 DISCONNECT_POLL_S = 0.05
 """How often a request awaiting a whole (not streamed) answer checks its client is there."""
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    """Who may use the server and how much one client can take (``jaxstack serve`` flags)."""
-
-    api_keys: tuple[str, ...] = ()
-    """Keys accepted as ``Authorization: Bearer <key>`` on ``/v1/*``; empty: no auth."""
-    protect_metrics: bool = False
-    """Require a key on ``/metrics`` too (``/health`` is always open)."""
-    max_body_bytes: int = 4 * 2**20
-    """Largest request body; a larger one is a 413 before it is read."""
-    max_streams: int = 256
-    """Streamed responses open at once; one more is a 429 with ``Retry-After``."""
-    stream_timeout_s: float = 30.0
-    """A streaming client that reads nothing for this long (its socket buffers full) has its
-    request cancelled and its KV pages freed."""
-    retry_after_s: int = 1
-    """``Retry-After`` of a 429."""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "api_keys", check_api_keys(self.api_keys))
-        flags = {"max_body_bytes": "max-body-mb", "max_streams": "max-streams",
-                 "stream_timeout_s": "stream-timeout"}  # fmt: skip
-        for name, flag in flags.items():
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be > 0 (serve --{flag})")
-        if self.retry_after_s < 0:
-            raise ValueError(f"retry_after_s={self.retry_after_s} must be >= 0")
 
 
 class _BadRequest(Exception):
@@ -109,8 +80,9 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if not engine.alive:
-            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        if not engine.healthy:
+            status = "engine recovering" if engine.alive else "engine stopped"
+            return JSONResponse({"status": status}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

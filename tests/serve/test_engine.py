@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from serve_helpers import ENGINE_OPTIONS, EOS
 
 from jaxstack.data import ByteTokenizer
@@ -16,7 +17,9 @@ from jaxstack.generate import generate
 from jaxstack.mesh import make_mesh
 from jaxstack.models import model_for, preset
 from jaxstack.serve import LLM, SamplingParams
+from jaxstack.serve import engine as engine_module
 from jaxstack.serve.engine import Engine, QueueFullError, RequestOutput
+from jaxstack.serve.server import create_app
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -212,6 +215,58 @@ def test_engine_survives_a_failing_request(llm, workload):
     assert not first.finished and len(first.token_ids) == 1
     assert last.finish_reason == "error" and "callback bug" in last.error
     assert last.token_ids == first.token_ids
+
+
+def failing_step(runner, fail):
+    """The runner's compiled step, raising where ``fail(call, inputs)`` says, after deleting
+    the donated pages as a step that failed on the device leaves them."""
+    real, calls = runner._step, []
+
+    def step(params, pages, *inputs):
+        calls.append(len(calls))
+        if fail(len(calls), inputs):
+            jax.tree.map(lambda page: page.delete(), pages)
+            raise RuntimeError("injected XLA failure")
+        return real(params, pages, *inputs)
+
+    return step, calls
+
+
+def test_failed_step_rebuilds_the_cache_and_recomputes(llm, workload, monkeypatch):
+    prompts, max_tokens, expected = workload
+    engine, health = llm.engine, []
+    client = TestClient(create_app(llm))
+    monkeypatch.setattr(engine_module, "RECOVERY_RETRY_S", 0.05)
+
+    def fail(call: int, inputs) -> bool:
+        if call == 6:  # the second rebuild's probe: the engine is still recovering
+            health.append((engine.healthy, client.get("/health").status_code))
+        return call in (4, 5)  # a step with tokens, then the first rebuild's probe
+
+    step, calls = failing_step(engine.runner, fail)
+    monkeypatch.setattr(engine.runner, "_step", step)
+    failures = lambda: engine.metrics.registry.get_sample_value(  # noqa: E731
+        "jaxstack_step_failures_total"
+    )
+    before = failures()
+    outputs = llm.generate(prompts[:4], [SamplingParams(max_tokens=m) for m in max_tokens[:4]])
+    assert [out.token_ids for out in outputs] == expected[:4]
+    assert failures() == before + 1  # the failed probe is not a step
+    assert len(calls) > 6 and health == [(False, 503)]
+    assert engine.healthy and client.get("/health").status_code == 200
+    assert engine.cache.num_used == 0
+
+
+def test_request_that_fails_every_step_ends_with_an_error(llm, workload, monkeypatch):
+    prompts, max_tokens, expected = workload
+    step, _ = failing_step(llm.engine.runner, lambda call, inputs: inputs[2].num_seqs[0] > 0)
+    monkeypatch.setattr(llm.engine.runner, "_step", step)
+    out = llm.generate([prompts[0]], SamplingParams(max_tokens=5))[0]
+    assert out.finish_reason == "error" and "failed 2 times" in out.error
+    assert "injected XLA failure" in out.error and llm.engine.healthy
+    monkeypatch.undo()
+    again = llm.generate([prompts[0]], SamplingParams(max_tokens=max_tokens[0]))[0]
+    assert again.token_ids == expected[0]
 
 
 @pytest.mark.parametrize(

@@ -1,17 +1,25 @@
 """``LLM(hf=DIR)``: a Hugging Face directory served with its tokenizer and chat template."""
 
 import json
+import math
+import re
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from jaxstack import hf
-from jaxstack.hf import read_eos_ids
+from jaxstack import cli, hf
+from jaxstack.hf import loading, read_eos_ids
+from jaxstack.mesh import make_mesh
 from jaxstack.models import Llama, preset
+from jaxstack.models.llama import LlamaConfig
 from jaxstack.serve import LLM, SamplingParams
+from jaxstack.serve.llm import load_hf_for_serving, load_run_for_serving
+from jaxstack.serve.runner import serving_param_specs
 from jaxstack.serve.server import create_app
 
 TEMPLATE = (
@@ -86,3 +94,117 @@ def test_read_eos_ids_takes_ints_and_lists_from_both_configs(tmp_path):
     eos = {"eos_token_id": [128001, 128008, 128009, 7]}
     (tmp_path / "generation_config.json").write_text(json.dumps(eos))
     assert read_eos_ids(tmp_path) == [128001, 128008, 128009, 7]
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    """A 4-layer checkpoint stored in bfloat16 whose heads split 8 ways."""
+    directory = tmp_path_factory.mktemp("bf16")
+    config = preset("tiny", vocab_size=len(WORDS), num_layers=4, hidden_size=64, num_heads=8,
+                    num_kv_heads=8, intermediate_size=256, max_seq_len=64, initializer_range=0.1,
+                    extra={"hf_model_type": "llama"})  # fmt: skip
+    shapes = jax.eval_shape(Llama(config).init, jax.random.PRNGKey(6), jnp.zeros((1, 4), int))
+    rng = np.random.default_rng(6)  # random weights without compiling init (10 s saved)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, s: (
+            np.ones(s.shape, np.float32)
+            if "norm" in jax.tree_util.keystr(path)
+            else (0.1 * rng.standard_normal(s.shape)).astype(np.float32)
+        ),
+        shapes["params"],
+    )
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, "<unk>"))
+    tokenizer.save(str(directory / "tokenizer.json"))
+    hf.save(directory / "model", config, params, tokenizer_dir=directory, dtype="bfloat16")
+    return directory / "model"
+
+
+def bytes_per_device(arrays) -> Counter:
+    """Bytes each device holds of ``arrays`` (a replicated array counts on every device)."""
+    held = Counter()
+    for array in arrays:
+        if not array.is_deleted():
+            shard = math.prod(array.sharding.shard_shape(array.shape)) * array.dtype.itemsize
+            for device in array.sharding.addressable_devices:
+                held[device] += shard
+    return held
+
+
+def test_weights_load_shard_by_shard_into_the_serving_placement(bf16_dir, monkeypatch):
+    mesh = make_mesh(data=1, tensor=8)
+    existing = jax.live_arrays()  # held, so that no new array reuses an old one's id
+    old = {id(array) for array in existing}
+    peak = Counter()
+
+    def measured(function):
+        def wrapper(*args, **kwargs):
+            out = function(*args, **kwargs)
+            new = bytes_per_device(a for a in jax.live_arrays() if id(a) not in old)
+            for device, n in new.items():
+                peak[device] = max(peak[device], n)
+            return out
+
+        return wrapper
+
+    for name in ("_put", "_astype", "_set_index"):
+        monkeypatch.setattr(loading, name, measured(getattr(loading, name)))
+    model, params = load_hf_for_serving(bf16_dir, "auto", mesh)
+    assert model.config.dtype == "bfloat16"  # auto: the checkpoint's torch_dtype
+    leaves = jax.tree.leaves(params)
+    assert {leaf.dtype for leaf in leaves} == {jnp.dtype(jnp.bfloat16)}
+    placed = bytes_per_device(leaves)
+    whole = sum(leaf.nbytes for leaf in leaves)
+    assert len(placed) == 8 and max(placed.values()) < whole / 3  # really sharded
+    assert max(peak.values()) <= 1.2 * max(placed.values())
+    specs = serving_param_specs(model, params, mesh)  # already where the engine wants them
+    assert all(jax.tree.leaves(jax.tree.map(lambda leaf, spec: leaf.sharding.spec == spec,
+                                            params, specs)))  # fmt: skip
+
+
+def test_bfloat16_tensor_parallel_greedy_equals_float32(bf16_dir):
+    prompts = [[1, 6, 9, 12, 7], [1, 30, 31, 8]]
+    options = dict(token_buckets=(16,), seq_buckets=(2,), num_pages=16, page_size=4)
+    greedy = SamplingParams(max_tokens=4, ignore_eos=True)
+    with LLM(hf=bf16_dir, dtype="float32", progress=False, **options) as f32:
+        assert f32.engine.model.config.dtype == "float32"
+        expected = [out.token_ids for out in f32.generate(prompts, greedy)]
+    mesh = make_mesh(data=1, tensor=4, devices=jax.devices()[:4])
+    with LLM(hf=bf16_dir, mesh=mesh, progress=False, **options) as bf16:
+        runner = bf16.engine.runner
+        assert all(page.dtype == jnp.bfloat16 for page in runner.pages)
+        assert runner.params["layers_0"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16
+        assert [out.token_ids for out in bf16.generate(prompts, greedy)] == expected
+
+
+def test_run_checkpoint_loads_into_the_serving_placement(bf16_dir, tmp_path):
+    config = hf.convert_to_checkpoint(bf16_dir, tmp_path / "run")  # float32 in the checkpoint
+    mesh = make_mesh(data=1, tensor=8)
+    model, params = load_run_for_serving(tmp_path / "run", config, "auto", mesh)
+    assert model.config.dtype == "float32"  # auto on CPU: the run's compute dtype
+    _, bf16 = load_run_for_serving(tmp_path / "run", config, "bfloat16", mesh)
+    _, expected = load_hf_for_serving(bf16_dir, "bfloat16", mesh)
+    for got, want in zip(jax.tree.leaves(bf16), jax.tree.leaves(expected), strict=True):
+        assert got.dtype == jnp.bfloat16 and got.sharding == want.sharding
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+
+
+def test_dry_run_plans_a_1b_model_over_8_devices(tmp_path, capsys):
+    """Llama-3.2-1B's shape (1,235,814,400 parameters, tied head) from its config alone."""
+    config = LlamaConfig(vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32,
+                         num_kv_heads=8, intermediate_size=8192, max_seq_len=2048,
+                         tie_embeddings=True, extra={"hf_model_type": "llama"})  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(config, "bfloat16")))
+    assert cli.main(["serve", "--hf", str(tmp_path), "--tensor", "8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    mib = {m[0]: float(m[1]) for m in re.findall(r"(\w[\w ]*?) +([\d.]+) MiB", out)}
+    assert "tensor=8, bfloat16" in out  # auto: the checkpoint's torch_dtype
+    assert mib["whole model"] == round(1_235_814_400 * 2 / 2**20, 1)
+    assert mib["whole model"] / 8 <= mib["weights"] < mib["whole model"] / 8 + 1  # norms copied
+    # 16 layers x 1024 pages x 16 slots x (2 x 8 KV heads / 8 devices) x 64 dims x 2 bytes
+    assert mib["KV cache"] == 64.0 and "(16384 token slots)" in out
+
+
+def test_unknown_dtype_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="dtype='int8'; choose one of auto, bfloat16"):
+        LLM(hf=tmp_path, dtype="int8")  # an empty directory: the dtype is checked first

@@ -15,8 +15,8 @@ from serve_helpers import EngineHold, cancelled, running_server, wait_until_idle
 
 from jaxstack.cli import build_parser, serve_config
 from jaxstack.serve import SamplingParams
-from jaxstack.serve.security import api_keys_from, exposure_warning
 from jaxstack.serve.server import ServerConfig, create_app
+from jaxstack.serve.server_config import api_keys_from, exposure_warning
 
 KEYS = ("key-a", "key-b")
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
