@@ -14,6 +14,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import absl.logging
 import jax
@@ -31,11 +32,13 @@ from jaxstack.models import PRESETS, preset
 from jaxstack.overrides import field_names, parse_overrides
 from jaxstack.planning import choose_mesh, plan_notes, plan_run
 from jaxstack.run import RUN_FILE, RunConfig, has_checkpoint, is_converted, load_run, train
-from jaxstack.serve.server_config import API_KEY_ENV, ServerConfig, api_keys_from
 from jaxstack.trainer import NonFiniteError, TrainConfig
 from jaxstack.workdir import ERROR_LOG, WorkDirBusyError, is_local, work_path
 from jaxstack.xla_flags import apply_xla_flags
 from sharding_rules import format_plan
+
+if TYPE_CHECKING:  # the server's settings load with `serve` only
+    from jaxstack.serve.server_config import ServerConfig
 
 RUN_FAILURES = (CheckpointError, NonFiniteError, WorkDirBusyError)
 """Failures of a run (not of its command line): one line, exit status 1."""
@@ -358,7 +361,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.dry_run:  # config.json is all it reads
         print(_serving_plan(args, options))
         return
-    check_paths(args)
     try:
         from jaxstack.serve.server import serve
     except ImportError as error:  # the web packages are an extra
@@ -367,6 +369,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             f"the serve extra: {SERVE_EXTRA}",
             name=error.name,
         ) from error
+    check_paths(args)
     from jaxstack.serve import LLM
 
     _say_xla_flags(args)
@@ -411,9 +414,11 @@ def _serving_plan(args: argparse.Namespace, options: dict) -> str:
     return str(plan_serving(config, tensor=args.tensor, engine=EngineConfig(**options)))
 
 
-def serve_config(args: argparse.Namespace) -> ServerConfig:
+def serve_config(args: argparse.Namespace) -> "ServerConfig":
     """The HTTP server's keys and limits from ``jaxstack serve`` flags (keys: ``--api-key``,
     else the ``JAXSTACK_API_KEY`` environment variable)."""
+    from jaxstack.serve.server_config import ServerConfig, api_keys_from
+
     return ServerConfig(
         api_keys=api_keys_from(args.api_key),
         protect_metrics=args.protect_metrics,
@@ -500,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         action="append",
         help="require 'Authorization: Bearer KEY' on /v1 (repeatable); to keep keys out of "
-        f"process listings set {API_KEY_ENV}=KEY1,KEY2 instead",
+        "process listings set JAXSTACK_API_KEY=KEY1,KEY2 instead",
     )
     srv.add_argument(
         "--protect-metrics", action="store_true", help="require the API key on /metrics too"
