@@ -13,6 +13,7 @@ Public ops:
   :func:`all_gather_matmul`, :func:`matmul_reduce_scatter`: per-device collective ops for a
   sequence split over a mesh axis and overlapped tensor parallelism
   (:mod:`pallas_kernels.collectives`; the Pallas TPU kernels in its ``tpu`` module).
+* :func:`backend`: the backend every op picks its kernels for (:mod:`pallas_kernels.platform`).
 """
 
 from pallas_kernels.collectives import (
@@ -25,6 +26,7 @@ from pallas_kernels.collectives import (
 from pallas_kernels.dispatch import attention, decode_attention
 from pallas_kernels.moe import gmm, gmm_reference, tgmm, tgmm_reference
 from pallas_kernels.paged import ragged_paged_attention, write_kv_pages
+from pallas_kernels.platform import backend
 from pallas_kernels.reference import attention_reference, decode_attention_reference
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "all_gather_matmul",
     "attention",
     "attention_reference",
+    "backend",
     "context_attention",
     "decode_attention",
     "decode_attention_reference",
