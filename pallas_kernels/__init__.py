@@ -5,6 +5,9 @@ Public ops:
 * :func:`attention`: flash attention for training and prefill (``[b, s, h, d]``).
 * :func:`decode_attention`: one query token per row against a KV cache.
 * :func:`attention_reference`, :func:`decode_attention_reference`: the oracles.
+  These four live in the package ``pallas_kernels/attention/``; the attribute
+  ``pallas_kernels.attention`` is the op, so import that package's modules with
+  ``from pallas_kernels.attention import flash_gpu``.
 * :func:`gmm`, :func:`tgmm`: MoE grouped matmuls (:mod:`pallas_kernels.moe`), with the
   ``jax.lax.ragged_dot`` oracles :func:`gmm_reference`, :func:`tgmm_reference`.
 * :func:`ragged_paged_attention`, :func:`write_kv_pages`: serving attention of mixed
@@ -16,6 +19,12 @@ Public ops:
 * :func:`backend`: the backend every op picks its kernels for (:mod:`pallas_kernels.platform`).
 """
 
+from pallas_kernels.attention import (
+    attention,
+    attention_reference,
+    decode_attention,
+    decode_attention_reference,
+)
 from pallas_kernels.collectives import (
     all_gather_attention,
     all_gather_matmul,
@@ -23,11 +32,9 @@ from pallas_kernels.collectives import (
     matmul_reduce_scatter,
     ring_attention,
 )
-from pallas_kernels.dispatch import attention, decode_attention
 from pallas_kernels.moe import gmm, gmm_reference, tgmm, tgmm_reference
 from pallas_kernels.paged import ragged_paged_attention, write_kv_pages
 from pallas_kernels.platform import backend
-from pallas_kernels.reference import attention_reference, decode_attention_reference
 
 __all__ = [
     "all_gather_attention",

@@ -42,11 +42,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import flash_gpu, flash_tpu, platform
+from pallas_kernels import platform
+from pallas_kernels.attention import flash_gpu, flash_tpu
+from pallas_kernels.attention.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.attention.validation import check_attention_inputs
 from pallas_kernels.collectives import block
 from pallas_kernels.collectives.layout import check_layout, shard_positions
-from pallas_kernels.masks import MASK_VALUE, MaskSpec
-from pallas_kernels.validation import check_attention_inputs
 
 STRATEGIES = ("ring", "all_gather")
 BLOCK_IMPLS = ("auto", "pallas", "xla")

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import platform
-from pallas_kernels.masks import MaskSpec
+from pallas_kernels.attention.masks import MaskSpec
 from pallas_kernels.paged import gpu, tpu
 from pallas_kernels.paged.layout import PagedBatch, zero_padding_rows
 from pallas_kernels.paged.reference import paged_attention_reference

@@ -12,8 +12,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import attention, attention_reference, dispatch, flash_tpu, platform
-from pallas_kernels.masks import MaskSpec
+from pallas_kernels import attention, attention_reference, platform
+from pallas_kernels.attention import dispatch, flash_tpu
+from pallas_kernels.attention.masks import MaskSpec
 
 # ---------------------------------------------------------------------------
 # Helpers.

@@ -21,12 +21,12 @@ from pallas_kernels import (
     attention,
     context_attention,
     decode_attention,
-    flash_gpu,
     gmm,
     platform,
     ragged_paged_attention,
     tgmm,
 )
+from pallas_kernels.attention import flash_gpu
 from pallas_kernels.moe import gpu as moe_gpu
 
 TRITON_CALL = "stablehlo.custom_call @__gpu$xla.gpu.triton"

@@ -19,7 +19,7 @@ import pytest
 from jax.experimental.pallas.ops.tpu import ragged_paged_attention as jax_rpa
 
 from pallas_kernels import attention_reference, platform, ragged_paged_attention, write_kv_pages
-from pallas_kernels.masks import MaskSpec
+from pallas_kernels.attention.masks import MaskSpec
 from pallas_kernels.paged import dispatch as paged_dispatch
 from pallas_kernels.paged.layout import PagedBatch
 from pallas_kernels.paged.xla import paged_attention_xla

@@ -3,7 +3,7 @@
 ``implementation``:
 
 * ``"xla"``: plain ``jax.numpy`` attention computed one query block at a time, skipping
-  key blocks the mask hides (:mod:`pallas_kernels.xla_attention`, built on the reference's
+  key blocks the mask hides (:mod:`pallas_kernels.attention.xla`, built on the reference's
   core); runs under jit, grad and sharding on every backend.
 * ``"pallas"``: our fused kernels: Triton on GPU (:mod:`flash_gpu`,
   :mod:`decode_gpu`), Mosaic on TPU (:mod:`flash_tpu`, :mod:`decode_tpu`). On CPU
@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import decode_gpu, decode_tpu, flash_gpu, flash_tpu, platform
-from pallas_kernels.masks import MaskSpec
-from pallas_kernels.reference import decode_attention_reference
-from pallas_kernels.validation import check_attention_inputs, check_decode_inputs
-from pallas_kernels.xla_attention import blocked_attention
+from pallas_kernels import platform
+from pallas_kernels.attention import decode_gpu, decode_tpu, flash_gpu, flash_tpu
+from pallas_kernels.attention.masks import MaskSpec
+from pallas_kernels.attention.reference import decode_attention_reference
+from pallas_kernels.attention.validation import check_attention_inputs, check_decode_inputs
+from pallas_kernels.attention.xla import blocked_attention
 
 IMPLEMENTATIONS = ("auto", "pallas", "cudnn", "xla")
 XLA_BLOCK_Q = 128
