@@ -42,11 +42,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import dispatch, flash_gpu, flash_tpu
+from pallas_kernels import platform
+from pallas_kernels.attention import flash_gpu, flash_tpu
+from pallas_kernels.attention.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.attention.validation import check_attention_inputs
 from pallas_kernels.collectives import block
 from pallas_kernels.collectives.layout import check_layout, shard_positions
-from pallas_kernels.masks import MASK_VALUE, MaskSpec
-from pallas_kernels.validation import check_attention_inputs
 
 STRATEGIES = ("ring", "all_gather")
 BLOCK_IMPLS = ("auto", "pallas", "xla")
@@ -80,7 +81,7 @@ def block_kernel(block_impl: str, sliding_window: int | None) -> str | None:
     """
     if block_impl not in BLOCK_IMPLS:
         raise ValueError(f"block_impl must be one of {BLOCK_IMPLS}, got {block_impl!r}.")
-    backend = dispatch._backend()
+    backend = platform.backend()
     if block_impl == "xla" or (block_impl == "auto" and backend not in _KERNELS):
         return None
     if sliding_window is not None:
@@ -165,7 +166,7 @@ def context_attention(
         scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
         cap=logit_soft_cap,
         kernel=block_kernel(block_impl, sliding_window),
-        interpret=dispatch._interpret(interpret),
+        interpret=platform.interpret_mode(interpret),
     )
     return _attention(cfg, q, k, v, q_segment_ids, kv_segment_ids)
 

@@ -19,8 +19,8 @@ Backward of one block given the *final* ``o`` and ``lse`` of the whole row
 
 A row that sees no key has ``lse = MASK_VALUE`` (finite, so merges stay NaN-free) and
 ``o = 0``, as the reference gives. Visibility is decided from *global* sequence indices
-(``q_index``, ``kv_index``) with :class:`pallas_kernels.masks.MaskSpec` and segment ids, so a
-block may hold any positions of the sequence (a zig-zag shard, a ring step's keys).
+(``q_index``, ``kv_index``) with :class:`pallas_kernels.attention.masks.MaskSpec` and segment
+ids, so a block may hold any positions of the sequence (a zig-zag shard, a ring step's keys).
 
 Shapes: q, o, do ``[b, q, h, g, d]`` (``h`` KV heads, ``g`` query heads per KV head);
 k, v ``[b, k, h, d]``; lse, delta ``[b, q, h, g]``; all float32.
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.masks import MASK_VALUE, MaskSpec, segment_visible, soft_cap
+from pallas_kernels.attention.masks import MASK_VALUE, MaskSpec, segment_visible, soft_cap
 
 _HIGHEST = lax.Precision.HIGHEST
 

@@ -46,6 +46,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import platform as pallas_platform
+
 Route = tuple[int, tuple[slice, ...]]
 """A direction of the ring (+1: towards device ``r + 1``, -1: towards ``r - 1``) and the rows
 of a block that each of its hops carries."""
@@ -62,7 +64,7 @@ def default_bidirectional(platform: str | None = None) -> bool:
     fewer step latencies for coarser overlap and no clear gain. XLA:CPU overlaps nothing.
     ``platform``: default the default backend's.
     """
-    return (platform or jax.default_backend()) == "tpu"
+    return (platform or pallas_platform.backend()) == "tpu"
 
 
 def _routes(n: int, m: int, bidirectional: bool) -> list[Route]:

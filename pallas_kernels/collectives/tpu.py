@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-Interpret = bool | pltpu.InterpretParams
+from pallas_kernels.platform import Interpret
 
 
 def _neighbours(axis_name: str, n: int) -> tuple[jax.Array, jax.Array, jax.Array]:

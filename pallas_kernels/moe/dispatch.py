@@ -42,32 +42,19 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import platform
 from pallas_kernels.moe import gpu, tpu
 from pallas_kernels.moe.reference import (
     gmm_reference,
     gmm_transposed_reference,
     tgmm_reference,
 )
+from pallas_kernels.platform import Interpret
 
 IMPLEMENTATIONS = ("auto", "pallas", "xla")
 TRITON_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 """Operand dtypes the Triton kernels take (Triton has no float64 dot)."""
-
-
-def _backend() -> str:
-    """The backend kernels are picked for (one function, so tests can stand in one)."""
-    return jax.default_backend()
-
-
-Interpret = bool | pltpu.InterpretParams
-"""Pallas interpret mode: a bool, or ``pltpu.InterpretParams()`` (the TPU-faithful
-interpreter: buffers start as NaN, out-of-bounds reads raise) for the megablox path."""
-
-
-def _interpret(interpret: Interpret | None) -> Interpret:
-    return _backend() == "cpu" if interpret is None else interpret
 
 
 # ---------------------------------------------------------------------------
@@ -157,9 +144,9 @@ def pallas_unsupported_reason(
     if 0 in (m, k, n, num_groups):
         return f"an empty operand (m, k, n, groups = {m}, {k}, {n}, {num_groups})"
     dtype = jnp.dtype(dtype)
-    if _backend() == "tpu" and dtype not in tpu.SUPPORTED_DTYPES:
+    if platform.backend() == "tpu" and dtype not in tpu.SUPPORTED_DTYPES:
         return f"megablox takes bfloat16/float32 operands, got {dtype}"
-    if _backend() != "tpu" and dtype not in TRITON_DTYPES:
+    if platform.backend() != "tpu" and dtype not in TRITON_DTYPES:
         return f"the Triton kernels take bfloat16/float16/float32 operands, got {dtype}"
     return None
 
@@ -167,7 +154,7 @@ def pallas_unsupported_reason(
 def auto_route(dtype: jnp.dtype, m: int, k: int, n: int, num_groups: int) -> str:
     """The kernels ``implementation="auto"`` runs: ``"megablox"`` on TPU, ``"triton"`` on
     GPU, ``"xla"`` on CPU or where :func:`pallas_unsupported_reason` gives a reason."""
-    backend = _backend()
+    backend = platform.backend()
     if backend not in ("gpu", "tpu") or pallas_unsupported_reason(dtype, m, k, n, num_groups):
         return "xla"
     return "megablox" if backend == "tpu" else "triton"
@@ -199,12 +186,12 @@ def _kernels(
                 f"implementation='pallas' cannot run this call: {reason}. Use 'auto' (falls "
                 "back to XLA) or 'xla'."
             )
-        name = "megablox" if _backend() == "tpu" else "triton"
+        name = "megablox" if platform.backend() == "tpu" else "triton"
     else:
         name = "xla"
     if name == "xla":
         return _Kernels("xla")
-    return _Kernels(name, tiling=tiling, interpret=_interpret(interpret))
+    return _Kernels(name, tiling=tiling, interpret=platform.interpret_mode(interpret))
 
 
 # ---------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import dispatch as attention_dispatch
-from pallas_kernels.masks import MaskSpec
+from pallas_kernels import platform
+from pallas_kernels.attention.masks import MaskSpec
 from pallas_kernels.paged import gpu, tpu
 from pallas_kernels.paged.layout import PagedBatch, zero_padding_rows
 from pallas_kernels.paged.reference import paged_attention_reference
@@ -86,7 +86,7 @@ def auto_route(q: jax.Array, kv_pages: jax.Array, sinks: int | None) -> tuple[st
     ``"pallas_tpu"`` on TPU and ``"pallas_gpu"`` on GPU where that kernel can run the call;
     otherwise ``"xla"``, with the reason (None on CPU, where ``xla`` is the plan).
     """
-    backend = attention_dispatch._backend()
+    backend = platform.backend()
     if backend not in ("gpu", "tpu"):
         return "xla", None
     name = f"pallas_{backend}"

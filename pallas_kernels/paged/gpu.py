@@ -37,7 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.attention.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.paged.layout import PagedBatch, query_tiles
 
 _LOG2E = math.log2(math.e)

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.masks import MaskSpec
+from pallas_kernels.attention.masks import MaskSpec
+from pallas_kernels.attention.reference import masked_softmax
 from pallas_kernels.paged.layout import PagedBatch, query_tiles, split_kv
-from pallas_kernels.reference import masked_softmax
 
 _HIGHEST = lax.Precision.HIGHEST
 

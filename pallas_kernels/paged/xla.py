@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.attention.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.paged.layout import PagedBatch, QueryTiles, query_tiles, split_kv
 
 BLOCK_KEYS = 256

@@ -17,7 +17,7 @@ from jaxstack.data import ByteTokenizer, PackedDataset, lm_collate
 from jaxstack.mesh import make_mesh
 from jaxstack.models import Llama, preset
 from jaxstack.trainer import TrainConfig
-from pallas_kernels import dispatch
+from pallas_kernels import platform
 
 CONFIG = preset(
     "tiny", vocab_size=264, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
@@ -115,7 +115,7 @@ def test_residual_stream_is_split(batch, case):
 def test_attention_impl_picks_the_per_block_compute(monkeypatch, attention_impl, window, flash):
     """On a GPU, ring attention's blocks run the flash kernel unless asked for XLA or a
     sliding window (which a kernel call cannot express per block) is set."""
-    monkeypatch.setattr(dispatch, "_backend", lambda: "gpu")
+    monkeypatch.setattr(platform, "backend", lambda: "gpu")
     config = CONFIG.replace(
         context_parallel="ring", attention_impl=attention_impl, sliding_window=window
     )

@@ -12,8 +12,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import attention, attention_reference, dispatch, flash_tpu
-from pallas_kernels.masks import MaskSpec
+from pallas_kernels import attention, attention_reference, platform
+from pallas_kernels.attention import dispatch, flash_tpu
+from pallas_kernels.attention.masks import MaskSpec
 
 # ---------------------------------------------------------------------------
 # Helpers.
@@ -385,7 +386,7 @@ def test_bad_triton_block_raises(block):
 
 
 def test_cudnn_never_gets_a_window_without_causal(monkeypatch):
-    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(platform, "backend", lambda: "gpu")
     q, k, _, _ = _qkv(1, 8, 8, 4, 2, 64, jnp.bfloat16)
     base = dict(q_segment_ids=None, sliding_window=None, num_sink_tokens=0, logit_soft_cap=None)
     reason = dispatch.cudnn_unsupported_reason
@@ -451,9 +452,9 @@ def test_auto_route(monkeypatch):
                 logit_soft_cap=None)  # fmt: skip
     route = lambda q=q, k=k, **kw: dispatch.auto_route(q, k, **{**base, **kw})
     for backend, expected in (("cpu", "xla"), ("tpu", "pallas")):
-        monkeypatch.setattr(dispatch, "_backend", lambda b=backend: b)
+        monkeypatch.setattr(platform, "backend", lambda b=backend: b)
         assert route(q_segment_ids=seg) == expected
-    monkeypatch.setattr(dispatch, "_backend", lambda: "gpu")
+    monkeypatch.setattr(platform, "backend", lambda: "gpu")
     assert route() == "cudnn"
     assert route(q_segment_ids=seg) == dispatch.CUDNN_OR_PALLAS
     assert route(q_segment_ids=seg, sliding_window=4) == dispatch.CUDNN_OR_PALLAS
@@ -480,7 +481,7 @@ def test_auto_on_gpu_picks_cudnn_per_batch_in_one_compiled_program(monkeypatch):
         jax.debug.callback(lambda: ran.append("pallas"))
         return pallas(*args, **kwargs)
 
-    monkeypatch.setattr(dispatch, "_backend", lambda: "gpu")
+    monkeypatch.setattr(platform, "backend", lambda: "gpu")
     monkeypatch.setattr(dispatch, "_cudnn_attention", fake_cudnn)
     monkeypatch.setattr(dispatch, "_pallas_attention", recording_pallas)
     traces = []

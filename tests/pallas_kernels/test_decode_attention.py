@@ -13,9 +13,9 @@ from pallas_kernels import (
     attention_reference,
     decode_attention,
     decode_attention_reference,
-    decode_tpu,
 )
-from pallas_kernels.masks import MaskSpec
+from pallas_kernels.attention import decode_tpu
+from pallas_kernels.attention.masks import MaskSpec
 
 
 def _inputs(b, s, hq, hkv, d, dtype, seed=0):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import gmm, gmm_reference, tgmm, tgmm_reference
+from pallas_kernels import gmm, gmm_reference, platform, tgmm, tgmm_reference
 from pallas_kernels.moe import dispatch, gpu, tpu
 
 M, K, N = 200, 136, 72  # no dimension a multiple of any tile
@@ -91,7 +91,7 @@ def _kernel_run(lhs, rhs, grad, d_w, group_sizes, *, backend: str, tiling, inter
     """Values and gradients through the public ops, dispatch told it runs on ``backend``
     (static, so every backend traces and caches separately); cotangent of gmm = grad."""
     kw = dict(implementation="pallas", interpret=interpret, tiling=tiling)
-    with mock.patch.object(dispatch, "_backend", lambda: backend):
+    with mock.patch.object(platform, "backend", lambda: backend):
         return _values_and_grads(
             functools.partial(gmm, **kw),
             functools.partial(tgmm, preferred_element_type=d_w.dtype, **kw),
@@ -247,14 +247,14 @@ def test_group_sizes_past_m_are_clamped_like_the_reference(backend):
     ],
 )
 def test_auto_route(monkeypatch, backend, dtype, shape, route):
-    monkeypatch.setattr(dispatch, "_backend", lambda: backend)
+    monkeypatch.setattr(platform, "backend", lambda: backend)
     assert dispatch.auto_route(jnp.dtype(dtype), *shape) == route
     reason = dispatch.pallas_unsupported_reason(jnp.dtype(dtype), *shape)
     assert (reason is None) == (route != "xla" or backend == "cpu")
 
 
 def test_pallas_raises_with_the_reason_where_auto_falls_back(monkeypatch):
-    monkeypatch.setattr(dispatch, "_backend", lambda: "tpu")
+    monkeypatch.setattr(platform, "backend", lambda: "tpu")
     lhs, rhs = jnp.ones((8, 8), jnp.float16), jnp.ones((2, 8, 8), jnp.float16)
     sizes = jnp.array([3, 5], jnp.int32)
     with pytest.raises(ValueError, match="megablox takes bfloat16/float32"):
@@ -292,7 +292,7 @@ def test_bad_inputs_raise_with_the_fix(call, error, message):
 
 
 def test_bad_tpu_tiling_raises(monkeypatch):
-    monkeypatch.setattr(dispatch, "_backend", lambda: "tpu")
+    monkeypatch.setattr(platform, "backend", lambda: "tpu")
     with pytest.raises(ValueError, match="multiples of 128"):
         gmm(jnp.ones((8, 200)), jnp.ones((2, 200, 8)), _S, tiling=(128, 100, 128))
 

@@ -21,13 +21,12 @@ from pallas_kernels import (
     attention,
     context_attention,
     decode_attention,
-    dispatch,
-    flash_gpu,
     gmm,
+    platform,
     ragged_paged_attention,
     tgmm,
 )
-from pallas_kernels.moe import dispatch as moe_dispatch
+from pallas_kernels.attention import flash_gpu
 from pallas_kernels.moe import gpu as moe_gpu
 
 TRITON_CALL = "stablehlo.custom_call @__gpu$xla.gpu.triton"
@@ -64,13 +63,13 @@ def _mosaic_kernels(text: str) -> list[str]:
 @pytest.fixture
 def gpu_backend(monkeypatch):
     """Dispatch as on a GPU host (the Triton kernels), whatever this host is."""
-    monkeypatch.setattr(dispatch, "_backend", lambda: "gpu")
+    monkeypatch.setattr(platform, "backend", lambda: "gpu")
 
 
 @pytest.fixture
 def tpu_backend(monkeypatch):
     """Dispatch as on a TPU host (the Mosaic kernels)."""
-    monkeypatch.setattr(dispatch, "_backend", lambda: "tpu")
+    monkeypatch.setattr(platform, "backend", lambda: "tpu")
 
 
 def _flash(b=1, s=256, hq=4, hkv=2, d=128, dtype=jnp.bfloat16, *, backward, **kw):
@@ -169,12 +168,12 @@ def test_mosaic_decode_lowers_for_tpu(tpu_backend):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("platform, backend", [("cuda", "gpu"), ("tpu", "tpu")])
-def test_ring_attention_blocks_lower_to_the_flash_kernels(monkeypatch, platform, backend):
+@pytest.mark.parametrize("target, backend", [("cuda", "gpu"), ("tpu", "tpu")])
+def test_ring_attention_blocks_lower_to_the_flash_kernels(monkeypatch, target, backend):
     """Ring attention's per-block compute on a ring of 4 (bf16, GQA, packed documents):
     step 0 is one kernel call, each later step a ``lax.cond`` between two half-block calls;
     the backward (dK/dV and dQ kernels) walks the same blocks."""
-    monkeypatch.setattr(dispatch, "_backend", lambda: backend)
+    monkeypatch.setattr(platform, "backend", lambda: backend)
     mesh = jax.make_mesh((4,), ("sequence",), axis_types=(AxisType.Auto,))
     attend = functools.partial(context_attention, axis_name="sequence", block_impl="pallas",
                                interpret=False)  # fmt: skip
@@ -185,8 +184,8 @@ def test_ring_attention_blocks_lower_to_the_flash_kernels(monkeypatch, platform,
         return jax.grad(lambda *a: mapped(*a, ids).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
 
     q, kv = ((1, 1024, 4, 128), jnp.bfloat16), ((1, 1024, 2, 128), jnp.bfloat16)
-    text = _lower(grads, q, kv, kv, ((1, 1024), jnp.int32), platform=platform)
-    if platform == "cuda":
+    text = _lower(grads, q, kv, kv, ((1, 1024), jnp.int32), platform=target)
+    if target == "cuda":
         calls = [re.search(r'\bname = "(\w+)"', line).group(1)
                  for line in text.splitlines() if TRITON_CALL in line]  # fmt: skip
         names = ("flash_attention_fwd", "flash_attention_dkv", "flash_attention_dq")
@@ -199,7 +198,7 @@ def test_ring_attention_blocks_lower_to_the_flash_kernels(monkeypatch, platform,
 @pytest.fixture
 def moe_backend(monkeypatch):
     """``set(backend)``: MoE dispatch runs as on that host, whatever this host is."""
-    return lambda backend: monkeypatch.setattr(moe_dispatch, "_backend", lambda: backend)
+    return lambda backend: monkeypatch.setattr(platform, "backend", lambda: backend)
 
 
 def _grouped(op: str, m: int, k: int, n: int, dtype, w_dtype, *, backward: bool, **kw):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.masks import MaskSpec, nth_block
+from pallas_kernels.attention.masks import MaskSpec, nth_block
 
 
 def _specs():

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas.ops.tpu import ragged_paged_attention as jax_rpa
 
-from pallas_kernels import attention_reference, dispatch, ragged_paged_attention, write_kv_pages
-from pallas_kernels.masks import MaskSpec
+from pallas_kernels import attention_reference, platform, ragged_paged_attention, write_kv_pages
+from pallas_kernels.attention.masks import MaskSpec
 from pallas_kernels.paged import dispatch as paged_dispatch
 from pallas_kernels.paged.layout import PagedBatch
 from pallas_kernels.paged.xla import paged_attention_xla
@@ -210,7 +210,7 @@ def test_write_kv_pages_rejects_mismatched_shapes():
     ],
 )
 def test_auto_route(monkeypatch, backend, options, dtype, want):
-    monkeypatch.setattr(dispatch, "_backend", lambda: backend)
+    monkeypatch.setattr(platform, "backend", lambda: backend)
     q, kv_pages = jnp.zeros((8, HQ, D), dtype), jnp.zeros((4, 16, 2 * HKV, D), dtype)
     route, reason = paged_dispatch.auto_route(q, kv_pages, options.get("sinks"))
     assert route == want[0]
@@ -218,7 +218,7 @@ def test_auto_route(monkeypatch, backend, options, dtype, want):
 
 
 def test_auto_route_tpu_kernel_for_lane_dense_heads(monkeypatch):
-    monkeypatch.setattr(dispatch, "_backend", lambda: "tpu")
+    monkeypatch.setattr(platform, "backend", lambda: "tpu")
     q, kv = jnp.zeros((8, 4, 128), jnp.bfloat16), jnp.zeros((4, 16, 4, 128), jnp.bfloat16)
     assert paged_dispatch.auto_route(q, kv, None) == ("pallas_tpu", None)
 

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels import attention_reference, dispatch
+from pallas_kernels import attention_reference, platform
 from pallas_kernels.collectives import (
     check_layout,
     context_attention,
@@ -122,7 +122,7 @@ def test_equals_full_attention_on_the_gathered_sequence(mesh, inputs, case):
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
 def test_flash_kernels_per_block_equal_full_attention(mesh, inputs, case, backend, monkeypatch):
-    monkeypatch.setattr(dispatch, "_backend", lambda: backend)  # Triton or Mosaic kernels
+    monkeypatch.setattr(platform, "backend", lambda: backend)  # Triton or Mosaic kernels
     _assert_equal_to_reference(
         mesh, inputs, case, *KERNEL_CASES[case], block_impl="pallas", interpret=True
     )

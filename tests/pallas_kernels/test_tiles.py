@@ -19,8 +19,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import blocks, decode_gpu, flash_gpu
-from pallas_kernels.flash_gpu import BlockSizes
+from pallas_kernels.attention import blocks, decode_gpu, flash_gpu
+from pallas_kernels.attention.flash_gpu import BlockSizes
 
 KIB = 1024
 H100_SMEM = 227 * KIB  # largest opt-in shared memory of one block (228 KiB per SM)

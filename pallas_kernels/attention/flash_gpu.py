@@ -45,8 +45,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import pad_seq, round_up, triton_table_key
-from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.attention.blocks import pad_seq, round_up, triton_table_key
+from pallas_kernels.attention.masks import MASK_VALUE, MaskSpec
 
 _LOG2E = math.log2(math.e)
 _MIN_BLOCK = 16  # Triton dots need every dimension >= 16.

@@ -41,8 +41,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.blocks import pad_seq, round_up
-from pallas_kernels.masks import MASK_VALUE, MaskSpec, nth_block
+from pallas_kernels.attention.blocks import pad_seq, round_up
+from pallas_kernels.attention.masks import MASK_VALUE, MaskSpec, nth_block
 
 _LANES = 128
 

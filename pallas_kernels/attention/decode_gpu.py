@@ -33,8 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.blocks import combine_partials, triton_table_key
-from pallas_kernels.masks import MASK_VALUE, MaskSpec, soft_cap
+from pallas_kernels.attention.blocks import combine_partials, triton_table_key
+from pallas_kernels.attention.masks import MASK_VALUE, MaskSpec, soft_cap
 
 _LOG2E = math.log2(math.e)
 _MIN_BLOCK = 16

@@ -3,7 +3,7 @@
 ``implementation``:
 
 * ``"xla"``: plain ``jax.numpy`` attention computed one query block at a time, skipping
-  key blocks the mask hides (:mod:`pallas_kernels.xla_attention`, built on the reference's
+  key blocks the mask hides (:mod:`pallas_kernels.attention.xla`, built on the reference's
   core); runs under jit, grad and sharding on every backend.
 * ``"pallas"``: our fused kernels: Triton on GPU (:mod:`flash_gpu`,
   :mod:`decode_gpu`), Mosaic on TPU (:mod:`flash_tpu`, :mod:`decode_tpu`). On CPU
@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import decode_gpu, decode_tpu, flash_gpu, flash_tpu
-from pallas_kernels.masks import MaskSpec
-from pallas_kernels.reference import decode_attention_reference
-from pallas_kernels.validation import check_attention_inputs, check_decode_inputs
-from pallas_kernels.xla_attention import blocked_attention
+from pallas_kernels import platform
+from pallas_kernels.attention import decode_gpu, decode_tpu, flash_gpu, flash_tpu
+from pallas_kernels.attention.masks import MaskSpec
+from pallas_kernels.attention.reference import decode_attention_reference
+from pallas_kernels.attention.validation import check_attention_inputs, check_decode_inputs
+from pallas_kernels.attention.xla import blocked_attention
 
 IMPLEMENTATIONS = ("auto", "pallas", "cudnn", "xla")
 XLA_BLOCK_Q = 128
@@ -64,8 +65,8 @@ def cudnn_unsupported_reason(
     routed to cuDNN together with ``is_causal=True``: without it, this jax
     version silently lets a windowed cuDNN call attend to future tokens.
     """
-    if _backend() != "gpu":
-        return f"cuDNN attention needs a GPU backend, this is {_backend()!r}"
+    if platform.backend() != "gpu":
+        return f"cuDNN attention needs a GPU backend, this is {platform.backend()!r}"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN flash attention needs bfloat16/float16 inputs, got {q.dtype}"
     if q.shape[-1] % 8 or q.shape[-1] > 128:
@@ -100,7 +101,7 @@ def auto_route(
     always passes them, though most rows of long documents hold a single one); else
     ``"pallas"``.
     """
-    backend = _backend()
+    backend = platform.backend()
     if backend != "gpu":
         return "pallas" if backend == "tpu" else "xla"
     reason = cudnn_unsupported_reason(
@@ -161,15 +162,6 @@ def by_segment_count(
     )
 
 
-def _backend() -> str:
-    """The backend kernels are picked for (one function, so tests can stand in a GPU)."""
-    return jax.default_backend()
-
-
-def _interpret(interpret: bool | None) -> bool:
-    return _backend() == "cpu" if interpret is None else interpret
-
-
 def _cudnn_attention(
     q: jax.Array,
     k: jax.Array,
@@ -206,7 +198,7 @@ def _pallas_attention(
     interpret: bool,
 ) -> jax.Array:
     """Our flash kernels: Mosaic on TPU, Triton elsewhere (interpret mode on CPU)."""
-    kernel = flash_tpu.flash_attention if _backend() == "tpu" else flash_gpu.flash_attention
+    kernel = flash_tpu.flash_attention if platform.backend() == "tpu" else flash_gpu.flash_attention
     return kernel(
         q,
         k,
@@ -315,7 +307,7 @@ def attention(
         logit_soft_cap=logit_soft_cap,
         block_q=block_q,
         block_kv=block_kv,
-        interpret=_interpret(interpret),
+        interpret=platform.interpret_mode(interpret),
     )
     if implementation == CUDNN_OR_PALLAS:
         return by_segment_count(
@@ -357,7 +349,7 @@ def decode_attention(
     check_decode_inputs(
         q, k_cache, v_cache, lengths, sliding_window, num_sink_tokens, logit_soft_cap, scale
     )
-    backend = _backend()
+    backend = platform.backend()
     if implementation == "cudnn":
         raise ValueError(
             "implementation='cudnn' has no decode kernel (per-row lengths with the query at "
@@ -391,5 +383,5 @@ def decode_attention(
         scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
         logit_soft_cap=logit_soft_cap,
         block_kv=block_kv,
-        interpret=_interpret(interpret),
+        interpret=platform.interpret_mode(interpret),
     )

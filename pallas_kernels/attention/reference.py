@@ -2,7 +2,7 @@
 
 Everything is computed in float32 and cast back to the query dtype. GQA is an
 einsum over a ``[b, s, hkv, g, d]`` view of the queries, so K/V are never
-repeated. Masks come from :mod:`pallas_kernels.masks`; a query row that sees
+repeated. Masks come from :mod:`pallas_kernels.attention.masks`; a query row that sees
 no key at all yields zeros (and zero gradients), never NaN.
 """
 
@@ -14,8 +14,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.masks import MASK_VALUE, MaskSpec, segment_visible, soft_cap
-from pallas_kernels.validation import check_attention_inputs, check_decode_inputs
+from pallas_kernels.attention.masks import MASK_VALUE, MaskSpec, segment_visible, soft_cap
+from pallas_kernels.attention.validation import check_attention_inputs, check_decode_inputs
 
 _HIGHEST = lax.Precision.HIGHEST
 

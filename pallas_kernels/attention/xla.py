@@ -36,8 +36,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.masks import MaskSpec, segment_visible, soft_cap
-from pallas_kernels.reference import masked_softmax
+from pallas_kernels.attention.masks import MaskSpec, segment_visible, soft_cap
+from pallas_kernels.attention.reference import masked_softmax
 
 Block = tuple[int, int, int, int]
 """``(q_start, q_stop, kv_lo, kv_hi)``: query rows ``[q_start, q_stop)`` see keys only in

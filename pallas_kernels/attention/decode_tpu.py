@@ -31,8 +31,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.blocks import combine_partials, round_up
-from pallas_kernels.masks import MASK_VALUE, MaskSpec, nth_block, soft_cap
+from pallas_kernels.attention.blocks import combine_partials, round_up
+from pallas_kernels.attention.masks import MASK_VALUE, MaskSpec, nth_block, soft_cap
 
 _LANES = 128
 
