@@ -20,9 +20,11 @@ Reliability (restore):
   checkpoint aside for all (process 0 renames it); one process's other error is raised on
   every process, moving nothing.
 - Orbax reads and writes run as asyncio tasks; when one fails, the others are abandoned and
-  Python would report them on the console as they are collected ("Exception ignored in:
-  <coroutine ...>", "Event loop is closed", "Task exception was never retrieved"). They go to
-  the ``jaxstack.background`` log at debug level instead; the error raised says what failed.
+  Python would report them on the console whenever they are collected, in any thread
+  ("Exception ignored in: <coroutine ...>", "Event loop is closed", "Task exception was never
+  retrieved"). Importing this module filters those reports (``sys.unraisablehook`` and the
+  ``asyncio`` logger, for errors from Orbax or TensorStore code and closed event loops) into
+  the ``jaxstack.background`` log at debug level; the error raised says what failed.
 
 Reliability (save):
 
@@ -48,18 +50,16 @@ updates the state in place. A save waits for the previous write first, since it 
 buffers that write reads.
 """
 
-import contextlib
 import datetime
 import errno
 import functools
-import gc
 import json
 import logging
 import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -291,14 +291,15 @@ class CheckpointManager:
         path = self.directory / str(step)
         self._check_matches(path, target)
         item = _restore_args(abstract(target))
-        for attempt in range(READ_ATTEMPTS):
+        attempt = 0
+        while True:
             try:
-                with _async_noise_contained():
-                    state = self._readers["state"].restore(path / "state", args=item)
-                    data = self._readers["data"].restore(path / "data", args=ocp.args.JsonRestore())
+                state = self._readers["state"].restore(path / "state", args=item)
+                data = self._readers["data"].restore(path / "data", args=ocp.args.JsonRestore())
                 return state, data
             except Exception as error:
-                kind, cause = _kind(error), _first_line(_root_cause(error))
+                kind, culprit = _kind(error)
+                cause = _first_line(culprit if kind else _root_cause(error))
                 if kind == "damage":
                     raise CheckpointDamagedError(path, cause) from error
                 if kind == "transient" and attempt + 1 < READ_ATTEMPTS:
@@ -306,10 +307,13 @@ class CheckpointManager:
                     print(f"jaxstack: reading checkpoint {path} failed ({cause}); retrying in "
                           f"{delay:g}s", file=sys.stderr, flush=True)  # fmt: skip
                     time.sleep(delay)
+                    attempt += 1
                     continue
-                error.add_note(f"jaxstack: while restoring checkpoint {path}; nothing was moved")
-                raise
-        raise AssertionError("unreachable")
+                # out of memory, a lasting transient error or one that proves nothing: as such
+                culprit.add_note(f"jaxstack: restoring checkpoint {path}; nothing was moved")
+                if culprit is error:
+                    raise
+                raise culprit from None
 
     def _check_matches(self, path: epath.Path, target: Any) -> None:
         """Compare the saved tree, shapes and dtypes with ``target``'s, from the metadata alone.
@@ -444,12 +448,14 @@ _TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED")
 _TRANSIENT_ERRNO = {errno.EIO, errno.EAGAIN, errno.ETIMEDOUT, errno.EINTR, errno.ESTALE}
 
 
-def _kind(error: BaseException) -> str | None:
-    """What a failed read proves: ``"oom"``, ``"damage"`` (the files are bad), ``"transient"``
-    (the storage may answer next time) or None (nothing: not the checkpoint's fault)."""
+def _kind(error: BaseException) -> tuple[str | None, BaseException]:
+    """What a failed read proves, and the error in ``error``'s chain (Orbax wraps them) that
+    proves it: ``"oom"``, ``"damage"`` (the files are bad), ``"transient"`` (the storage may
+    answer next time) or None (nothing: not the checkpoint's fault; then ``error`` itself)."""
     chain = _chain(error)
-    if any(isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) for e in chain):
-        return "oom"
+    for e in chain:
+        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e):
+            return "oom", e
     for e in chain:
         text = str(e).strip("'\" ")  # a KeyError's text comes quoted
         if (
@@ -457,14 +463,14 @@ def _kind(error: BaseException) -> str | None:
             or (isinstance(e, KeyError) and "was not found in the checkpoint" in text)
             or text.startswith(_DAMAGE_STATUS)
         ):
-            return "damage"
+            return "damage", e
         if (
             isinstance(e, (TimeoutError, ConnectionError))
             or (isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO)
             or text.startswith(_TRANSIENT_STATUS)
         ):
-            return "transient"
-    return None
+            return "transient", e
+    return None, error
 
 
 def _shape_dtype(leaf: Any) -> str:
@@ -472,38 +478,48 @@ def _shape_dtype(leaf: Any) -> str:
     return f"{tuple(leaf.shape)} {jnp.dtype(leaf.dtype).name}"
 
 
-@contextlib.contextmanager
-def _async_noise_contained() -> Iterator[None]:
-    """Report the asyncio tasks and coroutines an Orbax failure abandons (module doc) to the
-    debug log instead of the console: they are collected here, while the hook is in place."""
-    previous = sys.unraisablehook
-    sys.unraisablehook = lambda hook: _LOG.debug(
-        "abandoned by a failed checkpoint read or write: %r", hook.object, exc_info=hook.exc_value
-    )
-    try:
-        yield
-    except BaseException:
-        gc.collect()
-        raise
-    finally:
-        sys.unraisablehook = previous
+def _from_orbax(error: BaseException | None, *where: Any) -> bool:
+    """Whether ``error`` (or a thing in ``where``: a coroutine, a log message) comes from
+    Orbax's or TensorStore's asyncio work, or is a closed event loop that work called back."""
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+        return True
+    names = [repr(w) + getattr(getattr(w, "cr_code", None), "co_filename", "") for w in where]
+    for e in _chain(error) if error is not None else []:
+        tb: TracebackType | None = e.__traceback__
+        while tb is not None:
+            names.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+    return any("orbax" in name or "tensorstore" in name for name in names)
 
 
-def _abandoned_orbax_task(record: logging.LogRecord) -> bool:
-    """``asyncio`` log filter: "Task exception was never retrieved" of an Orbax or TensorStore
-    task goes to the debug log (module doc); every other record passes."""
-    tb: TracebackType | None = record.exc_info[2] if record.exc_info else None
-    files = []
-    while tb is not None:
-        files.append(tb.tb_frame.f_code.co_filename)
-        tb = tb.tb_next
-    if not any("orbax" in f or "tensorstore" in f for f in files):
+def _quiet_orbax(hook: Callable[[Any], Any]) -> Callable[[Any], None]:
+    """``hook`` (a ``sys.unraisablehook``) less the reports of abandoned Orbax work (module
+    doc), which go to the debug log."""
+
+    def quieted(unraisable: Any) -> None:
+        if _from_orbax(unraisable.exc_value, unraisable.object):
+            _LOG.debug("abandoned by a failed checkpoint read or write: %r", unraisable.object,
+                       exc_info=unraisable.exc_value)  # fmt: skip
+        else:
+            hook(unraisable)
+
+    return quieted
+
+
+def _quiet_orbax_tasks(record: logging.LogRecord) -> bool:
+    """``asyncio`` log filter: "Task exception was never retrieved", "Task was destroyed but it
+    is pending" of Orbax's work go to the debug log (module doc); other records pass."""
+    error = record.exc_info[1] if record.exc_info else None
+    if not _from_orbax(error, record.getMessage()):
         return True
     _LOG.debug("asyncio: %s", record.getMessage(), exc_info=record.exc_info)
     return False
 
 
-logging.getLogger("asyncio").addFilter(_abandoned_orbax_task)
+# Orbax abandons its asyncio work at any time, in any thread, when a read or write fails:
+# these filters are in place for as long as checkpoints are used.
+sys.unraisablehook = _quiet_orbax(sys.unraisablehook)
+logging.getLogger("asyncio").addFilter(_quiet_orbax_tasks)
 
 
 def _describe(path: epath.Path, error: BaseException) -> str:
