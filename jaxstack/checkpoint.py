@@ -22,9 +22,10 @@ Reliability (restore):
 - Orbax reads and writes run as asyncio tasks; when one fails, the others are abandoned and
   Python would report them on the console whenever they are collected, in any thread
   ("Exception ignored in: <coroutine ...>", "Event loop is closed", "Task exception was never
-  retrieved"). Importing this module filters those reports (``sys.unraisablehook`` and the
-  ``asyncio`` logger, for errors from Orbax or TensorStore code and closed event loops) into
-  the ``jaxstack.background`` log at debug level; the error raised says what failed.
+  retrieved"). A ``CheckpointManager`` filters those reports (it wraps ``sys.unraisablehook``
+  as set when it is made, and filters the ``asyncio`` logger; for errors from Orbax or
+  TensorStore code and closed event loops) into the ``jaxstack.background`` log at debug
+  level; the error raised says what failed.
 
 Reliability (save):
 
@@ -129,6 +130,7 @@ class CheckpointManager:
         self.save_every = save_every
         self._staging: tuple[Any, list[jax.Array]] | None = None
         self._readers = _handlers()
+        _quiet_orbax_noise()  # failed reads and writes abandon asyncio work, collected any time
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
         try:
             self._manager = ocp.CheckpointManager(
@@ -503,7 +505,18 @@ def _quiet_orbax(hook: Callable[[Any], Any]) -> Callable[[Any], None]:
         else:
             hook(unraisable)
 
+    quieted.quiets_orbax = True
     return quieted
+
+
+def _quiet_orbax_noise() -> None:
+    """Put the filters of abandoned Orbax work in place (module doc), over whatever hook and
+    handlers the program has set by now (the CLI sends library logs to a file)."""
+    if not getattr(sys.unraisablehook, "quiets_orbax", False):
+        sys.unraisablehook = _quiet_orbax(sys.unraisablehook)
+    asyncio_logger = logging.getLogger("asyncio")
+    if _quiet_orbax_tasks not in asyncio_logger.filters:
+        asyncio_logger.addFilter(_quiet_orbax_tasks)
 
 
 def _quiet_orbax_tasks(record: logging.LogRecord) -> bool:
@@ -514,12 +527,6 @@ def _quiet_orbax_tasks(record: logging.LogRecord) -> bool:
         return True
     _LOG.debug("asyncio: %s", record.getMessage(), exc_info=record.exc_info)
     return False
-
-
-# Orbax abandons its asyncio work at any time, in any thread, when a read or write fails:
-# these filters are in place for as long as checkpoints are used.
-sys.unraisablehook = _quiet_orbax(sys.unraisablehook)
-logging.getLogger("asyncio").addFilter(_quiet_orbax_tasks)
 
 
 def _describe(path: epath.Path, error: BaseException) -> str:

@@ -269,7 +269,9 @@ def test_a_read_only_checkpoint_dir_fails_at_once_with_one_line(tmp_path):
 
 
 def _small_files_only():
-    limit = 64 * 1024  # metrics lines fit; a checkpoint's data file does not
+    # metrics lines and error.log (Orbax's tracebacks of the failed write, ~40 KB) fit; the
+    # checkpoint's largest data file (~1.8 MB) does not
+    limit = 256 * 1024
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails with EFBIG
 
