@@ -51,6 +51,8 @@ updates the state in place. A save waits for the previous write first, since it 
 buffers that write reads.
 """
 
+import atexit
+import contextlib
 import datetime
 import errno
 import functools
@@ -130,6 +132,7 @@ class CheckpointManager:
         self.save_every = save_every
         self._staging: tuple[Any, list[jax.Array]] | None = None
         self._readers = _handlers()
+        self._discard_at_exit = False
         _quiet_orbax_noise()  # failed reads and writes abandon asyncio work, collected any time
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
         try:
@@ -146,7 +149,16 @@ class CheckpointManager:
             return
         for path in self.directory.iterdir():
             if ".orbax-checkpoint-tmp" in path.name:
-                path.rmtree(missing_ok=True)
+                with contextlib.suppress(OSError):  # best effort: the next start retries
+                    path.rmtree(missing_ok=True)
+
+    def _discard_failed_save(self) -> None:
+        """Remove what a failed save left, now and again when the process exits: TensorStore
+        may still finish writes the failed save started, and they recreate its directory."""
+        self.remove_unfinished()
+        if not self._discard_at_exit:
+            atexit.register(self.remove_unfinished)
+            self._discard_at_exit = True
 
     def latest_step(self) -> int | None:
         """The newest saved step, or None when the directory holds no checkpoint."""
@@ -181,7 +193,7 @@ class CheckpointManager:
                 force=True,
             )
         except Exception as error:  # orbax / tensorstore / OS errors alike
-            self.remove_unfinished()
+            self._discard_failed_save()
             raise CheckpointError(_describe(self.directory / str(step), error)) from error
 
     def _staged(self, state: Any) -> Any:
@@ -219,7 +231,7 @@ class CheckpointManager:
         try:
             self._manager.check_for_errors()
         except Exception as error:
-            self.remove_unfinished()
+            self._discard_failed_save()
             raise CheckpointError(_describe(self.directory, error)) from error
 
     def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -384,7 +396,7 @@ class CheckpointManager:
         try:
             self._manager.wait_until_finished()
         except Exception as error:
-            self.remove_unfinished()
+            self._discard_failed_save()
             raise CheckpointError(_describe(self.directory, error)) from error
         self.check()
 

@@ -102,17 +102,18 @@ class WorkDirLock:
             WorkDirBusyError: a live process holds it (named), on every process.
             WorkDirLockError: the lock file cannot be created or locked, on every process.
         """
-        kind, message = "", ""
+        failure, said = None, ""
         if jax.process_index() == 0:
             try:
                 self._take()
-            except WorkDirLockError as error:
-                kind, message = type(error).__name__, str(error)
-        kind, message = share(f"{kind}\n{message}")[0].split("\n", 1)
+            except Exception as error:  # the others are told before it is raised
+                failure, said = error, f"{type(error).__name__}\n{error}"
+        kind, _, message = share(said)[0].partition("\n")
+        if failure is not None:
+            raise failure
         if kind:
             error_class = WorkDirBusyError if kind == "WorkDirBusyError" else WorkDirLockError
-            where = "" if jax.process_index() == 0 else "process 0: "
-            raise error_class(where + message)
+            raise error_class(f"process 0: {message}")
 
     def _take(self) -> None:
         """This process takes the lock (``acquire``'s errors)."""
