@@ -9,11 +9,19 @@ Call it once per process before anything touches devices. Resolution order:
 
 With none of these (a laptop, one GPU box) it does nothing: a single process is already set.
 On CPU, collectives across processes use gloo.
+
+``share`` is how the processes of a job take one decision together (which checkpoint to
+restore, whether the work dir's lock was taken): each says what it saw, every one reads all.
 """
 
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+SHARE_BYTES = 1024
+"""The most of a process's text ``share`` carries (longer texts are cut)."""
 
 
 def _env_int(*names: str) -> int | None:
@@ -86,3 +94,14 @@ def initialize(
         coordinator_address, num_processes, process_id, local_device_ids=local_device_ids
     )
     return True
+
+
+def share(text: str) -> list[str]:
+    """Every process's ``text`` (at most ``SHARE_BYTES`` of it), in process order, on every
+    process; ``[text]`` in a single process. Every process must call it at the same point: it
+    is a barrier."""
+    if jax.process_count() == 1:
+        return [text]
+    data = np.frombuffer(text.encode()[:SHARE_BYTES].ljust(SHARE_BYTES, b"\0"), np.uint8)
+    gathered = np.asarray(multihost_utils.process_allgather(data))
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in gathered]

@@ -1,8 +1,10 @@
 """Preemption: SIGTERM / SIGINT end a run at a step boundary with a saved checkpoint.
 
 Single process: the first signal sets a flag the training loop reads between steps (no
-device sync); the loop then saves synchronously and returns. A watchdog exits the process
-if that takes longer than the grace period, and a second signal exits at once.
+device sync); the loop then saves synchronously, still inside the guard, and returns. From
+the signal on, a watchdog exits the process (status ``128 + signal``, saying so) if finishing
+the step and the save takes longer than the grace period, and a second signal exits at once
+(the same status): neither waits for a save that hangs.
 
 Several processes: JAX's preemption service (``jax.distributed``) receives SIGTERM on any
 host and agrees on one step at which every process stops

@@ -22,16 +22,13 @@ from jaxstack.data.chat import FORMATS, ChatTemplate, WeightedPackedDataset, det
 from jaxstack.data.text import resolve_paths
 from jaxstack.data.tokenizers import Tokenizer
 from jaxstack.hf.saving import HF_SUBDIR
-from jaxstack.layers.moe import route_router_bias
 from jaxstack.layers.rope import Llama3RopeScaling
-from jaxstack.lm import lm_analysis, lm_functions, lm_param_specs
+from jaxstack.lm import lm_functions, lm_param_specs
 from jaxstack.mesh import make_mesh, parse_mesh
 from jaxstack.metrics import long_step
 from jaxstack.models import FAMILIES, Llama, LlamaConfig, family_of, model_for, preset
-from jaxstack.optim import optimizer_for, weight_decay_mask
 from jaxstack.overrides import check_types
 from jaxstack.planning import mesh_axis_sizes
-from jaxstack.train_config import DEFAULT_NUM_STEPS
 from jaxstack.trainer import TrainConfig, Trainer
 from jaxstack.workdir import work_path
 
@@ -337,31 +334,10 @@ def make_trainer(run: RunConfig, tokenizer: Tokenizer, converted: bool = False) 
         pred_fn=pred_fn,
         config=run.train,
         mesh=mesh,
-        optimizer=_router_bias_optimizer(run, model, init),
+        router_bias_rate=getattr(run.model, "router_bias_rate", 0.0) or None,
         param_specs_fn=specs,
         flops_per_token=run.model.flops_per_token(run.data.seq_len),
     )
-
-
-def _router_bias_optimizer(run: RunConfig, model: Llama, init):
-    """The Trainer's AdamW with the aux-loss-free balancing biases routed to their sign
-    update (``route_router_bias``), for a model that has them; None (the Trainer's default)
-    otherwise. Built here because the Trainer builds its default optimizer whole."""
-    rate = getattr(run.model, "router_bias_rate", 0.0)
-    if rate == 0:
-        return None
-    train = run.train
-    if train.num_steps is None and train.num_epochs is not None:
-        raise ValueError(
-            "model.router_bias_rate > 0 with train.num_epochs: the balancing biases' optimizer "
-            "is built before the epochs are counted; give --train.num_steps instead"
-        )
-    mask = None
-    if train.weight_decay > 0:
-        abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-        mask = weight_decay_mask(lm_analysis(model, run.data.seq_len, abstract), train)
-    steps = train.num_steps or DEFAULT_NUM_STEPS
-    return route_router_bias(optimizer_for(train, steps, mask), rate)
 
 
 RESUME_CHOICES = ("auto", "force", "overwrite")

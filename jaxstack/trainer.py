@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxstack.auto import choose_mesh_for
 from jaxstack.checkpoint import CheckpointManager
 from jaxstack.data import DataLoader, Prefix
+from jaxstack.layers.moe import ROUTER_BIAS, route_router_bias
 from jaxstack.mesh import MeshSpec, batch_divisor, batch_sharding, resolve_mesh
 from jaxstack.metrics import MetricsLogger, Throughput, host_value
 from jaxstack.optim import HOST, optimizer_for, weight_decay_mask
@@ -49,6 +50,7 @@ from sharding_rules import (
     param_rules,
     specs_tree,
 )
+from sharding_rules.paths import leaves_with_paths
 
 Params = Any
 ParamSpecsFn = Callable[[Params, Mesh], Params]
@@ -88,6 +90,10 @@ class Trainer:
             batch from the traced ``loss_fn``) or None (all devices data-parallel).
         optimizer: any optax transformation (default: AdamW with ``config``'s schedule and
             decay mask). ``config.grad_clip`` applies before it either way.
+        router_bias_rate: for a MoE model with aux-loss-free balancing biases (parameters
+            named ``score_bias``; ``router_bias_rate > 0`` in its config): the model config's
+            rate. Those biases then move by ``route_router_bias``'s sign update, never by the
+            optimizer. The default optimizer refuses such a model without it.
         param_specs_fn: ``(abstract params, mesh) -> PartitionSpecs``; by default
             ``sharding_rules`` derives them from the computation of ``loss_fn`` on the first
             batch's shapes (tensor pairs, vocab-parallel heads, FSDP, experts).
@@ -114,6 +120,7 @@ class Trainer:
         sharding_overrides: dict[str, PartitionSpec] | None = None,
         flops_per_token: float | None = None,
         eval_metric_fn: EvalMetricFn | None = None,
+        router_bias_rate: float | None = None,
     ):
         config = TrainConfig() if config is None else config
         if not isinstance(config, TrainConfig):
@@ -135,7 +142,13 @@ class Trainer:
         if self._mesh is not None:
             self._check_batch_divides()
         self._init_fn = params if callable(params) else (lambda _: params)
+        if router_bias_rate is not None and not router_bias_rate > 0:
+            raise ValueError(
+                f"router_bias_rate={router_bias_rate} must be > 0 (or None for a model without "
+                "router biases)"
+            )
         self._optimizer_arg = optimizer
+        self.router_bias_rate = router_bias_rate
         self._param_specs_fn = param_specs_fn
         self._num_steps = config.num_steps or (None if config.num_epochs else DEFAULT_NUM_STEPS)
         self._placement: _Placement | None = None
@@ -231,6 +244,7 @@ class Trainer:
             self._num_steps or 1,  # shapes only until fit counts the epochs' updates
             weight_decay_mask(analysis, cfg) if uses_decay else None,
         )
+        optimizer = self._route_router_bias(optimizer, abstract_params)
         if self._mesh is None:
             self._mesh = choose_mesh_for(
                 analysis,
@@ -291,6 +305,29 @@ class Trainer:
             ),
         )
         return self._placement
+
+    def _route_router_bias(
+        self, optimizer: optax.GradientTransformation, abstract_params: Params
+    ) -> optax.GradientTransformation:
+        """``optimizer`` with the balancing biases routed to their own update
+        (``router_bias_rate``'s doc); a model and rate that do not go together are refused."""
+        has_bias = any(
+            path.rsplit("/", 1)[-1] == ROUTER_BIAS for path in leaves_with_paths(abstract_params)[0]
+        )
+        if self.router_bias_rate is not None:
+            if not has_bias:
+                raise ValueError(
+                    f"router_bias_rate={self.router_bias_rate} but the params have no "
+                    f"{ROUTER_BIAS!r} (a model with router_bias_rate = 0): drop router_bias_rate"
+                )
+            return route_router_bias(optimizer, self.router_bias_rate)
+        if has_bias and self._optimizer_arg is None:
+            raise ValueError(
+                f"the params hold aux-loss-free balancing biases ({ROUTER_BIAS!r}, a MoE model "
+                "with router_bias_rate > 0) that AdamW, its weight decay and schedule must not "
+                "move: pass Trainer(router_bias_rate=model.config.router_bias_rate)"
+            )
+        return optimizer
 
     def _make_state_with(self, optimizer: optax.GradientTransformation):
         def make_state(rng: jax.Array) -> TrainState:
@@ -427,15 +464,15 @@ class Trainer:
         the logged metric records of this call.
 
         Raises:
-            WorkDirBusyError: another trainer is training in ``work_dir``.
+            WorkDirBusyError: another trainer is training in ``work_dir`` (on every process).
+            WorkDirLockError: the work dir's lock cannot be taken (on every process).
             CheckpointError / CheckpointMismatchError: saving failed, or the work dir's
                 checkpoints cannot be resumed (details in ``work_dir/error.log``).
             NonFiniteError: the run went non-finite (``TrainConfig.nonfinite``); the last
                 finite checkpoint is kept.
         """
         lock = WorkDirLock(self.config.work_dir)
-        if jax.process_index() == 0:
-            lock.acquire()
+        lock.acquire()
         try:
             return self._fit(train_dataset, eval_dataset, stop_after, restore_data_position)
         except Exception as error:
@@ -469,12 +506,12 @@ class Trainer:
             return []
         logger = MetricsLogger(cfg.work_dir, self.num_steps, start, show=cfg.progress_bar)
         try:
+            # the final save runs under the guard: after a signal, its grace period covers it
             with PreemptionGuard(cfg.preemption_grace_s) as guard:
                 records = self._loop(loader, eval_dataset, last, logger, guard)
-                if guard.signal_name is not None:
-                    self.preempted = True
-            self._save(loader, force=True)
-            self.checkpoints.wait()
+                self.preempted = guard.signal_name is not None
+                self._save(loader, force=True)
+                self.checkpoints.wait()
         finally:
             logger.close()
         if self.preempted:

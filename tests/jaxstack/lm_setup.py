@@ -29,7 +29,7 @@ def packed_dataset() -> PackedDataset:
 
 
 def lm_trainer(work_dir, *, model: Llama = MODEL, mesh=None, optimizer=None, init=None,
-               **config) -> Trainer:  # fmt: skip
+               router_bias_rate=None, **config) -> Trainer:  # fmt: skip
     """A Trainer of ``model`` with the LM functions; ``config`` overrides TrainConfig fields
     of a small run (16 examples per step, 8 steps)."""
     loss_fn, pred_fn = lm_functions(model)
@@ -55,6 +55,7 @@ def lm_trainer(work_dir, *, model: Llama = MODEL, mesh=None, optimizer=None, ini
         pred_fn=pred_fn,
         config=TrainConfig(**settings),
         optimizer=optimizer,
+        router_bias_rate=router_bias_rate,
         mesh=mesh,
         flops_per_token=model.config.flops_per_token(SEQ_LEN),
     )

@@ -384,6 +384,25 @@ def test_lm_loss_adds_the_weighted_router_losses(batch):
     assert metrics["expert_load_max"] >= 1.0
 
 
+def test_the_trainer_moves_the_balancing_biases_by_their_sign_update_only(tmp_path, batch):
+    """Through the Python API: the default AdamW never touches ``score_bias``; without the
+    rate it is refused, naming the fix."""
+    one_device = make_mesh(devices=jax.devices()[:1])
+    with pytest.raises(ValueError, match=r"pass Trainer\(router_bias_rate=model.config"):
+        lm_trainer(tmp_path, model=Mixtral(MOE), mesh=one_device).init(batch)
+    rate = MOE.router_bias_rate
+    trainer = lm_trainer(tmp_path, model=Mixtral(MOE), mesh=one_device, router_bias_rate=rate,
+                         weight_decay=0.1, warmup_steps=0)  # fmt: skip
+    trainer.train_step(batch)  # from zero: -rate * sign(load - 1/E), no Adam, no decay
+    biases = [
+        np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(trainer.params))
+        if path[-1].key == ROUTER_BIAS
+    ]
+    assert biases and all(set(np.abs(b).tolist()) <= {0.0, np.float32(rate)} for b in biases)
+    assert any((np.abs(b) == np.float32(rate)).any() for b in biases)
+
+
 def _sgd_trainer(tmp_path, mesh):
     # params move by exactly -grad: comparing params after one step compares gradients
     return lm_trainer(

@@ -81,6 +81,62 @@ def test_sigterm_saves_the_step_and_resume_continues_identically(tmp_path, capsy
     assert resumed_losses == [r["loss"] for r in _records(straight)]
 
 
+SLOW_FINAL_SAVE = """
+import sys, time
+import flax.linen as nn, jax.numpy as jnp, numpy as np
+import jaxstack as js
+from jaxstack.checkpoint import CheckpointManager
+
+save = CheckpointManager.save
+
+def slow_save(self, step, state, data_state, *, force=False):
+    if force:  # the final save (regular ones are never due)
+        print("saving", flush=True)
+        time.sleep(100)
+    return save(self, step, state, data_state, force=force)
+
+CheckpointManager.save = slow_save
+model = nn.Dense(2)
+js.Trainer(
+    params=lambda rng: model.init(rng, jnp.zeros((1, 4)))["params"],
+    collate_fn=lambda examples: {"x": np.stack(examples)},
+    loss_fn=lambda params, batch, rng: jnp.mean(model.apply({"params": params}, batch["x"])**2),
+    config=js.TrainConfig(work_dir=sys.argv[1], batch_size=8, num_steps=10**6,
+                          save_every=10**6, log_every=1, progress_bar=False,
+                          preemption_grace_s=float(sys.argv[2])),
+).fit([np.ones(4, np.float32)] * 16)
+"""
+
+
+@pytest.mark.parametrize("second_signal", [False, True])
+def test_the_grace_period_covers_the_final_save(tmp_path, second_signal):
+    """SIGTERM's save runs under the watchdog: a save that outlasts the grace period exits
+    non-zero saying so, and a second signal during it exits at once."""
+    grace = "60" if second_signal else "2"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_FINAL_SAVE, str(tmp_path), grace],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not _records(tmp_path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never logged"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.stdout.readline() == "saving\n"
+    signalled = time.monotonic()
+    if second_signal:
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if second_signal:
+        assert proc.returncode == 128 + signal.SIGINT, err
+        assert "second SIGINT: exiting now, without a save" in err
+    else:
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "did not finish within 2s (preemption_grace_s); exiting without it" in err
+    assert time.monotonic() - signalled < 30  # not the 100 s the save would take
+
+
 def _damage(step_dir: Path, how: str) -> None:
     data_files = sorted((step_dir / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
     if how == "truncated":
@@ -213,7 +269,9 @@ def test_a_read_only_checkpoint_dir_fails_at_once_with_one_line(tmp_path):
 
 
 def _small_files_only():
-    limit = 64 * 1024  # metrics lines fit; a checkpoint's data file does not
+    # metrics lines and error.log (Orbax's tracebacks of the failed write, ~40 KB) fit; the
+    # checkpoint's largest data file (~1.8 MB) does not
+    limit = 256 * 1024
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails with EFBIG
 

@@ -1,7 +1,11 @@
 """Work dirs as paths or URLs: file:// is the local path it names; a remote URL stays a URL
-and is either reachable or refused at once with what to install."""
+and is either reachable or refused at once with what to install; a file system without flock
+is said in one line, a lock file that cannot be made is one clear error."""
 
+import errno
+import fcntl
 import json
+import os
 import sys
 
 import flax.linen as nn
@@ -12,7 +16,13 @@ import pytest
 from etils import epath
 
 import jaxstack as js
-from jaxstack.workdir import WorkDirUnreachableError, is_local, work_path
+from jaxstack.workdir import (
+    WorkDirLock,
+    WorkDirLockError,
+    WorkDirUnreachableError,
+    is_local,
+    work_path,
+)
 
 MODEL = nn.Dense(3)
 
@@ -76,3 +86,26 @@ def test_unreachable_remote_work_dir_is_refused_naming_the_fix(monkeypatch):
     monkeypatch.setitem(sys.modules, "gcsfs", None)  # as on a machine without gcsfs
     with pytest.raises(WorkDirUnreachableError, match=r"gs://bucket/run cannot be reached.*gcsfs"):
         _trainer("gs://bucket/run", num_steps=2).fit(EXAMPLES)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_file_system_without_flock_proceeds_with_one_warning(tmp_path, monkeypatch, capsys):
+    def no_flock(handle, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # as on Lustre mounted without -o flock
+    lock, before = WorkDirLock(tmp_path), _open_fds()
+    lock.acquire()
+    lock.release()
+    assert _open_fds() == before  # the lock file's handle is not leaked
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "file system has no flock" in err, err
+
+
+def test_a_lock_that_cannot_be_made_is_one_clear_error(tmp_path):
+    (tmp_path / ".lock").mkdir()  # the lock file cannot be opened
+    with pytest.raises(WorkDirLockError, match=r"cannot create the lock file .*\.lock"):
+        WorkDirLock(tmp_path).acquire()
