@@ -64,3 +64,48 @@ def test_a_result_file_round_trips_into_its_table(tmp_path, monkeypatch, capsys)
 def test_an_unknown_table_marker_is_an_error():
     with pytest.raises(ValueError, match="no such table"):
         report.render("<!-- table:nope -->\n<!-- /table -->\n", [])
+
+
+def _committed(name: str) -> dict:
+    """A committed result file as ``load_results`` gives it: the fixture record."""
+    path = common.RESULTS_DIR / name
+    return {**json.loads(path.read_text()), "file": path.name}
+
+
+def test_checkpoint_row_reads_its_record():
+    record = _committed("checkpoint-2026-12-01-baf2682e.json")
+    result = record["result"]
+    (row,) = [r for r in report.checkpoint_table([record]).splitlines() if r.startswith("| 100m")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "100m, 2 x 512"
+    assert cells[1] == ", ".join(result["checkpoint"]["codecs"]) and cells[-1] == record["file"]
+    trainers = result["trainers"]
+    assert cells[4] == (
+        f"{trainers['no_save']['median_step_s']:.2f}; "
+        f"{trainers['save_every_step']['median_step_s']:.2f}"
+    )
+    assert cells[5].strip("*").startswith(f"{100 * result['overhead']:.1f}%")
+    # a smoke run of the same setup never reaches the docs
+    quick = {**record, "result": {**result, "setup": {**result["setup"], "quick": True}}}
+    assert "No recorded run" in report.checkpoint_table([quick])
+
+
+def test_serve_rows_give_each_framework_its_ratio_to_transformers():
+    record = _committed("serve-2026-12-01-8a25ef8a.json")
+    table = report.serve_table([record])
+    for row in record["result"]["rows"]:
+        base = next(
+            r["output_tokens_per_s"]
+            for r in record["result"]["rows"]
+            if r["framework"] == "transformers" and r["concurrency"] == row["concurrency"]
+        )
+        line = next(
+            line
+            for line in table.splitlines()
+            if f"| {row['concurrency']} | {row['framework']} |" in line
+        )
+        assert line.rstrip(" |").endswith(f"{row['output_tokens_per_s'] / base:.2f}x")
+        assert f"{row['output_tokens_per_s']:.1f}" in line
+    assert record["file"] in table
+    quick = {**record, "result": {**record["result"], "setup": {"quick": True}}}
+    assert "No recorded run" in report.serve_table([quick])
