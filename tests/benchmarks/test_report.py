@@ -64,3 +64,28 @@ def test_a_result_file_round_trips_into_its_table(tmp_path, monkeypatch, capsys)
 def test_an_unknown_table_marker_is_an_error():
     with pytest.raises(ValueError, match="no such table"):
         report.render("<!-- table:nope -->\n<!-- /table -->\n", [])
+
+
+def _committed(name: str) -> dict:
+    """A committed result file as ``load_results`` gives it: the fixture record."""
+    path = common.RESULTS_DIR / name
+    return {**json.loads(path.read_text()), "file": path.name}
+
+
+def test_checkpoint_row_reads_its_record():
+    record = _committed("checkpoint-2026-12-01-baf2682e.json")
+    result = record["result"]
+    (row,) = [r for r in report.checkpoint_table([record]).splitlines() if r.startswith("| 100m")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "100m, 2 x 512"
+    assert cells[1] == ", ".join(result["checkpoint"]["codecs"]) and cells[-1] == record["file"]
+    trainers = result["trainers"]
+    assert cells[4] == (
+        f"{trainers['no_save']['median_step_s']:.2f}; "
+        f"{trainers['save_every_step']['median_step_s']:.2f}"
+    )
+    assert cells[5].strip("*").startswith(f"{100 * result['overhead']:.1f}%")
+    # a smoke run of the same setup never reaches the docs
+    quick = {**record, "result": {**result, "setup": {**result["setup"], "quick": True}}}
+    assert "No recorded run" in report.checkpoint_table([quick])
+

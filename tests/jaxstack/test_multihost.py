@@ -21,7 +21,12 @@ def _free_port() -> int:
 
 
 def _env(devices: int, **extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JAX_", "XLA_"))
+        or k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))  # the suite's cache
+    }
     repo = str(Path(__file__).parents[2])
     env.update(
         JAX_PLATFORMS="cpu",

@@ -13,6 +13,7 @@ import pytest
 
 RECIPES = Path(__file__).parents[2] / "recipes"
 SCRIPTS = ["slurm_gpu.sbatch", "tpu_pod.sh"]
+KEPT_JAX_VARIABLES = ("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE")  # the suite's cache
 TINY_RUN = [
     "--model.num_layers", "2", "--data.seq_len", "32", "--data.max_files", "4",
     "--data.eval_examples", "8", "--train.num_steps", "2", "--train.batch_size", "8",
@@ -63,7 +64,11 @@ def test_launched_command_trains_on_two_local_processes(script, tmp_path):
     fake.write_text(FAKE.format(python=sys.executable, name=name, port=port))
     fake.chmod(0o755)
     work_dir = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_", "SLURM_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("JAX_", "XLA_", "SLURM_")) or k.startswith(KEPT_JAX_VARIABLES)
+    }
     env.update(
         PATH=f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
         JAX_PLATFORMS="cpu",
