@@ -88,4 +88,3 @@ def test_checkpoint_row_reads_its_record():
     # a smoke run of the same setup never reaches the docs
     quick = {**record, "result": {**result, "setup": {**result["setup"], "quick": True}}}
     assert "No recorded run" in report.checkpoint_table([quick])
-
