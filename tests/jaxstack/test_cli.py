@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxstack import cli, hf, xla_flags
+from jaxstack import hf, xla_flags
 from jaxstack.cli import main
 from jaxstack.run import load_run
 
@@ -127,7 +127,7 @@ def test_train_names_a_missing_data_path(tmp_path, capsys):
 
 def test_serve_names_what_a_model_directory_lacks(tmp_path, capsys, monkeypatch):
     """Each check fails before anything loads (the engine is never built)."""
-    monkeypatch.setattr(cli, "LLM", lambda **_: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("jaxstack.serve.LLM", lambda **_: pytest.fail("the model was loaded"))
     no_config, no_weights, no_tokenizer = (tmp_path / n for n in ("a", "b", "c"))
     for directory, files in ((no_config, ["tokenizer.json"]),
                              (no_weights, ["config.json", "tokenizer.json"]),
