@@ -20,6 +20,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+QUICK_COMPILES = "--xla_backend_optimization_level=0"  # as the suite's own (conftest.py)
+
+
 def _env(devices: int, **extra: str) -> dict:
     env = {
         k: v
@@ -30,7 +33,7 @@ def _env(devices: int, **extra: str) -> dict:
     repo = str(Path(__file__).parents[2])
     env.update(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {QUICK_COMPILES}",
         PYTHONPATH=os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")])),
         **extra,
     )

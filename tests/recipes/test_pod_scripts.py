@@ -72,7 +72,8 @@ def test_launched_command_trains_on_two_local_processes(script, tmp_path):
     env.update(
         PATH=f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        # quick compiles, as conftest.py sets for the suite
+        XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
         TPU_NAME="test-pod",
         ZONE="local",
         WORK_DIR=str(work_dir),
