@@ -1,4 +1,9 @@
-"""Supervised fine-tuning of a Hugging Face model, with prompt tokens masked out of the loss.
+"""Supervised fine-tuning of a Hugging Face model in Python, with prompt tokens masked out of
+the loss: the three functions (``collate_fn``, ``loss_fn``, ``pred_fn``) written out.
+
+From the command line the same fine-tune is one command, with chat data too
+(``jaxstack train --init.hf DIR --data.source data.jsonl --train.export_hf OUT``; see
+docs/quickstart.md); this recipe shows the Python path for a loss or data of your own.
 
 Loads a local Hugging Face directory (config.json, safetensors, tokenizer.json), trains on
 ``{"prompt": ..., "response": ...}`` examples where only response tokens (and the final EOS)
@@ -37,6 +42,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import jaxstack as js
 from jaxstack import hf
 from jaxstack.data import load_tokenizer
+from jaxstack.data.chat import prompt_response_document
+from jaxstack.data.text import iter_jsonl
 from jaxstack.distributed import initialize
 
 
@@ -50,17 +57,9 @@ def toy_examples() -> list[dict]:
 
 
 def read_examples(path: str) -> list[dict]:
-    """``{"prompt", "response"}`` records of a JSONL file (errors name the line)."""
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not {"prompt", "response"} <= set(record):
-                raise ValueError(f"{path}:{lineno}: expected an object with prompt and response")
-            examples.append({"prompt": record["prompt"], "response": record["response"]})
-    return examples
+    """``{"prompt", "response"}`` records of a JSONL file (errors name the file, line and
+    field when the records are tokenized)."""
+    return [record for _, record in iter_jsonl(path)]
 
 
 def make_tiny_model(directory: str) -> Path:
@@ -102,23 +101,22 @@ def make_tiny_model(directory: str) -> Path:
 def make_collate_fn(tokenizer, seq_len: int):
     """``collate_fn``: examples -> ``input_ids``, ``targets``, ``loss_mask`` [b, seq_len].
 
-    Position j predicts token j + 1 of ``bos + prompt + response + eos``; ``loss_mask`` is 1
-    exactly where that token belongs to the response or is the EOS, 0 on prompt and padding.
+    Position j predicts token j + 1 of ``bos + prompt + response + eos`` (jaxstack's own
+    prompt/response tokenization, as ``jaxstack train --data.format prompt_response`` uses);
+    ``loss_mask`` is 1 exactly where that token belongs to the response or is the EOS.
     """
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    add_bos = tokenizer.bos_id is not None
 
     def collate_fn(examples: list[dict]) -> dict[str, np.ndarray]:
         input_ids = np.full((len(examples), seq_len), pad, np.int32)
         targets = np.full((len(examples), seq_len), pad, np.int32)
         loss_mask = np.zeros((len(examples), seq_len), np.float32)
         for row, example in enumerate(examples):
-            prompt = tokenizer.encode(example["prompt"], add_bos=add_bos)
-            response = tokenizer.encode(example["response"], add_eos=True)
-            tokens = (prompt + response)[: seq_len + 1]
-            input_ids[row, : len(tokens) - 1] = tokens[:-1]
-            targets[row, : len(tokens) - 1] = tokens[1:]
-            loss_mask[row, len(prompt) - 1 : len(tokens) - 1] = 1.0
+            ids, weights = prompt_response_document(example, f"example {row}", tokenizer)
+            ids, weights = ids + [tokenizer.eos_id], weights + [1.0]
+            n = min(len(ids), seq_len + 1) - 1  # a long example is cut, its EOS with it
+            input_ids[row, :n], targets[row, :n] = ids[:n], ids[1 : n + 1]
+            loss_mask[row, :n] = weights[1 : n + 1]
         return {"input_ids": input_ids, "targets": targets, "loss_mask": loss_mask}
 
     return collate_fn
