@@ -24,8 +24,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Callable
-from collections.abc import Sequence as SequenceOf
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -37,7 +36,7 @@ from jaxstack.serve.kv_cache import KVCacheManager
 from jaxstack.serve.metrics import EngineMetrics
 from jaxstack.serve.runner import ModelRunner
 from jaxstack.serve.sampling import SamplingParams
-from jaxstack.serve.scheduler import Scheduler, Sequence
+from jaxstack.serve.scheduler import RequestState, Scheduler
 
 log = logging.getLogger("jaxstack.serve")
 RECOVERY_RETRY_S = 1.0
@@ -117,7 +116,7 @@ class RequestOutput:
 
 @dataclass(eq=False)
 class _Request:
-    seq: Sequence
+    seq: RequestState
     on_output: Callable[[RequestOutput], None]
     arrival_time: float
     first_token_time: float | None = None
@@ -146,7 +145,7 @@ class Engine:
         config: EngineConfig | None = None,
         *,
         tokenizer: Tokenizer | None = None,
-        eos_id: int | SequenceOf[int] | None = None,
+        eos_id: int | Sequence[int] | None = None,
         mesh: Mesh | None = None,
         progress: bool = True,
     ):
@@ -215,7 +214,7 @@ class Engine:
         number = next(self._ids)
         request_id = request_id or f"req-{number}"
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        seq = Sequence(request_id, [int(t) for t in prompt], params, seed % 2**32, number)
+        seq = RequestState(request_id, [int(t) for t in prompt], params, seed % 2**32, number)
         request = _Request(seq, on_output, time.monotonic(), stops=params.stop)
         with self._lock:
             if self._stopping:
@@ -338,7 +337,7 @@ class Engine:
             message = f"request {seq.request_id} does not fit into the free KV cache pages"
             self._finish(self._requests.get(seq.request_id), "error", message)
 
-    def _run(self, step: list[tuple[Sequence, int]]) -> None:
+    def _run(self, step: list[tuple[RequestState, int]]) -> None:
         inputs = self.runner.pack(step)
         try:
             sampled = self.runner.run(inputs)
@@ -360,7 +359,7 @@ class Engine:
                 self._finish(request, "error", repr(error))
         self.metrics.on_tokens(produced)
 
-    def _step_failed(self, step: list[tuple[Sequence, int]], error: Exception) -> None:
+    def _step_failed(self, step: list[tuple[RequestState, int]], error: Exception) -> None:
         """A device step raised: end the requests that exhausted their retries, re-queue
         every other running request for recompute, and rebuild the KV pages."""
         log.exception("engine step failed; rebuilding the KV cache")

@@ -3,7 +3,7 @@
 import dataclasses
 import os
 import threading
-from collections.abc import Sequence as SequenceOf
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -53,7 +53,7 @@ class LLM:
         hf: str | os.PathLike | None = None,
         work_dir: str | os.PathLike | None = None,
         tokenizer: Tokenizer | None = None,
-        eos_id: int | SequenceOf[int] | None = None,
+        eos_id: int | Sequence[int] | None = None,
         mesh: Mesh | None = None,
         dtype: str = "auto",
         config: EngineConfig | None = None,
@@ -113,8 +113,8 @@ class LLM:
 
     def generate(
         self,
-        prompts: str | list[int] | SequenceOf[str | list[int]],
-        sampling: SamplingParams | SequenceOf[SamplingParams] | None = None,
+        prompts: str | list[int] | Sequence[str | list[int]],
+        sampling: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Final outputs for ``prompts`` (texts or token id lists), in order; ``sampling`` is
         one ``SamplingParams`` for all or one per prompt (default greedy, 16 tokens)."""

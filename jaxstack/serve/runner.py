@@ -19,7 +19,7 @@ from jaxstack.layers.attention import PagedBatch, PagedCache
 from jaxstack.metrics import tracked
 from jaxstack.models.llama import Llama
 from jaxstack.serve.sampling import sample_rows
-from jaxstack.serve.scheduler import Sequence
+from jaxstack.serve.scheduler import RequestState
 from sharding_rules import fitting_spec, infer_param_specs
 
 
@@ -184,7 +184,7 @@ class ModelRunner:
 
     def pack(
         self,
-        step: list[tuple[Sequence, int]],
+        step: list[tuple[RequestState, int]],
         *,
         num_tokens: int | None = None,
         num_seqs: int | None = None,

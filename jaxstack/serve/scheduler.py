@@ -21,7 +21,7 @@ from jaxstack.serve.sampling import SamplingParams
 
 
 @dataclass(eq=False)
-class Sequence:
+class RequestState:
     """One request's tokens and its place in the KV cache (owned by the engine thread)."""
 
     request_id: str
@@ -77,15 +77,15 @@ class Scheduler:
     def __init__(self, cache: KVCacheManager, *, max_num_tokens: int, max_num_seqs: int):
         self.cache = cache
         self.max_num_tokens, self.max_num_seqs = max_num_tokens, max_num_seqs
-        self.waiting: list[Sequence] = []  # sorted by arrival
-        self.running: list[Sequence] = []  # sorted by arrival
+        self.waiting: list[RequestState] = []  # sorted by arrival
+        self.running: list[RequestState] = []  # sorted by arrival
         self.stats = SchedulerStats()
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: RequestState) -> None:
         """Queue ``seq`` (a new request, arrival order)."""
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
 
-    def remove(self, seq: Sequence) -> None:
+    def remove(self, seq: RequestState) -> None:
         """Drop ``seq`` (finished or cancelled) and free its pages."""
         if seq in self.running:
             self.running.remove(seq)
@@ -93,7 +93,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self._free(seq)
 
-    def requeue_running(self) -> list[Sequence]:
+    def requeue_running(self) -> list[RequestState]:
         """Move every running sequence back to the waiting queue with its pages freed (its
         tokens are recomputed when it is admitted again); returns them."""
         requeued = list(self.running)
@@ -106,9 +106,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
+    def schedule(self) -> list[tuple[RequestState, int]]:
         """This step's sequences and how many of their pending tokens each computes."""
-        chosen: dict[Sequence, int] = {}
+        chosen: dict[RequestState, int] = {}
         for seq in sorted(self.running, key=lambda s: (s.num_pending > 1, s.arrival)):
             budget = self.max_num_tokens - sum(chosen.values())
             if budget == 0:
@@ -121,7 +121,7 @@ class Scheduler:
                 break
         return list(chosen.items())
 
-    def advance(self, step: list[tuple[Sequence, int]]) -> None:
+    def advance(self, step: list[tuple[RequestState, int]]) -> None:
         """Record that ``step`` ran: its tokens' keys are in the cache; full pages enter the
         prefix cache."""
         for seq, n in step:
@@ -136,11 +136,11 @@ class Scheduler:
                     self.cache.register(seq.pages[seq.num_registered], key)
                     seq.num_registered, seq.last_key = seq.num_registered + 1, key
 
-    def _pages_for(self, seq: Sequence, n: int) -> int:
+    def _pages_for(self, seq: RequestState, n: int) -> int:
         """New pages ``seq`` needs to compute ``n`` more tokens."""
         return max(0, math.ceil((seq.num_computed + n) / self.cache.page_size) - len(seq.pages))
 
-    def _grow_or_preempt(self, seq: Sequence, n: int, chosen: dict[Sequence, int]) -> None:
+    def _grow_or_preempt(self, seq: RequestState, n: int, chosen: dict[RequestState, int]) -> None:
         """Schedule ``n`` tokens of running ``seq``, preempting the newest running sequences
         (``seq`` itself last) until its pages fit."""
         while (pages := self.cache.allocate(self._pages_for(seq, n))) is None:
@@ -152,7 +152,7 @@ class Scheduler:
         seq.pages += pages
         chosen[seq] = n
 
-    def _admit(self, seq: Sequence, budget: int, chosen: dict[Sequence, int]) -> bool:
+    def _admit(self, seq: RequestState, budget: int, chosen: dict[RequestState, int]) -> bool:
         """Start waiting ``seq`` with a chunk of at most ``budget`` tokens; False (and nothing
         changed) when no page is free for even one token."""
         ps = self.cache.page_size
@@ -174,12 +174,12 @@ class Scheduler:
         chosen[seq] = n
         return True
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: RequestState) -> None:
         self.running.remove(seq)
         self._free(seq)
         bisect.insort(self.waiting, seq, key=lambda s: s.arrival)
         self.stats.preemptions += 1
 
-    def _free(self, seq: Sequence) -> None:
+    def _free(self, seq: RequestState) -> None:
         self.cache.release(seq.pages)
         seq.pages, seq.num_computed, seq.num_registered, seq.last_key = [], 0, 0, b""
