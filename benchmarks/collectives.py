@@ -164,14 +164,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     """Measure every group, print the rows and write the record; returns the result file."""
     args = parse_args(argv)
-    if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":  # before jax starts its backend
-        common.configure_cpu_xla(device_count=NUM_DEVICES)
+    common.start_mesh_devices(NUM_DEVICES)
     import jax
 
     from benchmarks.train_cpu import random_batch
 
-    if jax.device_count() != NUM_DEVICES:
-        raise SystemExit(f"the meshes need {NUM_DEVICES} devices, found {jax.device_count()}")
     batch = random_batch(264, args.batch, args.seq)
     groups = {}
     for group, (axes, options) in GROUPS.items():

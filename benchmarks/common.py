@@ -67,6 +67,17 @@ def configure_cpu_xla(extra_flags: str = "", device_count: int | None = None) ->
     return os.environ["XLA_FLAGS"]
 
 
+def start_mesh_devices(count: int) -> None:
+    """Start jax with ``count`` devices for a mesh benchmark: ``count`` fake CPU devices
+    unless ``JAX_PLATFORMS`` names an accelerator; exits naming the count otherwise."""
+    if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":  # before jax starts its backend
+        configure_cpu_xla(device_count=count)
+    import jax
+
+    if jax.device_count() != count:
+        raise SystemExit(f"the meshes need {count} devices, found {jax.device_count()}")
+
+
 # ------------------------------------------------------------------------- shared set-up
 def jaxstack_train_config(work_dir: str, batch_size: int, num_steps: int) -> Any:
     """The ``jaxstack.TrainConfig`` of a training benchmark: the shared update (constant

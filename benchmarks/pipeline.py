@@ -183,14 +183,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     """Measure both parts, print the rows and write the record; returns the result file."""
     args = parse_args(argv)
-    if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":  # before jax starts its backend
-        common.configure_cpu_xla(device_count=NUM_DEVICES)
+    common.start_mesh_devices(NUM_DEVICES)
     import jax
 
     from benchmarks.train_cpu import random_batch
 
-    if jax.device_count() != NUM_DEVICES:
-        raise SystemExit(f"the meshes need {NUM_DEVICES} devices, found {jax.device_count()}")
     batch = random_batch(264, args.batch, args.seq)
     variants = pipeline_variants(args)
     pipeline_rows = add_bubbles(measure(args, variants, batch, memory=False), variants)
