@@ -359,9 +359,12 @@ class Llama(nn.Module):
     sequences with their ``positions`` ([1, T]) and returns the cache with their keys written.
     With ``return_hidden=True`` returns the final-norm hidden states [b, s, hidden] (compute
     dtype) in place of the logits, for a loss that applies ``head_kernel(params)`` itself
-    (``jaxstack.losses.fused_cross_entropy``). Under a mesh with ``stage`` > 1 and no cache
-    the stacked layers run as a pipeline (``jaxstack.layers.pipeline``, GPipe) on the same
-    parameters.
+    (``jaxstack.losses.fused_cross_entropy``). Under context parallelism the output comes
+    back in natural order unless ``natural_order=False``: then it stays in the order the
+    sequence split uses (no device gathers the whole sequence), and a loss reorders its
+    per-token targets to match with ``context_parallel.model_order``. Under a mesh with
+    ``stage`` > 1 and no cache the stacked layers run as a pipeline
+    (``jaxstack.layers.pipeline``, GPipe) on the same parameters.
     """
 
     config: LlamaConfig
@@ -386,6 +389,7 @@ class Llama(nn.Module):
         cache: LayerCache | PagedCache | None = None,
         decode_index: jax.Array | None = None,
         return_hidden: bool = False,
+        natural_order: bool = True,
     ):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -468,7 +472,7 @@ class Llama(nn.Module):
                 )
 
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
-        if reorder:
+        if reorder and natural_order:
             x = context_parallel.from_shards(x)
         if return_hidden:
             return x if cache is None else (x, cache)
