@@ -80,6 +80,8 @@ class LLM:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
         if hf is not None:
+            if attention_sinks:  # refused before any weight is read
+                with_attention_sinks(hf_io.load_config(hf), attention_sinks)
             tokenizer = tokenizer or load_tokenizer(hf)
             with long_step(f"loading weights from {hf}", progress):
                 model, params = load_hf_for_serving(hf, dtype, mesh)
@@ -99,7 +101,7 @@ class LLM:
                 params = cast(params, dtype)
             self.name = type(model).__name__.lower()
         if attention_sinks:
-            model = with_attention_sinks(model, attention_sinks)
+            model = model.clone(config=with_attention_sinks(model.config, attention_sinks))
         if eos_id is None:  # the tokenizer's, and every id the model's configs name
             named = [getattr(tokenizer, "eos_id", None)]
             named += hf_io.eos_ids(model.config.extra.get("eos_token_id"))
@@ -168,20 +170,20 @@ class LLM:
         self.close()
 
 
-def with_attention_sinks(model: Llama, sinks: int) -> Llama:
-    """``model`` keeping its first ``sinks`` tokens visible past its sliding window (the same
-    params serve it).
+def with_attention_sinks(config, sinks: int):
+    """``config`` (a model config) keeping its first ``sinks`` tokens visible past its
+    sliding window; the same params serve it.
 
     Raises:
         ValueError: the model has no sliding window, naming the fix.
     """
-    if model.config.sliding_window is None:
+    if config.sliding_window is None:
         raise ValueError(
             f"attention_sinks={sinks} needs a model with a sliding window, and this one "
             "attends to every earlier token already (its config has no sliding_window); "
             "drop attention_sinks / --attention-sinks"
         )
-    return model.clone(config=dataclasses.replace(model.config, attention_sinks=sinks))
+    return dataclasses.replace(config, attention_sinks=sinks)
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str | None, cpu_default: str) -> str:
