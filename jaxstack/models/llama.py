@@ -796,6 +796,7 @@ def hf_decoder_config(
             f"extra['hf_model_type']={model_type!r}; choose one of {sorted(architectures)}"
         )
     expected = {"qkv_bias": attention == "qwen2", "qk_norm": attention == "qwen3"}
+    expected["attention_sinks"] = 0  # no HF family has them: serve with --attention-sinks
     if attention == "llama":
         expected["sliding_window"] = None
     for name, value in expected.items():

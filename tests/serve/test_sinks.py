@@ -76,3 +76,6 @@ def test_sinks_without_a_sliding_window_are_refused(windowed, capsys):
         LLM(model, params, attention_sinks=4, **OPTIONS)
     with pytest.raises(ValueError, match="attention_sinks=2 needs a model with a sliding_window"):
         dataclasses.replace(model.config, attention_sinks=2)
+    sinks = dataclasses.replace(hf.load_config(directory / "mistral"), attention_sinks=4)
+    with pytest.raises(ValueError, match="attention_sinks=4 cannot be written as HF"):
+        hf.config_to_hf(sinks, "float32")  # no HF family has sinks: an export would drop them
