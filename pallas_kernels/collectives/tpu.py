@@ -21,8 +21,9 @@ Every step uses its own buffer slot, so a DMA never writes a slot someone still 
 the kernels are race-free without flow-control semaphores (checked in TPU interpret mode
 with ``detect_races=True``), at the price of ``n`` slots of VMEM; production-sized blocks
 would double-buffer with a credit semaphore instead. The custom VJPs pair them: the
-backward of one is the other (:mod:`~pallas_kernels.collectives.vjp`), with the weight
-gradient a local matmul against the gathered operand the all-gather kernel returns.
+backward of one is the other (:mod:`~pallas_kernels.collectives.vjp`); the weight gradients
+contract against the gathered operand the all-gather kernel returns, or, where no matmul
+goes with it, an XLA all-gather of the saved shard.
 """
 
 from __future__ import annotations
@@ -131,8 +132,12 @@ def _call(kernel, out_shape, scratch, n: int, interpret: Interpret):
     )
 
 
-def _gather_matmul(x, ws, axis_name: str, interpret: Interpret):
-    """``((all_gather(x) @ w,), all_gather(x))``: one weight (``vjp.GatherMatmul``)."""
+def _gather_matmul(x, ws, grams_with, axis_name: str, interpret: Interpret):
+    """``vjp.GatherMatmul`` with at most one weight: the kernel when there is one (it hands
+    back the gathered ``x`` for the grams), else an XLA all-gather for the grams alone."""
+    if not ws:
+        gathered = lax.all_gather(x, axis_name, tiled=True)
+        return (), tuple(vjp.gram(gathered, g) for g in grams_with)
     (w,) = ws
     n = lax.axis_size(axis_name)
     m, k = x.shape
@@ -142,7 +147,8 @@ def _gather_matmul(x, ws, axis_name: str, interpret: Interpret):
     )
     kernel = functools.partial(_gather_matmul_kernel, axis_name=axis_name, n=n)
     y, gathered = _call(kernel, out_shape, [], n, interpret)(x, w)
-    return (y,), gathered.reshape(n * m, k)
+    gathered = gathered.reshape(n * m, k)
+    return (y,), tuple(vjp.gram(gathered, g) for g in grams_with)
 
 
 def _matmul_scatter(xs, ws, axis_name: str, interpret: Interpret):

@@ -4,9 +4,10 @@ Pallas TPU kernels of :mod:`~pallas_kernels.collectives.tpu`).
 
 The gradient of one is the other. For ``ys = all_gather_matmul(x, ws)``:
 ``dx = matmul_reduce_scatter(dys, ws^T)`` (one ring summing ``dy_i @ w_i^T``) and
-``dw_i = x_gathered^T dy_i`` (the forward keeps the gathered ``x`` it assembled anyway); for
-``y = matmul_reduce_scatter(x, w)``: ``dx, dy_gathered = all_gather_matmul(dy, w^T)`` and
-``dw = x^T dy_gathered``.
+``dw_i = all_gather(x)^T dy_i``, for which ``x`` travels the ring again: the forward saves
+this device's rows, not the gathered ones (Megatron-SP), so what a sequence-parallel layer
+keeps for backward falls with the ring size. For ``y = matmul_reduce_scatter(x, w)``: one
+ring of ``dy`` gives ``dx = all_gather(dy) @ w^T`` and ``dw^T = all_gather(dy)^T x``.
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-GatherMatmul = Callable[..., tuple[tuple[jax.Array, ...], jax.Array]]
-"""``(x, ws, axis_name, option) -> ((all_gather(x) @ w for w in ws), all_gather(x))``."""
+GatherMatmul = Callable[..., tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]]
+"""``(x, ws, grams_with, axis_name, option) -> ((all_gather(x) @ w for w in ws),
+(all_gather(x)^T g for g in grams_with))``: ``x: [..., m, k]``, each ``g: [..., n m, f]``, each
+gram ``[k, f]`` float32 (contracted over every dim but the last)."""
 MatmulScatter = Callable[..., jax.Array]
 """``(xs, ws, axis_name, option) -> psum_scatter(sum_i xs[i] @ ws[i])``."""
 
 
-def weight_grad(x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
-    """``x^T dy`` over every dim but the last: x ``[..., k]``, dy ``[..., f]`` -> ``[k, f]``,
-    accumulated in float32 and returned in ``w``'s dtype."""
-    lead = tuple(range(x.ndim - 1))
-    dw = lax.dot_general(x, dy, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
-    return dw.astype(w.dtype)
+def gram(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a^T b`` over every dim but the last: a ``[..., k]``, b ``[..., f]`` -> ``[k, f]``
+    float32."""
+    lead = tuple(range(a.ndim - 1))
+    return lax.dot_general(a, b, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
 
 
 def paired(
@@ -43,17 +45,17 @@ def paired(
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
     def all_gather_matmul(x, ws, axis_name: str, option: Any):
-        return gather_matmul(x, ws, axis_name, option)[0]
+        return gather_matmul(x, ws, (), axis_name, option)[0]
 
     def all_gather_matmul_fwd(x, ws, axis_name, option):
-        ys, gathered = gather_matmul(x, ws, axis_name, option)
-        return ys, (gathered, ws)
+        return gather_matmul(x, ws, (), axis_name, option)[0], (x, ws)
 
     def all_gather_matmul_bwd(axis_name, option, residuals, dys):
-        gathered, ws = residuals
+        x, ws = residuals
         w_ts = tuple(w.T for w in ws)
-        dx = matmul_scatter(dys, w_ts, axis_name, option).astype(gathered.dtype)
-        return dx, tuple(weight_grad(gathered, dy, w) for dy, w in zip(dys, ws, strict=True))
+        dx = matmul_scatter(dys, w_ts, axis_name, option).astype(x.dtype)
+        _, dws = gather_matmul(x, (), dys, axis_name, option)
+        return dx, tuple(dw.astype(w.dtype) for dw, w in zip(dws, ws, strict=True))
 
     all_gather_matmul.defvjp(all_gather_matmul_fwd, all_gather_matmul_bwd)
 
@@ -66,8 +68,8 @@ def paired(
 
     def matmul_reduce_scatter_bwd(axis_name, option, residuals, dy):
         x, w = residuals
-        (dx,), dy_gathered = gather_matmul(dy, (w.T,), axis_name, option)
-        return dx.astype(x.dtype), weight_grad(x, dy_gathered, w)
+        (dx,), (dw_t,) = gather_matmul(dy, (w.T,), (x,), axis_name, option)
+        return dx.astype(x.dtype), dw_t.T.astype(w.dtype)
 
     matmul_reduce_scatter.defvjp(matmul_reduce_scatter_fwd, matmul_reduce_scatter_bwd)
     return all_gather_matmul, matmul_reduce_scatter

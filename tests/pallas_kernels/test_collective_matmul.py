@@ -116,9 +116,10 @@ def test_both_ways_takes_half_the_steps():
 
 def test_several_weights_equal_separate_calls(mesh):
     """``all_gather_matmul(x, [w1, w2, w3])``: values and gradients of a plain all-gather
-    matmul per weight, by one ring forward and one ring backward; both ways on 4 devices
-    with one row each, so the opposite device's row comes whole from one side (2 hops one
-    way, 1 the other)."""
+    matmul per weight, by one ring forward and two backward (the reduce-scatter of ``dx``;
+    ``x`` again for the weight gradients, as the forward keeps only its own rows); both ways
+    on 4 devices with one row each, so the opposite device's row comes whole from one side
+    (2 hops one way, 1 the other)."""
     normal = _normal(3)
     x, ws = normal(2, 4, 20), tuple(normal(20, 4 * f) for f in (3, 1, 2))
     specs = ((P("data", "tensor"), (P(None, "tensor"),) * 3), (P("data", None, "tensor"),) * 3)
@@ -132,7 +133,7 @@ def test_several_weights_equal_separate_calls(mesh):
         x, ws
     )
     assert_matches(got, want, atol=2e-5)
-    assert _permutes(4, lambda x, ws: _values_and_grads(together, x, ws), x, ws) == {1: 4, -1: 2}
+    assert _permutes(4, lambda x, ws: _values_and_grads(together, x, ws), x, ws) == {1: 6, -1: 3}
 
 
 def test_bad_weights_are_refused(mesh):
@@ -164,3 +165,15 @@ def test_tpu_kernels_take_two_dimensional_operands():
 
     with pytest.raises(ValueError, match=r"x \[rows, k\] and w \[k, f\].*any rank"):
         tpu.all_gather_matmul(jnp.zeros((2, 4, 8)), jnp.zeros((8, 4)), axis_name="tensor")
+
+
+def test_the_gathered_rows_are_never_assembled():
+    """Megatron-SP: ``all_gather_matmul``'s forward keeps this device's rows, and its backward
+    passes them around the ring again for the weight gradient, so no buffer of the gathered
+    ``x`` (``[rows x devices, k]``) exists in the compiled forward-and-backward program: what a
+    sequence-parallel layer keeps for backward falls with the ring size."""
+    fn, _, in_specs, out_spec = OPS["all_gather_matmul"]
+    mapped = _mapped(fn, _ring_mesh(4), in_specs, out_spec)
+    x, w = jnp.ones((2, 12, 20)), jnp.ones((20, 28))  # per device x [1, 3, 20], w [20, 7]
+    hlo = jax.jit(lambda x, w: _values_and_grads(mapped, x, w)).lower(x, w).compile().as_text()
+    assert "[1,12,20]" not in hlo
