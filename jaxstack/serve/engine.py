@@ -34,8 +34,8 @@ from jaxstack.data.tokenizers import Tokenizer
 from jaxstack.models.llama import Llama
 from jaxstack.serve.kv_cache import KVCacheManager
 from jaxstack.serve.metrics import EngineMetrics
-from jaxstack.serve.runner import ModelRunner
-from jaxstack.serve.sampling import SamplingParams
+from jaxstack.serve.runner import ModelRunner, StepOutputs
+from jaxstack.serve.sampling import BIAS_SLOTS, SamplingParams, TokenLogprob
 from jaxstack.serve.scheduler import RequestState, Scheduler
 
 log = logging.getLogger("jaxstack.serve")
@@ -89,6 +89,13 @@ class EngineConfig:
         return {f.name for f in fields(cls)}
 
 
+def _token_logprob(outputs: StepOutputs, row: int, k: int) -> TokenLogprob:
+    """Row ``row``'s sampled token and log-probabilities, with its ``k`` most likely tokens."""
+    chosen, top_ids, top = outputs.logprobs
+    pairs = zip(top_ids[row, :k].tolist(), top[row, :k].tolist(), strict=True)
+    return TokenLogprob(int(outputs.tokens[row]), float(chosen[row]), tuple(pairs))
+
+
 class QueueFullError(RuntimeError):
     """Too many requests are waiting; retry later."""
 
@@ -112,6 +119,8 @@ class RequestOutput:
     finish_reason: str | None = None
     """``stop`` (EOS, a stop token or string), ``length``, ``cancelled`` or ``error``."""
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """One per ``token_ids`` entry when the request asked (``SamplingParams.logprobs``)."""
 
 
 @dataclass(eq=False)
@@ -126,6 +135,7 @@ class _Request:
     stops: tuple[str, ...] = field(default_factory=tuple)
     kept_tokens: int | None = None  # output tokens before a stop string's cut (None: all)
     failed_steps: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Engine:
@@ -173,6 +183,7 @@ class Engine:
             token_buckets=config.token_buckets,
             seq_buckets=config.seq_buckets,
             mesh=mesh,
+            eos_ids=self.eos_ids,
         )
         self.runner.warmup(progress)
         self.metrics = EngineMetrics(
@@ -284,6 +295,16 @@ class Engine:
             )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
+        outside = [t for t in (*params.logit_bias, *params.stop_token_ids) if t >= vocab]
+        if outside:
+            raise ValueError(f"token ids {outside} of logit_bias / stop_token_ids are outside "
+                             f"the vocabulary [0, {vocab})")  # fmt: skip
+        masked = len(params.stop_token_ids) + len(self.eos_ids) if params.min_tokens else 0
+        if len(params.logit_bias) + masked > BIAS_SLOTS:
+            raise ValueError(
+                f"{len(params.logit_bias)} logit_bias entries and {masked} stop ids masked by "
+                f"min_tokens exceed the {BIAS_SLOTS} a request may bias; use fewer"
+            )
 
     # ---------------------------------------------------------------- engine thread
 
@@ -340,7 +361,7 @@ class Engine:
     def _run(self, step: list[tuple[RequestState, int]]) -> None:
         inputs = self.runner.pack(step)
         try:
-            sampled = self.runner.run(inputs)
+            outputs = self.runner.run(inputs)
         except Exception as error:
             self._step_failed(step, error)
             return
@@ -350,7 +371,9 @@ class Engine:
             request = self._requests[seq.request_id]
             if seq.num_pending:  # a prefill chunk that did not reach the prompt's end
                 continue
-            seq.output.append(int(sampled[row]))
+            seq.output.append(int(outputs.tokens[row]))
+            if seq.params.logprobs is not None:
+                request.logprobs.append(_token_logprob(outputs, row, seq.params.logprobs))
             produced += 1
             try:
                 self._report(request, now)
@@ -410,7 +433,8 @@ class Engine:
         visible = request.text
         if self.tokenizer is not None:
             request.text = visible = self.tokenizer.decode(seq.output)
-            cut = min((i for s in request.stops if (i := visible.find(s)) >= 0), default=-1)
+            stops = request.stops if len(seq.output) >= params.min_tokens else ()
+            cut = min((i for s in stops if (i := visible.find(s)) >= 0), default=-1)
             if cut >= 0:
                 request.text = visible = visible[:cut]
                 request.kept_tokens = self._tokens_for(seq.output, visible)
@@ -451,6 +475,7 @@ class Engine:
             finished,
             reason,
             error,
+            request.logprobs[: len(tokens)] if seq.params.logprobs is not None else None,
         )
         request.on_output(output)
 
