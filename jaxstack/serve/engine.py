@@ -37,6 +37,7 @@ from jaxstack.serve.metrics import EngineMetrics
 from jaxstack.serve.runner import ModelRunner, StepOutputs
 from jaxstack.serve.sampling import BIAS_SLOTS, SamplingParams, TokenLogprob
 from jaxstack.serve.scheduler import RequestState, Scheduler
+from jaxstack.serve.structured import Grammars
 
 log = logging.getLogger("jaxstack.serve")
 RECOVERY_RETRY_S = 1.0
@@ -167,6 +168,7 @@ class Engine:
         self.eos_ids: frozenset[int] = frozenset(int(i) for i in eos)
         """Token ids that end a request (unless it ``ignore_eos``)."""
         self.max_model_len = config.max_model_len or model.config.max_seq_len
+        self._grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids)
         self.cache = KVCacheManager(config.num_pages, config.page_size, config.prefix_caching)
         self.scheduler = Scheduler(
             self.cache,
@@ -226,6 +228,8 @@ class Engine:
         request_id = request_id or f"req-{number}"
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         seq = RequestState(request_id, [int(t) for t in prompt], params, seed % 2**32, number)
+        if params.response_format is not None:  # compiled here, off the engine thread
+            seq.matcher = self._grammars.matcher(params.response_format)
         request = _Request(seq, on_output, time.monotonic(), stops=params.stop)
         with self._lock:
             if self._stopping:
@@ -293,8 +297,8 @@ class Engine:
                 f"{total} tokens need more than the {self.config.num_pages} KV pages of "
                 f"{self.config.page_size} tokens; raise num_pages or lower max_tokens"
             )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need an engine with a tokenizer")
+        if (params.stop or params.response_format) and self.tokenizer is None:
+            raise ValueError("stop strings and response_format need an engine with a tokenizer")
         outside = [t for t in (*params.logit_bias, *params.stop_token_ids) if t >= vocab]
         if outside:
             raise ValueError(f"token ids {outside} of logit_bias / stop_token_ids are outside "
@@ -372,6 +376,8 @@ class Engine:
             if seq.num_pending:  # a prefill chunk that did not reach the prompt's end
                 continue
             seq.output.append(int(outputs.tokens[row]))
+            if seq.matcher is not None and not seq.matcher.is_terminated():
+                seq.matcher.accept_token(seq.output[-1])
             if seq.params.logprobs is not None:
                 request.logprobs.append(_token_logprob(outputs, row, seq.params.logprobs))
             produced += 1

@@ -39,7 +39,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "echo": _absent_or(False),
     "best_of": _absent_or(1),
     "suffix": _absent_or(""),
-    "response_format": _absent_or({"type": "text"}),
     "tools": _absent_or([]),
     "tool_choice": _absent_or("none"),
     "functions": _absent_or([]),
@@ -72,6 +71,8 @@ class SamplingFields(BaseModel):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    """``{"type": "text" | "json_object" | "json_schema", ...}``."""
     """Token id (a string, as JSON keys are) -> bias."""
     stream: bool = False
     stream_options: StreamOptions | None = None

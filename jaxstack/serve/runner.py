@@ -28,6 +28,7 @@ from jaxstack.serve.sampling import (
     sample_rows,
 )
 from jaxstack.serve.scheduler import RequestState
+from jaxstack.serve.structured import bitmask_width
 from sharding_rules import fitting_spec, infer_param_specs
 
 
@@ -227,7 +228,8 @@ class ModelRunner:
         temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
         top_k, counters = np.zeros(s, np.int32), np.zeros(s, np.int32)
         seeds = np.zeros(s, np.uint32)
-        controls = _ControlsBuilder(s, self.pages_per_seq * self.page_size, self.eos_ids)
+        vocab = self.model.config.vocab_size
+        controls = _ControlsBuilder(s, self.pages_per_seq * self.page_size, self.eos_ids, vocab)
         start, ps = 0, self.page_size
         for row, (seq, n) in enumerate(step):
             pos = np.arange(seq.num_computed, seq.num_computed + n)
@@ -240,7 +242,7 @@ class ModelRunner:
             p = seq.params
             temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
             seeds[row], counters[row] = seq.seed, len(seq.output)
-            controls.add(row, seq)
+            controls.add(row, seq, samples=n == seq.num_pending)
             start += n
         cu[len(step) + 1 :] = start
         batch = PagedBatch(slots, kv_lens, table, cu, np.array([len(step)], np.int32))
@@ -266,8 +268,10 @@ class _ControlsBuilder:
     """Fills the ``LogitControls`` of one step row by row (``add``), then ``build``s it: the
     bias and history tables are built only when a row uses them."""
 
-    def __init__(self, num_seqs: int, max_len: int, eos_ids: frozenset[int]):
+    def __init__(self, num_seqs: int, max_len: int, eos_ids: frozenset[int], vocab_size: int):
         s, self.max_len, self.eos_ids = num_seqs, max_len, eos_ids
+        self.mask_width = bitmask_width(vocab_size)
+        self.allowed: np.ndarray | None = None  # built at the first constrained row
         self.num_logprobs = np.full(s, -1, np.int32)
         self.repetition = np.ones(s, np.float32)
         self.presence, self.frequency = np.zeros(s, np.float32), np.zeros(s, np.float32)
@@ -275,8 +279,13 @@ class _ControlsBuilder:
         self.biased: dict[int, dict[int, float]] = {}  # row -> token -> bias
         self.penalized: dict[int, list[int]] = {}  # row -> its tokens
 
-    def add(self, row: int, seq: RequestState) -> None:
+    def add(self, row: int, seq: RequestState, samples: bool) -> None:
+        """Row ``row`` computes ``seq``; ``samples``: its token is kept (the last chunk)."""
         p = seq.params
+        if samples and seq.matcher is not None and not seq.matcher.is_terminated():
+            if self.allowed is None:
+                self.allowed = np.full((len(self.num_logprobs), self.mask_width), -1, np.int32)
+            seq.matcher.fill_next_token_bitmask(self.allowed, row)
         if p.logprobs is not None:
             self.num_logprobs[row] = p.logprobs
         bias = dict(p.logit_bias)
@@ -313,4 +322,5 @@ class _ControlsBuilder:
             self.frequency,
             device(history, (s, self.max_len), int(NO_TOKEN)),
             self.prompt_lens,
+            device(self.allowed, (s, self.mask_width), -1),
         )

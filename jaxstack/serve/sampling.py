@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxstack.serve.structured import check_format
+
 MAX_LOGPROBS = 20
 """Most top log-probabilities a request may ask for per token (compiled into the step)."""
 MAX_LOGIT_BIAS = 300
@@ -70,6 +72,10 @@ class SamplingParams:
     the output (> 0; 1 is off; above 1 discourages repeats)."""
     logit_bias: dict[int, float] = field(default_factory=dict)
     """Token id -> value added to its logit, clipped to [-100, 100] (-100 all but bans it)."""
+    response_format: dict | None = None
+    """Structured output, OpenAI's shape: ``{"type": "json_object"}`` or ``{"type":
+    "json_schema", "json_schema": {"schema": {...}}}`` (needs the ``structured`` extra); the
+    output then follows it (compact JSON for a schema)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,6 +85,8 @@ class SamplingParams:
         bias = {int(k): min(max(float(v), -100.0), 100.0) for k, v in self.logit_bias.items()}
         object.__setattr__(self, "logit_bias", bias)
         penalty = lambda x: -2.0 <= x <= 2.0  # noqa: E731
+        if self.response_format is not None:
+            check_format(self.response_format)
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", ">= 1"),
             (0.0 <= self.temperature <= 100.0, "temperature", "in [0, 100]"),
@@ -184,6 +192,7 @@ class LogitControls(NamedTuple):
     frequency: jax.Array  # f32[S]
     history: jax.Array  # i32[S, L]
     prompt_lens: jax.Array  # i32[S]
+    allowed: jax.Array  # i32[S, ceil(vocab / 32)] token bitmask of structured output; -1: all
 
 
 def logprobs_of(logits: jax.Array, sampled: jax.Array, num_logprobs: jax.Array):
@@ -207,7 +216,8 @@ def logprobs_of(logits: jax.Array, sampled: jax.Array, num_logprobs: jax.Array):
 
 
 def adjust_logits(logits: jax.Array, c: LogitControls) -> jax.Array:
-    """``logits: [S, vocab]`` with each row's bias added, then its penalties applied (vLLM's
+    """``logits: [S, vocab]`` with the tokens a row's grammar forbids (a 0 bit of its
+    ``allowed`` bitmask) set to -inf, its bias added, then its penalties applied (vLLM's
     rules): a token seen in the prompt or output has a positive logit divided by the
     repetition penalty, a negative one multiplied; then ``frequency x (times in the output)``
     and ``presence x (in the output at all)`` are subtracted."""
@@ -230,6 +240,13 @@ def adjust_logits(logits: jax.Array, c: LogitControls) -> jax.Array:
         logits = logits - c.frequency[:, None] * counts
         return logits - c.presence[:, None] * (counts > 0)
 
+    def constrain(logits):
+        token = jnp.arange(logits.shape[-1])
+        bits = (c.allowed[:, token // 32] >> (token % 32)[None, :]) & 1
+        return jnp.where(bits == 1, logits, -jnp.inf)
+
+    constrained = jnp.any(c.allowed != -1)
+    logits = jax.lax.cond(constrained, constrain, lambda x: x, logits)
     biased = jnp.any(c.bias != 0)
     logits = jax.lax.cond(biased, add_bias, lambda x: x, logits)
     penalized = jnp.any((c.repetition != 1) | (c.presence != 0) | (c.frequency != 0))

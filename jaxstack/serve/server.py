@@ -196,6 +196,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
         except ValueError:
             raise _BadRequest(f"logit_bias keys must be token ids, got {body.logit_bias}") from None
+        fmt = body.response_format
         try:
             return SamplingParams(
                 max_tokens=16 if max_tokens is None else max_tokens,
@@ -212,6 +213,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
                 frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty,
                 logit_bias=bias,
+                response_format=None if fmt in (None, {"type": "text"}) else fmt,
             )
         except ValueError as error:
             raise _BadRequest(f"invalid sampling parameters: {error}") from None

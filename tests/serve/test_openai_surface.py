@@ -266,8 +266,8 @@ def test_response_shapes_follow_openai(client):
 
 
 def test_adjust_logits_equals_a_numpy_reference():
-    """Three rows with different histories and settings in one batch (a row or axis mix-up,
-    or a sign flip of the repetition penalty, changes the answer)."""
+    """Three rows with different histories, settings and grammar masks in one batch (a row or
+    axis mix-up, or a sign flip of the repetition penalty, changes the answer)."""
     rng = np.random.default_rng(0)
     vocab, width = 12, 8
     logits = rng.standard_normal((3, vocab)).astype(np.float32) * 3
@@ -289,10 +289,13 @@ def test_adjust_logits_equals_a_numpy_reference():
         expected[row, seen] = np.where(x > 0, x / repetition[row], x * repetition[row])
         counts = np.bincount(outputs[row], minlength=vocab)
         expected[row] -= frequency[row] * counts + presence[row] * (counts > 0)
+    allowed = np.full((3, 1), -1, np.int32)  # structured output: row 0 may take 1, 3, 5 only
+    allowed[0, 0] = (1 << 1) | (1 << 3) | (1 << 5)
+    expected[0, [t for t in range(vocab) if t not in (1, 3, 5)]] = -np.inf
     controls = LogitControls(
         np.full(3, -1, np.int32), bias_ids, bias_values, np.array(repetition, np.float32),
         np.array(presence, np.float32), np.array(frequency, np.float32), history,
-        np.array([len(p) for p in prompts], np.int32),
+        np.array([len(p) for p in prompts], np.int32), allowed,
     )  # fmt: skip
     got = jax.jit(adjust_logits)(logits, controls)
     np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-5)

@@ -188,7 +188,7 @@ def test_bad_requests_get_400(base_url, body, message):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format="),
+        ({"response_format": {"type": "xml"}}, "response_format="),
         ({"top_logprobs": 2}, "top_logprobs=2 needs logprobs: true"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools="),
         ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty=0"),
