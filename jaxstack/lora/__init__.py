@@ -23,6 +23,7 @@ from jaxstack.lora.adapters import (
     merge,
 )
 from jaxstack.lora.config import DEFAULT_TARGETS, LoRAConfig
+from jaxstack.lora.peft import load_peft, save_peft
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -33,5 +34,7 @@ __all__ = [
     "check_base",
     "find_targets",
     "init_adapters",
+    "load_peft",
     "merge",
+    "save_peft",
 ]
