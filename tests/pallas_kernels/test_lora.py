@@ -1,11 +1,12 @@
 """The batched LoRA matmul: the Triton kernel (interpret mode) and the XLA form against the
 per-token reference, over mixed adapters (-1 included), unequal ranks and odd shapes."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.lora import lora_bgmv, lora_bgmv_reference, rank_bucket, stack_adapters
+from pallas_kernels.lora import gpu, lora_bgmv, lora_bgmv_reference, rank_bucket, stack_adapters
 
 
 def problem(t, d_in, d_out, ranks, dtype, seed=0):
@@ -52,3 +53,13 @@ def test_bad_shapes_are_refused():
         lora_bgmv(x, a, b, idx, jnp.ones(3))
     with pytest.raises(ValueError, match="exceeds the largest rank bucket"):
         rank_bucket(1000)
+
+
+def test_triton_kernel_lowers_for_cuda():
+    """Lowering (not compiling) runs the kernel body through Pallas' Triton lowering, which
+    interpret mode never does."""
+    shapes = [((6, 200), jnp.bfloat16), ((3, 200, 8), jnp.bfloat16), ((3, 8, 160), jnp.bfloat16),
+              ((6,), jnp.int32), ((3,), jnp.float32)]  # fmt: skip
+    args = [jax.ShapeDtypeStruct(*s) for s in shapes]
+    lowered = jax.jit(gpu.lora_bgmv).trace(*args).lower(lowering_platforms=("cuda",))
+    assert 'name = "lora_bgmv"' in lowered.as_text()
