@@ -262,12 +262,12 @@ def check_base(reference: dict, base: Params, where: str) -> None:
         if now is None or now["shape"] != saved["shape"]:
             got = "no such weight" if now is None else f"shape {now['shape']}"
             raise ValueError(
-                f"{where} was trained on another base model: its {path} has shape "
+                f"{where} were trained on another base model: its {path} has shape "
                 f"{saved['shape']}, this base has {got}; load the base it was trained on"
             )
         if not np.isclose(now["abs_sum"], saved["abs_sum"], rtol=1e-4, atol=1e-6):
             raise ValueError(
-                f"{where} was trained on another base model: its {path} differs in value "
+                f"{where} were trained on another base model: its {path} differs in value "
                 f"(sum |w| {saved['abs_sum']:.6g} there, {now['abs_sum']:.6g} here); load the "
                 "base it was trained on"
             )

@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jaxstack as js
-from jaxstack.lora import LoRAConfig
+from jaxstack.checkpoint import saved_param_shapes
+from jaxstack.lora import LoRAConfig, merge
 from jaxstack.mesh import make_mesh
 
 D, H = 16, 32
@@ -113,3 +114,29 @@ def test_targets_that_match_nothing_are_refused(tmp_path):
                    lora=LoRAConfig(rank=4, targets="q_proj"))  # fmt: skip
     with pytest.raises(ValueError, match="selects no weight matrix.*foo"):
         trainer.train_step(batch_of())
+
+
+def test_checkpoint_holds_adapters_and_refuses_another_base(tmp_path):
+    examples = [{k: v[i] for k, v in batch_of().items()} for i in range(8)]
+    mesh = make_mesh(devices=jax.devices()[:1])
+    trainer = make(tmp_path, mesh, num_steps=2, save_every=2)
+    trainer.fit(examples)
+    trainer.close()
+    saved = saved_param_shapes(tmp_path)
+    assert {k: tuple(v.shape) for k, v in saved["foo"].items()} == {"lora_a": (D, 4),
+                                                                   "lora_b": (4, H)}  # fmt: skip
+    assert "qux" not in saved
+    other = make(tmp_path, mesh, num_steps=3, save_every=2)
+    other._init_fn = lambda rng: jax.tree.map(lambda x: 2 * x, init(rng))
+    with pytest.raises(ValueError, match=r"trained on another base model: its \S+ differs"):
+        other.fit(examples)
+
+
+def test_dropout_drops_input_rows_of_a():
+    base = {"w": jnp.zeros((6, 3))}
+    adapters = {"w": {"lora_a": jnp.ones((6, 2)), "lora_b": jnp.ones((2, 3))}}
+    merged = merge(base, adapters, 1.0, dropout=0.5, rng=jax.random.PRNGKey(3))["w"]
+    rows = np.asarray(merged[:, 0])
+    assert set(rows) == {0.0, 4.0}  # each input row dropped or kept at 2 * (1 / (1 - 0.5))
+    np.testing.assert_array_equal(merged, np.repeat(rows[:, None], 3, axis=1))
+    np.testing.assert_array_equal(merge(base, adapters, 1.0)["w"], np.full((6, 3), 2.0))
