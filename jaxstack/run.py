@@ -429,13 +429,13 @@ def train(run: RunConfig, resume: str = "auto") -> tuple[Trainer, list[dict]]:
     return trainer, records
 
 
-def export_hf(run: RunConfig, params, out_dir: str | Path) -> Path:
-    """Write ``params`` of ``run``'s model to ``out_dir`` as a Hugging Face directory, in the
-    dtype of the ``init.hf`` model (``torch_dtype`` of its config.json; else the params'),
-    with the tokenizer files of the run's tokenizer directory; returns ``out_dir``."""
+def export_hf(run: RunConfig, params, out_dir: str | Path, dtype: str | None = None) -> Path:
+    """Write ``params`` of ``run``'s model to ``out_dir`` as a Hugging Face directory, in
+    ``dtype`` (default: the dtype of the ``init.hf`` model, ``torch_dtype`` of its config.json;
+    else the params'), with the tokenizer files of the run's tokenizer directory; returns
+    ``out_dir``."""
     tokenizer_dir = _folder(run.data.tokenizer)
-    dtype = None
-    if run.init.hf:
+    if dtype is None and run.init.hf:
         source = hf.read_hf_config(run.init.hf)
         dtype = source.get("torch_dtype") or source.get("dtype")
     with long_step(f"exporting the model to {out_dir}"):

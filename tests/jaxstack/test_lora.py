@@ -10,6 +10,8 @@ import jaxstack as js
 from jaxstack.checkpoint import saved_param_shapes
 from jaxstack.lora import LoRAConfig, merge
 from jaxstack.mesh import make_mesh
+from jaxstack.overrides import parse_overrides
+from jaxstack.run import RunConfig
 
 D, H = 16, 32
 
@@ -140,3 +142,16 @@ def test_dropout_drops_input_rows_of_a():
     assert set(rows) == {0.0, 4.0}  # each input row dropped or kept at 2 * (1 / (1 - 0.5))
     np.testing.assert_array_equal(merged, np.repeat(rows[:, None], 3, axis=1))
     np.testing.assert_array_equal(merge(base, adapters, 1.0)["w"], np.full((6, 3), 2.0))
+
+
+def test_run_config_lora_section():
+    run = RunConfig()
+    assert not run.lora.enabled  # full fine-tuning unless --lora.rank is given
+    changes = parse_overrides(run, {"lora.rank": "16", "lora.targets": "q_proj|v_proj"})
+    built = RunConfig.from_dict({**run.to_dict(), "lora": changes["lora"]})
+    assert (built.lora.rank, built.lora.scale, built.lora.targets) == (16, 2.0, "q_proj|v_proj")
+    old = run.to_dict()
+    del old["lora"]  # a run.json written before LoRA
+    assert RunConfig.from_dict(old).lora == run.lora
+    with pytest.raises(ValueError, match="lora.rank is 0"):
+        RunConfig(lora=LoRAConfig(rank=0, targets="q_proj"))
