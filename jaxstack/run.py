@@ -334,7 +334,13 @@ def make_trainer(run: RunConfig, tokenizer: Tokenizer, converted: bool = False) 
     specs = lm_param_specs(model, run.data.seq_len)
     params = init
     lora = run.lora if run.lora.enabled else None
-    if converted or (lora and is_converted(run.train.work_dir)):
+    if lora and (converted or (work_path(run.train.work_dir) / CONVERTED_DIR).exists()):
+        raise ValueError(
+            f"{run.train.work_dir} holds a converted model, but LoRA reloads its frozen base "
+            "on every start from --init.hf: pass --init.hf DIR (the Hugging Face directory) "
+            "and a new --train.work_dir"
+        )
+    if converted:
         abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
         with long_step(f"loading the converted weights of {run.train.work_dir}"):
             params = load_params(run.train.work_dir, mesh=mesh, param_specs=specs(abstract, mesh))

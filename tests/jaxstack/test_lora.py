@@ -26,9 +26,16 @@ def init(rng):
     }
 
 
+def apply(params, batch):
+    return jnp.tanh(batch["x"] @ params["foo"]) @ params["bar"]["baz"] * params["qux"]
+
+
 def loss_fn(params, batch, rng):
-    hidden = jnp.tanh(batch["x"] @ params["foo"]) @ params["bar"]["baz"]
-    return jnp.mean((hidden * params["qux"] - batch["y"]) ** 2)
+    return jnp.mean((apply(params, batch) - batch["y"]) ** 2)
+
+
+def pred_fn(params, batch, rng):
+    return {"y": apply(params, batch)}
 
 
 def collate(examples):
@@ -46,6 +53,7 @@ def make(tmp_path, mesh, lora=None, **config):
         params=init,
         collate_fn=collate,
         loss_fn=loss_fn,
+        pred_fn=pred_fn,
         config=js.TrainConfig(
             batch_size=8,
             learning_rate=3e-2,
@@ -81,6 +89,10 @@ def test_only_adapters_train(one_device):
     merged = trainer.model_params
     assert not np.allclose(merged["foo"], base["foo"])
     np.testing.assert_array_equal(merged["qux"], base["qux"])
+    # pred_fn runs on the merged model
+    batch = batch_of()
+    examples = [{k: v[i] for k, v in batch.items()} for i in range(8)]
+    np.testing.assert_allclose(trainer.predict(examples)["y"], apply(merged, batch), atol=1e-6)
 
 
 def test_sharded_equals_one_device(tmp_path, one_device):
