@@ -132,14 +132,11 @@ def init_adapters(rng: jax.Array, targets: list[Target], rank: int, dtype=jnp.fl
 def adapter_pairs(adapters: Params) -> dict[str, tuple[jax.Array, jax.Array]]:
     """``{weight path: (A, B)}`` of an adapter tree."""
     flat = traverse_util.flatten_dict(adapters, sep="/")
-    pairs = {}
+    keys, pairs = set(flat), {}
     for key in flat:
         path, kind = key.rsplit("/", 1)
-        if (
-            kind not in (LORA_A, LORA_B)
-            or f"{path}/{LORA_A}" not in flat
-            or (f"{path}/{LORA_B}" not in flat)
-        ):
+        pair = {f"{path}/{LORA_A}", f"{path}/{LORA_B}"}
+        if kind not in (LORA_A, LORA_B) or not pair <= keys:
             raise ValueError(f"adapter entry {key!r} is not one of a {LORA_A}/{LORA_B} pair")
         pairs[path] = (flat[f"{path}/{LORA_A}"], flat[f"{path}/{LORA_B}"])
     return pairs
