@@ -15,8 +15,8 @@ from jaxstack.auto import device_memory_bytes
 from jaxstack.layers.moe import expert_capacity
 from jaxstack.layers.pipeline import PipelineSchedule, choose_microbatches
 from jaxstack.lm import lm_analysis
-from jaxstack.lora import adapter_specs, find_targets, init_adapters
-from jaxstack.lora.training import combined_plan
+from jaxstack.lora import LoRAConfig, adapter_specs, find_targets, init_adapters
+from jaxstack.lora.training import adapter_reasons, combined_plan
 from jaxstack.losses import DEFAULT_CHUNK_SIZE, chunk_layout
 from jaxstack.mesh import BATCH_AXES, parse_mesh
 from jaxstack.models import Llama, LlamaConfig, MixtralConfig, model_for
@@ -276,7 +276,7 @@ def plan_notes(run: "RunConfig", plan: MemoryPlan) -> list[str]:
             f"{format_bytes(plan.total_bytes - plan.opt_state_bytes)}"
         )
     if run.lora.enabled:
-        full = plan_run(dataclasses.replace(run, lora=dataclasses.replace(run.lora, rank=0)),
+        full = plan_run(dataclasses.replace(run, lora=LoRAConfig(rank=0)),
                         math.prod(sizes.values()))  # fmt: skip
         notes.append(
             f"LoRA rank {run.lora.rank}: gradients + optimizer state "
@@ -311,7 +311,8 @@ def plan_run(run: "RunConfig", num_devices: int | None = None) -> MemoryPlan:
         a_opt = jax.eval_shape(optimizer_for(run.train, run.train.num_steps or 1).init, adapters)
         trained = make_plan(adapters, a_specs, sizes, opt_state=a_opt,
                             opt_state_specs=optimizer_state_specs(a_opt, adapters, a_specs),
-                            activation_bytes=activations)  # fmt: skip
+                            activation_bytes=activations,
+                            reasons=adapter_reasons(adapters))  # fmt: skip
         frozen = make_plan(params, specs, sizes, gradients=False, reasons=reasons)
         return combined_plan(frozen, trained)
     return make_plan(

@@ -14,7 +14,15 @@ from typing import Any
 
 import jax
 
-from jaxstack.lora.adapters import Target, base_reference, check_base, merge
+from jaxstack.lora.adapters import (
+    LORA_A,
+    LORA_B,
+    Target,
+    adapter_pairs,
+    base_reference,
+    check_base,
+    merge,
+)
 from jaxstack.lora.config import LoRAConfig
 from sharding_rules import MemoryPlan
 
@@ -53,6 +61,15 @@ def combined_plan(base: MemoryPlan, adapters: MemoryPlan) -> MemoryPlan:
         entries=base.entries + adapters.entries,
         param_bytes=base.param_bytes + adapters.param_bytes,
     )
+
+
+def adapter_reasons(adapters: Params) -> dict[str, str]:
+    """Why each adapter is sharded as it is, for the plan table."""
+    reasons = {}
+    for path in adapter_pairs(adapters):
+        reasons[f"{path}/{LORA_A}"] = f"LoRA A of {path}: its layer/expert and input dims"
+        reasons[f"{path}/{LORA_B}"] = f"LoRA B of {path}: its layer/expert and output dims"
+    return reasons
 
 
 def write_reference(

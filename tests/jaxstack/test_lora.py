@@ -11,6 +11,7 @@ from jaxstack.checkpoint import saved_param_shapes
 from jaxstack.lora import LoRAConfig, merge
 from jaxstack.mesh import make_mesh
 from jaxstack.overrides import parse_overrides
+from jaxstack.planning import plan_notes, plan_run
 from jaxstack.run import RunConfig
 
 D, H = 16, 32
@@ -167,3 +168,13 @@ def test_run_config_lora_section():
     assert RunConfig.from_dict(old).lora == run.lora
     with pytest.raises(ValueError, match="lora.rank is 0"):
         RunConfig(lora=LoRAConfig(rank=0, targets="q_proj"))
+
+
+def test_jaxstack_plan_shows_adapter_memory():
+    run = RunConfig(lora=LoRAConfig(rank=4, targets="q_proj|v_proj"))
+    plan = plan_run(run, 1)
+    adapters = [e for e in plan.entries if e.path.endswith(("lora_a", "lora_b"))]
+    assert {e.path.rsplit("/", 3)[-3] for e in adapters} == {"q", "v"}
+    assert plan.grad_bytes == sum(e.bytes_per_device for e in adapters)
+    (note,) = [line for line in plan_notes(run, plan) if line.startswith("LoRA rank 4")]
+    assert "adapters only; full fine-tuning" in note
