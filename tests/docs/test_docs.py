@@ -15,10 +15,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).parents[2]
 NOTEBOOKS = ROOT / "docs" / "notebooks"
 PAGES = ["README.md", "docs/quickstart.md", "docs/pipeline_parallel.md", "docs/lora.md"]
-SKIP_REASONS = {
-    "README.md": ["an outline of the API: docs/quickstart.md runs it whole"],
-    "docs/lora.md": ["shell commands; tests/jaxstack/test_lora*.py run the same paths"],
-}
+SKIP_REASONS = {"README.md": ["an outline of the API: docs/quickstart.md runs it whole"]}
 
 
 def _single_device_env() -> dict[str, str]:
