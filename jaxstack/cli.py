@@ -389,7 +389,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.tensor > 1:
         mesh = make_mesh(data=1, tensor=args.tensor, devices=jax.devices()[: args.tensor])
     source = {"hf": args.hf} if args.hf else {"work_dir": args.work_dir}
-    llm = LLM(**source, mesh=mesh, dtype=args.dtype, **options)
+    llm = LLM(**source, mesh=mesh, dtype=args.dtype, attention_sinks=args.attention_sinks,
+              **options)  # fmt: skip
     print(f"serving {llm.name} on http://{args.host}:{args.port}/v1", flush=True)
     try:
         serve(llm, args.host, args.port, config=config)
@@ -540,6 +541,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="weights, KV cache and compute (auto: the checkpoint's torch_dtype, else bfloat16 "
         "on GPU/TPU)",
+    )
+    srv.add_argument(
+        "--attention-sinks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the first N tokens visible past a sliding-window model's window "
+        "(StreamingLLM); needs a model with a sliding window",
     )
     srv.add_argument(
         "--dry-run",

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxstack.data.tokenizers import Tokenizer
+from jaxstack.data.tokenizers import Tokenizer, decode_continuation
 from jaxstack.models.llama import Llama
 from jaxstack.serve.kv_cache import KVCacheManager
 from jaxstack.serve.metrics import EngineMetrics
@@ -409,11 +409,11 @@ class Engine:
             reason = "length"
         visible = request.text
         if self.tokenizer is not None:
-            request.text = visible = self.tokenizer.decode(seq.output)
+            request.text = visible = decode_continuation(self.tokenizer, seq.prompt, seq.output)
             cut = min((i for s in request.stops if (i := visible.find(s)) >= 0), default=-1)
             if cut >= 0:
                 request.text = visible = visible[:cut]
-                request.kept_tokens = self._tokens_for(seq.output, visible)
+                request.kept_tokens = self._tokens_for(seq.prompt, seq.output, visible)
                 reason = "stop"
             if reason is None:  # hold back what may still become a stop string or a character
                 hold = max((len(s) - 1 for s in request.stops), default=0)
@@ -422,13 +422,14 @@ class Engine:
         if reason is not None:
             self._remove(request, reason)
 
-    def _tokens_for(self, tokens: list[int], text: str) -> int:
-        """The fewest leading ``tokens`` whose decoding starts with ``text`` (a prefix of the
-        decoding of all of them), by bisection: what a stop string's cut keeps."""
+    def _tokens_for(self, prompt: list[int], tokens: list[int], text: str) -> int:
+        """The fewest leading ``tokens`` whose decoding after ``prompt`` starts with ``text``
+        (a prefix of the decoding of all of them), by bisection: what a stop string's cut
+        keeps."""
         low, high = 0, len(tokens)
         while low < high:
             middle = (low + high) // 2
-            if self.tokenizer.decode(tokens[:middle]).startswith(text):
+            if decode_continuation(self.tokenizer, prompt, tokens[:middle]).startswith(text):
                 high = middle
             else:
                 low = middle + 1

@@ -101,12 +101,24 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             if len(prompt) != 1:
                 raise _BadRequest("a list of prompts is not supported; send one per request")
             prompt = prompt[0]
-        ids = llm.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        # tokenizing a long prompt takes a while: in a worker thread, not on the event loop
+        if isinstance(prompt, str):
+            ids = await asyncio.to_thread(llm.encode, prompt)
+        else:
+            ids = list(prompt)
         params = _sampling(body, body.max_tokens)
         return await _respond(request, ids, params, "text_completion", body)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
+        ids = await asyncio.to_thread(_chat_prompt, body)  # off the event loop, as above
+        limit = body.max_completion_tokens
+        limit = body.max_tokens if limit is None else limit
+        params = _sampling(body, _rest_of_context(len(ids)) if limit is None else limit)
+        return await _respond(request, ids, params, "chat.completion", body)
+
+    def _chat_prompt(body: ChatRequest) -> list[int]:
+        """The token ids of ``body``'s messages rendered by the chat template."""
         try:
             text = chat_template.render(
                 messages=[m.model_dump(exclude_none=True) for m in body.messages],
@@ -115,11 +127,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             )
         except Exception as error:
             raise _BadRequest(f"the chat template failed on these messages: {error}") from None
-        ids = tokenizer.encode(text, add_bos=False)
-        limit = body.max_completion_tokens
-        limit = body.max_tokens if limit is None else limit
-        params = _sampling(body, _rest_of_context(len(ids)) if limit is None else limit)
-        return await _respond(request, ids, params, "chat.completion", body)
+        return tokenizer.encode(text, add_bos=False)
 
     async def _respond(request: Request, ids: list[int], params: SamplingParams, kind: str,
                        body: SamplingFields):  # fmt: skip

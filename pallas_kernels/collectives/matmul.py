@@ -30,11 +30,8 @@ Several weights (``all_gather_matmul(x, [wq, wk, wv])``): the tokens travel once
 step multiplies the blocks at hand by every weight; the backward's reduce-scatter sums
 ``dy_i @ w_i^T`` over the weights in every step, so it too is one ring.
 
-Backward: the gradient of one is the other. For ``y = all_gather_matmul(x, w)``:
-``dx = matmul_reduce_scatter(dy, w^T)`` and ``dw = x_gathered^T dy`` (the forward keeps the
-gathered ``x`` it assembled anyway); for ``y = matmul_reduce_scatter(x, w)``:
-``dx, dy_gathered = all_gather_matmul(dy, w^T)`` and ``dw = x^T dy_gathered``. Both run on
-the forward's routes.
+Backward: the gradient of one is the other (:mod:`~pallas_kernels.collectives.vjp`, shared
+with the TPU kernels); both run on the forward's routes.
 """
 
 from __future__ import annotations
@@ -47,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import platform as pallas_platform
+from pallas_kernels.collectives import vjp
 
 Route = tuple[int, tuple[slice, ...]]
 """A direction of the ring (+1: towards device ``r + 1``, -1: towards ``r - 1``) and the rows
@@ -170,49 +168,7 @@ def _matmul_scatter(
     return y
 
 
-def _weight_grad(x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
-    """``x^T dy`` over every dim but the last: x ``[..., k]``, dy ``[..., f]`` -> ``[k, f]``."""
-    lead = tuple(range(x.ndim - 1))
-    dw = lax.dot_general(x, dy, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
-    return dw.astype(w.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _all_gather_matmul(x, ws, axis_name, bidirectional):
-    return _gather_matmul(x, ws, axis_name, bidirectional)[0]
-
-
-def _all_gather_matmul_fwd(x, ws, axis_name, bidirectional):
-    ys, gathered = _gather_matmul(x, ws, axis_name, bidirectional)
-    return ys, (gathered, ws)
-
-
-def _all_gather_matmul_bwd(axis_name, bidirectional, residuals, dys):
-    gathered, ws = residuals
-    w_ts = tuple(w.T for w in ws)
-    dx = _matmul_scatter(dys, w_ts, axis_name, bidirectional).astype(gathered.dtype)
-    return dx, tuple(_weight_grad(gathered, dy, w) for dy, w in zip(dys, ws, strict=True))
-
-
-_all_gather_matmul.defvjp(_all_gather_matmul_fwd, _all_gather_matmul_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul_reduce_scatter(x, w, axis_name, bidirectional):
-    return _matmul_scatter((x,), (w,), axis_name, bidirectional)
-
-
-def _matmul_reduce_scatter_fwd(x, w, axis_name, bidirectional):
-    return _matmul_scatter((x,), (w,), axis_name, bidirectional), (x, w)
-
-
-def _matmul_reduce_scatter_bwd(axis_name, bidirectional, residuals, dy):
-    x, w = residuals
-    (dx,), dy_gathered = _gather_matmul(dy, (w.T,), axis_name, bidirectional)
-    return dx.astype(x.dtype), _weight_grad(x, dy_gathered, w)
-
-
-_matmul_reduce_scatter.defvjp(_matmul_reduce_scatter_fwd, _matmul_reduce_scatter_bwd)
+_all_gather_matmul, _matmul_reduce_scatter = vjp.paired(_gather_matmul, _matmul_scatter)
 
 
 def all_gather_matmul(
