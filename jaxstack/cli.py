@@ -31,7 +31,15 @@ from jaxstack.metrics import long_step
 from jaxstack.models import PRESETS, preset
 from jaxstack.overrides import field_names, parse_overrides
 from jaxstack.planning import choose_mesh, plan_notes, plan_run
-from jaxstack.run import RUN_FILE, RunConfig, has_checkpoint, is_converted, load_run, train
+from jaxstack.run import (
+    RUN_FILE,
+    RunConfig,
+    export_hf,
+    has_checkpoint,
+    is_converted,
+    load_run,
+    train,
+)
 from jaxstack.trainer import NonFiniteError, TrainConfig
 from jaxstack.workdir import ERROR_LOG, WorkDirBusyError, is_local, work_path
 from jaxstack.xla_flags import apply_xla_flags
@@ -347,8 +355,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
             hf.convert_to_checkpoint(args.source, args.dest)
         else:
             saved = Path(args.source) / RUN_FILE
-            config = RunConfig.load(args.source).model if saved.exists() else None
-            hf.convert_to_hf(args.source, args.dest, config, dtype=args.dtype)
+            run = RunConfig.load(args.source) if saved.exists() else None
+            if run is not None and run.lora.enabled:  # a LoRA run: its base merged with it
+                export_hf(run, load_run(args.source)[2], args.dest, dtype=args.dtype)
+            else:
+                config = run.model if run is not None else None
+                hf.convert_to_hf(args.source, args.dest, config, dtype=args.dtype)
     print(f"wrote {args.dest}")
 
 

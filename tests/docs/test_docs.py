@@ -14,7 +14,13 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).parents[2]
 NOTEBOOKS = ROOT / "docs" / "notebooks"
-PAGES = ["README.md", "docs/quickstart.md", "docs/pipeline_parallel.md", "docs/serving.md"]
+PAGES = [
+    "README.md",
+    "docs/quickstart.md",
+    "docs/pipeline_parallel.md",
+    "docs/serving.md",
+    "docs/lora.md",
+]
 SKIP_REASONS = {
     "README.md": ["an outline of the API: docs/quickstart.md runs it whole"],
     "docs/serving.md": [
