@@ -237,7 +237,7 @@ def run_configuration(args, model_dir: Path, dtype: str, vocab: int, log_dir: Pa
     levels; returns the commands, ready times, rows and token checks."""
     from benchmarks import serve_http as http
 
-    levels = (1, 4) if args.quick else CONCURRENCY
+    levels = args.concurrency or ((1, 4) if args.quick else CONCURRENCY)
     per_slot = 1 if args.quick else args.requests_per_slot
     ports = {"jaxstack": args.port, "vllm": args.port + 1}
     commands = {
@@ -318,6 +318,7 @@ def run_vllm_peer(args) -> None:
             "requests_per_slot": 1 if args.quick else args.requests_per_slot,
             "prompt_tokens": "uniform 16..128",
             "idle_server": "paused (SIGSTOP)" if args.idle == "pause" else "left running",
+            "vllm_kv_cache_gib": args.vllm_kv_gib,
             "bf16_supported": bf16_supported(),
             "cpus": common.usable_cpus(),
         },
@@ -335,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="small model, few requests")
     parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS, help="output tokens each")
     parser.add_argument("--requests-per-slot", type=int, default=REQUESTS_PER_SLOT)
+    parser.add_argument("--concurrency", type=int, nargs="+", help=f"default: {CONCURRENCY}")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="default: all")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"])
     parser.add_argument("--profile", action="store_true", help="jaxstack's step split per level")
