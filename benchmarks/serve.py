@@ -9,7 +9,8 @@ output tokens, greedy, ``ignore_eos``. A closed loop keeps ``concurrency`` reque
 (a new one starts when one finishes) at concurrency 1, 8 and 32, 4 requests per slot. The
 levels are interleaved (jaxstack c=1, vLLM c=1, jaxstack c=8, ...) so both engines see the same
 machine; the engine not being measured is paused (``SIGSTOP``; ``--idle run`` leaves it
-running and records the CPU time it takes meanwhile). Both get the same warm-up first.
+running and records the CPU time it takes meanwhile). Both start cold (their compilation
+caches in new directories) and get the same warm-up before the first level.
 
 Reported per model, dtype, engine and level: output tokens/s (all output tokens over the wall
 time), time to first token (request sent -> first token read) and time per output token (mean
@@ -232,6 +233,17 @@ def _measure(args, name: str, server, other, prompts, level: int):
     return row, completions
 
 
+def cold_start_env(engine: str, cache_dir: Path) -> dict[str, str]:
+    """Environment that makes ``engine``'s server start cold: its compilation caches (XLA's
+    for jaxstack, torch.compile's under vLLM's cache root) in the new ``cache_dir``."""
+    if engine == "jaxstack":
+        return {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache_dir)}
+    return {
+        "VLLM_CACHE_ROOT": str(cache_dir),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache_dir / "inductor"),
+    }
+
+
 def run_configuration(args, model_dir: Path, dtype: str, vocab: int, log_dir: Path) -> dict:
     """Both servers on one model and dtype: time to ready, warm-up, then the interleaved
     levels; returns the commands, ready times, rows and token checks."""
@@ -250,7 +262,7 @@ def run_configuration(args, model_dir: Path, dtype: str, vocab: int, log_dir: Pa
     try:
         for name, command in commands.items():  # one at a time: each starts on a quiet machine
             log = log_dir / f"{name}-{model_dir.name}-{dtype}.log"
-            env = {"JAX_PLATFORMS": "cpu"} if name == "jaxstack" else {}
+            env = cold_start_env(name, log_dir / f"cache-{name}-{model_dir.name}-{dtype}")
             servers[name] = server = http.ServerProcess(name, command, ports[name], log, env)
             ready[name] = server.wait_ready(args.ready_timeout)
             print(f"{name} ready in {ready[name]:.1f} s", file=sys.stderr)
