@@ -426,8 +426,8 @@ def serve_vllm_table(records: list[Record]) -> str:
     setups = {(s["max_tokens"], s["prompt_tokens"], s["requests_per_slot"], s["idle_server"])
               for s in (r["result"]["setup"] for r in sources)}  # fmt: skip
     note = "; ".join(
-        f"{tokens} output tokens per request, prompts {prompt} tokens, {per_slot} requests per "
-        f"slot, the engine not measured {idle}"
+        f"{tokens} output tokens per request, prompts {prompt} tokens, requests per slot: "
+        f"{per_slot}, the engine not measured: {idle}"
         for tokens, prompt, per_slot, idle in sorted(setups)
     )
     parts = [f"{note}.", _table(header, rows),
