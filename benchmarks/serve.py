@@ -202,7 +202,8 @@ async def _level(server, prompts: list[list[int]], concurrency: int, max_tokens:
     from benchmarks.serve_http import stream_completion
 
     limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
+    timeout = httpx.Timeout(1800.0)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         request = lambda prompt: stream_completion(client, server.url, prompt, max_tokens)  # noqa: E731
         return await closed_loop(request, prompts, concurrency)
 
@@ -210,12 +211,11 @@ async def _level(server, prompts: list[list[int]], concurrency: int, max_tokens:
 def _measure(args, name: str, server, other, prompts, level: int):
     """One engine at one level (``other`` paused or idle meanwhile): its row, with the CPU
     seconds ``other`` took meanwhile and (``--profile``, jaxstack) the step profile."""
-    import httpx
 
-    from benchmarks.serve_http import phase_seconds
+    from benchmarks.serve_http import get, phase_seconds
 
     profile = args.profile and name == "jaxstack"
-    before = phase_seconds(httpx.get(f"{server.url}/metrics").text) if profile else None
+    before = phase_seconds(get(f"{server.url}/metrics").text) if profile else None
     if profile and before is None:
         print("the jaxstack server does not export the step profile "
               "(jaxstack_engine_phase_seconds_total); carrying on", file=sys.stderr)  # fmt: skip
@@ -225,7 +225,7 @@ def _measure(args, name: str, server, other, prompts, level: int):
            "idle_peer_cpu_s": other.cpu_seconds() - other_cpu}  # fmt: skip
     if before is not None:
         row["profile"] = step_profile(
-            before, phase_seconds(httpx.get(f"{server.url}/metrics").text) or {}, row
+            before, phase_seconds(get(f"{server.url}/metrics").text) or {}, row
         )
     print(f"{name:>8} c={level:<3} {row['output_tokens_per_s']:8.1f} tok/s "
           f"TTFT p50 {row['ttft_p50_s'] * 1e3:8.1f} ms TPOT p50 {row['tpot_p50_s'] * 1e3:7.1f} ms "

@@ -52,6 +52,11 @@ def phase_seconds(metrics_text: str) -> dict[str, float] | None:
     return found or None
 
 
+def get(url: str) -> httpx.Response:
+    """GET a local server's ``url`` (no proxy from the environment)."""
+    return httpx.get(url, timeout=10, trust_env=False)
+
+
 def jaxstack_command(model_dir: Path, port: int, dtype: str, extra: list[str]) -> list[str]:
     """``jaxstack serve`` of ``model_dir`` on ``port``, with this interpreter."""
     return [sys.executable, "-m", "jaxstack.cli", "serve", "--hf", str(model_dir),
@@ -107,7 +112,7 @@ class ServerProcess:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n"
                                    f"{self.log_tail()}")  # fmt: skip
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if get(f"{self.url}/health").status_code == 200:
                     return time.perf_counter() - self.started
             except httpx.TransportError:
                 pass
