@@ -377,13 +377,80 @@ def moe_table(records: list[Record]) -> str:
     )
 
 
-def serve_table(records: list[Record]) -> str:
-    """The newest run of ``serve.py`` per way transformers served: per concurrency, jaxstack's
-    engine and transformers side by side (output tokens/s, TTFT and TPOT p50/p99) and the
-    throughput ratio."""
-    runs = _newest_per(_of(records, "serve"), lambda r: r["result"]["setup"]["transformers_method"])
-    if not runs:
+def _ms_pair(ours: float, theirs: float) -> str:
+    """Two latencies in seconds as ``"121 / 32 ms"``."""
+    return f"{ours * 1e3:,.0f} / {theirs * 1e3:,.0f} ms"
+
+
+def serve_vllm_table(records: list[Record]) -> str:
+    """The newest ``serve.py`` run per model and dtype against vLLM: per concurrency, both
+    engines' output tokens/s and their ratio, TTFT and TPOT p50/p99 (jaxstack / vLLM), the
+    requests with the same greedy tokens; then the time to ready and, where recorded,
+    jaxstack's step profile."""
+    runs = [
+        (record, run)
+        for record in _of(records, "serve")
+        if record["result"]["setup"].get("peer") == "vllm"
+        for run in record["result"]["runs"]
+    ]
+    newest = {(run["model"], run["params"], run["dtype"]): (record, run) for record, run in runs}
+    if not newest:
         return "_No recorded run yet: `python benchmarks/serve.py` records one._"
+    header = ["model, dtype", "concurrency", "jaxstack tok/s", "vLLM tok/s", "jaxstack / vLLM"]
+    header += ["TTFT p50 (jaxstack / vLLM)", "TTFT p99", "TPOT p50", "TPOT p99", "same tokens"]
+    rows, ready_rows, profile_rows = [], [], []
+    order = sorted(newest, key=lambda key: (key[1], key[2] != "float32", key))
+    for _, run in (newest[key] for key in order):
+        model = f"{run['params'] / 1e6:.1f}M, {run['dtype']}"
+        by = {(row["engine"], row["concurrency"]): row for row in run["rows"]}
+        same = {check["concurrency"]: check for check in run["tokens"]}
+        for level in sorted({row["concurrency"] for row in run["rows"]}):
+            ours, theirs = by["jaxstack", level], by["vllm", level]
+            pairs = [_ms_pair(ours[k], theirs[k]) for k in
+                     ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")]  # fmt: skip
+            ratio = ours["output_tokens_per_s"] / theirs["output_tokens_per_s"]
+            rows.append([model, str(level), _number(ours["output_tokens_per_s"]),
+                         _number(theirs["output_tokens_per_s"]), f"**{ratio:.2f}x**", *pairs,
+                         f"{same[level]['same']}/{same[level]['requests']}"])  # fmt: skip
+            profile = ours.get("profile")
+            if profile:
+                phases = ", ".join(f"{name} {ms:.1f}" for name, ms in
+                                   profile["phase_ms_per_token"].items())  # fmt: skip
+                profile_rows.append([model, str(level), phases,
+                                     _number(profile["engine_ms_per_token"]),
+                                     _number(profile["http_ms_per_token"]),
+                                     _number(profile["client_ms_per_token"])])  # fmt: skip
+        ready = run["ready_s"]
+        ready_rows.append([model, _number(ready["jaxstack"]), _number(ready["vllm"])])
+    sources = list({record["file"]: record for record, _ in newest.values()}.values())
+    setups = {(s["max_tokens"], s["prompt_tokens"], s["requests_per_slot"], s["idle_server"])
+              for s in (r["result"]["setup"] for r in sources)}  # fmt: skip
+    note = "; ".join(
+        f"{tokens} output tokens per request, prompts {prompt} tokens, requests per slot: "
+        f"{per_slot}, the engine not measured: {idle}"
+        for tokens, prompt, per_slot, idle in sorted(setups)
+    )
+    parts = [f"{note}.", _table(header, rows),
+             _table(["model, dtype", "jaxstack ready s", "vLLM ready s"], ready_rows)]  # fmt: skip
+    if profile_rows:
+        profile_header = ["model, dtype", "concurrency", "jaxstack ms per output token by phase"]
+        profile_header += ["engine ms/token", "HTTP ms/token", "client ms/token"]
+        parts.append(_table(profile_header, profile_rows))
+    return "\n\n".join([*parts, f"Sources:\n\n{_source(sources)}"])
+
+
+def serve_table(records: list[Record]) -> str:
+    """The newest run of ``serve.py --peer transformers`` per way transformers served: per
+    concurrency, jaxstack's engine and transformers side by side (output tokens/s, TTFT and
+    TPOT p50/p99) and the throughput ratio."""
+    runs = _newest_per(
+        [r for r in _of(records, "serve") if r["result"]["setup"].get("peer") != "vllm"],
+        lambda r: r["result"]["setup"]["transformers_method"],
+    )
+    if not runs:
+        return (
+            "_No recorded run yet: `python benchmarks/serve.py --peer transformers` records one._"
+        )
     header = ["transformers serving", "concurrency", "framework", "output tok/s", "TTFT p50"]
     header += ["TTFT p99", "TPOT p50", "TPOT p99", "tok/s vs transformers"]
     ms = lambda seconds: f"{seconds * 1e3:,.1f} ms"  # noqa: E731
@@ -484,6 +551,7 @@ TABLES: dict[str, Callable[[list[Record]], str]] = {
     "attention": attention_table,
     "checkpoint": checkpoint_table,
     "moe": moe_table,
+    "serve_vllm": serve_vllm_table,
     "serve": serve_table,
     "collectives": collectives_table,
     "pipeline": pipeline_table,
