@@ -61,9 +61,10 @@ def activation_bytes(
     head, counted once.
 
     A per-name ``remat`` keeps the activations it saves (``[tokens, hidden]`` each); offloaded
-    ones live in host memory (``offloaded_activation_bytes``). With ``stage`` > 1 (GPipe,
-    ``jaxstack.layers.pipeline``) a device keeps its ``num_layers / stage`` layers' residuals
-    for every one of the ``microbatches + stage - 1`` iterations, each on one microbatch.
+    ones live in host memory (``offloaded_activation_bytes``). With ``stage`` > 1
+    (``jaxstack.layers.pipeline``) a device keeps the residuals of the ``num_layers / (stage x
+    repeats)`` layers it runs per iteration for every one of the ``repeats x microbatches +
+    stage - 1`` iterations, each on one microbatch (GPipe: ``repeats`` = 1).
 
     An MoE layer (``MixtralConfig``) keeps, in place of the dense SwiGLU hidden tensors, its
     routing buffers (``moe_layer_bytes``).
@@ -106,8 +107,9 @@ def activation_bytes(
         microbatches = choose_microbatches(micro_batch, stages, config.pipeline_microbatches,
                                            batch_shards(axis_sizes))  # fmt: skip
         share = math.ceil(micro_batch / microbatches / batch_shards(axis_sizes)) / rows
-        in_flight = microbatches + stages - 1
-        layers = in_flight * config.num_layers // stages * kept * share
+        schedule = PipelineSchedule(stages, config.num_layers, microbatches,
+                                    config.pipeline_repeats)  # fmt: skip
+        layers = schedule.iterations * schedule.layers_per_group * kept * share
         recompute *= share
     chunk_tokens = rows * chunk_layout(local_seq, chunk_size)[1]
     logits = 2 * chunk_tokens * config.vocab_size / tensor * 4 + tokens * 4
@@ -231,7 +233,8 @@ def offloaded_activation_bytes(
         microbatches = choose_microbatches(micro_batch, stages, config.pipeline_microbatches,
                                            shards)  # fmt: skip
         rows = math.ceil(micro_batch / microbatches / shards)
-        layers = (microbatches + stages - 1) * config.num_layers // stages
+        schedule = PipelineSchedule(stages, layers, microbatches, config.pipeline_repeats)
+        layers = schedule.iterations * schedule.layers_per_group
     width = config.hidden_size * jnp.dtype(config.dtype).itemsize
     tokens = rows * math.ceil(seq_len / axis_sizes.get("sequence", 1))
     return int(layers * offloaded * tokens * width)
@@ -248,16 +251,25 @@ def plan_notes(run: "RunConfig", plan: MemoryPlan) -> list[str]:
     if stages > 1:
         shards = batch_shards(sizes)
         m = choose_microbatches(micro, stages, cfg.pipeline_microbatches, shards)
-        schedule = PipelineSchedule(stages, cfg.num_layers, m)
+        schedule = PipelineSchedule(stages, cfg.num_layers, m, cfg.pipeline_repeats)
+        repeats = cfg.pipeline_repeats
         # per device and direction: one [microbatch rows, seq, hidden] slice per iteration
         slice_bytes = (
             math.ceil(micro / m / shards) * math.ceil(run.data.seq_len / sizes["sequence"])
             * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
         )  # fmt: skip
         boundary = 2 * schedule.iterations * slice_bytes * run.train.grad_accum_steps
+        if repeats == 1:
+            shape = f"GPipe, {stages} stages x {cfg.num_layers // stages} layers"
+            formula = "(stages-1)/(microbatches+stages-1)"
+        else:
+            shape = (
+                f"circular, {stages} stages x {repeats} repeats x "
+                f"{schedule.layers_per_group} layers"
+            )
+            formula = "(stages-1)/(repeats*microbatches+stages-1)"
         notes += [
-            f"pipeline: GPipe, {stages} stages x {cfg.num_layers // stages} layers, {m} "
-            f"microbatches of {micro // m} rows; bubble (stages-1)/(microbatches+stages-1) = "
+            f"pipeline: {shape}, {m} microbatches of {micro // m} rows; bubble {formula} = "
             f"{schedule.bubble_fraction:.1%}",
             f"  per stage (each device of a stage): {format_bytes(plan.total_bytes)} "
             f"(params {format_bytes(plan.param_bytes)}, optimizer "
@@ -266,6 +278,15 @@ def plan_notes(run: "RunConfig", plan: MemoryPlan) -> list[str]:
             f"  crossing each stage boundary per step, per device: {format_bytes(boundary)} "
             "(forward and backward)",
         ]
+        if repeats > 1:
+            layer_params = sum(e.bytes_per_device for e in plan.entries
+                               if e.path.startswith("layers/"))  # fmt: skip
+            notes.append(
+                "  circular regroup per step, per device: "
+                f"{format_bytes(2 * layer_params * (repeats - 1) // repeats)} of layer weights "
+                "and gradients ((repeats-1)/repeats of the stage's layers, stored in contiguous "
+                "blocks, travel to the stage that runs them and back)"
+            )
     if run.train.optimizer_offload:
         notes.append(
             f"optimizer offload: the {format_bytes(plan.opt_state_bytes)} of optimizer state "
