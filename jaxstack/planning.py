@@ -240,6 +240,30 @@ def offloaded_activation_bytes(
     return int(layers * offloaded * tokens * width)
 
 
+def start_notes(run: "RunConfig", num_devices: int | None = None) -> list[str]:
+    """What a run logs at its start about its pipeline schedule and activation offload (the
+    trainer logs the optimizer offload): cheap, no memory plan."""
+    sizes, cfg = mesh_axis_sizes(run, num_devices), run.model
+    micro = micro_batch_size(run, sizes)
+    notes = []
+    stages = sizes.get("stage", 1)
+    if stages > 1:
+        m = choose_microbatches(micro, stages, cfg.pipeline_microbatches, batch_shards(sizes))
+        schedule = PipelineSchedule(stages, cfg.num_layers, m, cfg.pipeline_repeats)
+        kind = "GPipe" if schedule.repeats == 1 else f"circular x {schedule.repeats} repeats"
+        notes.append(
+            f"pipeline: {kind} on {stages} stages, {m} microbatches, bubble "
+            f"{schedule.bubble_fraction:.1%}"
+        )
+    host = offloaded_activation_bytes(cfg, micro, run.data.seq_len, sizes)
+    if host:
+        notes.append(
+            f"remat offload ({cfg.remat}): {format_bytes(host)} of activations per device in "
+            "pinned_host memory, saved on the device"
+        )
+    return notes
+
+
 def plan_notes(run: "RunConfig", plan: MemoryPlan) -> list[str]:
     """Lines the plan table leaves out: the pipeline schedule of a ``stage`` mesh (its
     bubble, per-stage memory and the bytes crossing each stage boundary per step) and host

@@ -28,7 +28,7 @@ from jaxstack.mesh import make_mesh, parse_mesh
 from jaxstack.metrics import long_step
 from jaxstack.models import FAMILIES, Llama, LlamaConfig, family_of, model_for, preset
 from jaxstack.overrides import check_types
-from jaxstack.planning import mesh_axis_sizes
+from jaxstack.planning import mesh_axis_sizes, start_notes
 from jaxstack.trainer import TrainConfig, Trainer
 from jaxstack.workdir import work_path
 
@@ -108,7 +108,14 @@ class RunConfig:
                 f"{self.model.max_seq_len} (the longest sequence the model is configured "
                 "for); lower --data.seq_len or raise --model.max_seq_len"
             )
-        if self.mesh.strip() != "auto" and parse_mesh(self.mesh).get("stage", 1) != 1:
+        stages = 1 if self.mesh.strip() == "auto" else parse_mesh(self.mesh).get("stage", 1)
+        if stages != 1 and getattr(self.model, "moe_layers", ()):
+            raise ValueError(
+                f"mesh {self.mesh!r}: pipeline stages run dense blocks only, and this model has "
+                "MoE layers (their routing losses and expert loads do not leave the pipeline); "
+                "drop stage from --mesh and split the experts instead (e.g. --mesh data=2,expert=2)"
+            )
+        if stages != 1:
             # pipeline stages run a stack of layers (jaxstack.layers.pipeline)
             object.__setattr__(self, "model", self.model.replace(scan_layers=True))
 
@@ -403,6 +410,8 @@ def train(run: RunConfig, resume: str = "auto") -> tuple[Trainer, list[dict]]:
         )
     if jax.process_index() == 0:
         saved.write_text(json.dumps(run.to_dict(), indent=2))
+        for note in start_notes(run):
+            print(f"jaxstack: {note}", flush=True)
     try:
         records = trainer.fit(train_set, eval_set, restore_data_position=not new_data)
         if run.train.export_hf and not trainer.preempted:

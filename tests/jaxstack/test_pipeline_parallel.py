@@ -15,7 +15,7 @@ from jaxstack.layers.pipeline import PipelineSchedule, choose_microbatches, pipe
 from jaxstack.lm import lm_analysis
 from jaxstack.mesh import make_mesh
 from jaxstack.models import Llama, model_for, preset
-from jaxstack.planning import plan_notes, plan_run
+from jaxstack.planning import plan_notes, plan_run, start_notes
 from jaxstack.run import DataConfig, RunConfig
 from jaxstack.trainer import TrainConfig
 from sharding_rules import ShardingRuleError, param_rules
@@ -262,3 +262,23 @@ def test_a_mixture_of_experts_under_stages_names_the_fix():
     with jax.set_mesh(mesh), pytest.raises(ValueError, match="mesh without stage") as error:
         jax.eval_shape(lambda p: model.apply({"params": p}, ids), params)
     assert "\n" not in str(error.value)
+
+
+def test_a_mixture_of_experts_run_with_stages_is_refused_up_front():
+    with pytest.raises(ValueError, match="--mesh data=2,expert=2") as error:
+        RunConfig(model=preset("tiny-moe"), mesh="data=2,stage=2")
+    assert "\n" not in str(error.value)
+
+
+def test_start_notes_log_the_schedule_and_the_offloaded_activations(tmp_path):
+    run = RunConfig(
+        model=MODEL.config.replace(num_layers=2, remat="block_input=offload"),
+        data=DataConfig(seq_len=32),
+        train=TrainConfig(work_dir=str(tmp_path), batch_size=16, num_steps=1),
+        mesh="data=4,stage=2",
+    )
+    schedule, offload = start_notes(run)
+    # 4 microbatches of 4 rows (1 per data shard): bubble 1 / 5
+    assert schedule == f"pipeline: GPipe on 2 stages, 4 microbatches, bubble {1 / 5:.1%}"
+    # 5 iterations x 1 layer x block_input [1 row, 32 tokens, 64 wide] float32
+    assert format_bytes(5 * 32 * 64 * 4) in offload and "pinned_host" in offload
