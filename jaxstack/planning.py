@@ -4,6 +4,7 @@ Parameter, gradient and optimizer-state bytes come from the real shapes (``jax.e
 and the automatic sharding rules; activations are an estimate from the model config.
 """
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
@@ -194,7 +195,21 @@ def mesh_axis_sizes(run: "RunConfig", num_devices: int | None = None) -> dict[st
 def choose_mesh(run: "RunConfig", num_devices: int, memory_bytes: int | None = None):
     """``mesh="auto"``: the fitting (data, fsdp, tensor) shape with the least communication;
     with context parallelism in the model, the smallest ``sequence`` split when a long
-    sequence fits no mesh without one."""
+    sequence fits no mesh without one. With ``run.dcn`` > 1 slices: that shape for one
+    slice's ``num_devices / dcn`` devices, the slices joined by ``data`` or ``stage``
+    (``dcn_choice``)."""
+    if run.dcn > 1:
+        if num_devices % run.dcn:
+            raise ValueError(
+                f"{num_devices} devices do not form dcn={run.dcn} equal slices; use a dcn "
+                "that divides the device count"
+            )
+        inner = choose_mesh(dataclasses.replace(run, dcn=1), num_devices // run.dcn,
+                            memory_bytes)  # fmt: skip
+        axis, _ = dcn_choice(run, inner.axis_sizes)
+        sizes = dict(inner.axis_sizes)
+        sizes[axis] *= run.dcn
+        return dataclasses.replace(inner, axis_sizes=sizes)
     model, params, opt_state = _abstract(run)
     cfg = run.model
     if run.train.per_device_batch_size is not None:
@@ -217,6 +232,52 @@ def choose_mesh(run: "RunConfig", num_devices: int, memory_bytes: int | None = N
         opt_state=opt_state,
         activation_bytes_fn=lambda sizes: activation_bytes(cfg, micro, run.data.seq_len, sizes),
         split_sequence=cfg.context_parallel != "none",
+    )
+
+
+def boundary_bytes(run: "RunConfig", sizes: dict[str, int]) -> int:
+    """Bytes per device crossing a stage boundary per step of a ``stage`` mesh of ``sizes``
+    (forward and backward): one ``[microbatch rows, seq, hidden]`` slice per iteration."""
+    cfg, micro = run.model, micro_batch_size(run, sizes)
+    shards, stages = batch_shards(sizes), sizes["stage"]
+    m = choose_microbatches(micro, stages, cfg.pipeline_microbatches, shards)
+    schedule = PipelineSchedule(stages, cfg.num_layers, m, cfg.pipeline_repeats)
+    slice_bytes = (
+        math.ceil(micro / m / shards) * math.ceil(run.data.seq_len / sizes.get("sequence", 1))
+        * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
+    )  # fmt: skip
+    return 2 * schedule.iterations * slice_bytes * run.train.grad_accum_steps
+
+
+def dcn_choice(run: "RunConfig", inner: dict[str, int]) -> tuple[str, str]:
+    """Which axis joins ``run.dcn`` slices of mesh ``inner`` each: ``data`` (an all-reduce of
+    each device's gradients over the slow links per step: ``2 (n-1)/n`` of them) or
+    ``stage`` (activations at the stage boundary, ``boundary_bytes``; a dense stacked model
+    whose layers and batch split that way), whichever sends fewer bytes per device and step;
+    with a line saying both (and the bubble)."""
+    n = run.dcn
+    single = dataclasses.replace(run, dcn=1, mesh=",".join(f"{a}={k}" for a, k in inner.items()))
+    grads = plan_run(single, math.prod(inner.values())).grad_bytes
+    data_bytes = 2 * (n - 1) / n * grads
+    staged = dict(inner, stage=n)
+    try:
+        if getattr(run.model, "moe_layers", ()):
+            raise ValueError("a mixture of experts does not run under stages")
+        stage_bytes = boundary_bytes(run, staged)
+        m = choose_microbatches(micro_batch_size(run, staged), n,
+                                run.model.pipeline_microbatches, batch_shards(staged))  # fmt: skip
+        bubble = PipelineSchedule(n, run.model.num_layers, m, run.model.pipeline_repeats)
+    except ValueError as error:
+        return "data", (
+            f"dcn={n} slices: data over the slow links ({format_bytes(int(data_bytes))} per "
+            f"device and step); stage not possible ({error})"
+        )
+    axis = "stage" if stage_bytes < data_bytes else "data"
+    return axis, (
+        f"dcn={n} slices, per device and step over the slow links: data "
+        f"{format_bytes(int(data_bytes))} (gradient all-reduce), stage "
+        f"{format_bytes(stage_bytes)} (activations, bubble {bubble.bubble_fraction:.1%}): "
+        f"{axis} chosen"
     )
 
 
@@ -277,12 +338,7 @@ def plan_notes(run: "RunConfig", plan: MemoryPlan) -> list[str]:
         m = choose_microbatches(micro, stages, cfg.pipeline_microbatches, shards)
         schedule = PipelineSchedule(stages, cfg.num_layers, m, cfg.pipeline_repeats)
         repeats = cfg.pipeline_repeats
-        # per device and direction: one [microbatch rows, seq, hidden] slice per iteration
-        slice_bytes = (
-            math.ceil(micro / m / shards) * math.ceil(run.data.seq_len / sizes["sequence"])
-            * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
-        )  # fmt: skip
-        boundary = 2 * schedule.iterations * slice_bytes * run.train.grad_accum_steps
+        boundary = boundary_bytes(run, sizes)
         if repeats == 1:
             shape = f"GPipe, {stages} stages x {cfg.num_layers // stages} layers"
             formula = "(stages-1)/(microbatches+stages-1)"
@@ -311,6 +367,9 @@ def plan_notes(run: "RunConfig", plan: MemoryPlan) -> list[str]:
                 "and gradients ((repeats-1)/repeats of the stage's layers, stored in contiguous "
                 "blocks, travel to the stage that runs them and back)"
             )
+    slow = "stage" if stages == run.dcn else "data"
+    if run.dcn > 1 and sizes[slow] % run.dcn == 0:
+        notes.append(dcn_choice(run, dict(sizes, **{slow: sizes[slow] // run.dcn}))[1])
     if run.train.optimizer_offload:
         notes.append(
             f"optimizer offload: the {format_bytes(plan.opt_state_bytes)} of optimizer state "

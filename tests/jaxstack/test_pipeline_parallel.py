@@ -282,3 +282,13 @@ def test_start_notes_log_the_schedule_and_the_offloaded_activations(tmp_path):
     assert schedule == f"pipeline: GPipe on 2 stages, 4 microbatches, bubble {1 / 5:.1%}"
     # 5 iterations x 1 layer x block_input [1 row, 32 tokens, 64 wide] float32
     assert format_bytes(5 * 32 * 64 * 4) in offload and "pinned_host" in offload
+
+
+def test_auto_mesh_over_slow_links_weighs_stage_against_data(capsys):
+    base = ["plan", "--mesh", "auto", "--dcn", "2", "--devices", "8", "--data.seq_len", "32"]
+    assert main(base) == 0  # tiny model: its gradients outweigh the boundary activations
+    out = capsys.readouterr().out
+    assert "(stage, None)" in out and "stage chosen" in out
+    assert main([*base, "--model", "tiny-moe"]) == 0  # experts do not run under stages
+    out = capsys.readouterr().out
+    assert "data over the slow links" in out and "stage not possible" in out
