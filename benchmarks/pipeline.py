@@ -1,10 +1,11 @@
 """Pipeline stages and host offload, side by side in one run on 8 fake CPU devices (or the
 devices present when run on a GPU or TPU host):
 
-1. **Pipeline** (``jaxstack.layers.pipeline``, GPipe): training step time and tokens/s of one
+1. **Pipeline** (``jaxstack.layers.pipeline``): training step time and tokens/s of one
    Llama with stacked layers on ``data=8``, ``fsdp=8`` and ``data=2 x stage=4`` at several
-   microbatch counts, with the bubble the formula predicts, ``(stages - 1) / (microbatches
-   + stages - 1)``, beside the measured one, ``1 - t(data=8) / t(stage)``: the SPMD pipeline
+   microbatch counts, GPipe and circular (``pipeline_repeats`` R > 1), with the bubble the
+   formula predicts, ``(stages - 1) / (R x microbatches + stages - 1)``, beside the measured
+   one, ``1 - t(data=8) / t(stage)``: the SPMD pipeline
    computes bubble iterations on stale data rather than idling, so on devices that share
    the host's cores it shows up as extra time. The measured figure also holds what else the
    pipeline costs (the permutes, the head and loss on every stage's copy of the batch).
@@ -49,9 +50,12 @@ def pipeline_variants(args: argparse.Namespace) -> dict[str, tuple[dict, dict, d
     """name -> (mesh axes, ``LlamaConfig`` options, ``TrainConfig`` options) of part 1; the
     first is the baseline the bubble is measured against."""
     variants = {"data=8": (dict(data=8), {}, {}), "fsdp=8": (dict(fsdp=8, data=1), {}, {})}
+    mesh = dict(data=2, stage=STAGES)
     for m in args.microbatches:
-        mesh = dict(data=2, stage=STAGES)
         variants[f"data=2,stage={STAGES} M={m}"] = (mesh, dict(pipeline_microbatches=m), {})
+        for r in args.repeats:
+            options = dict(pipeline_microbatches=m, pipeline_repeats=r)
+            variants[f"data=2,stage={STAGES} R={r} M={m}"] = (mesh, options, {})
     return variants
 
 
@@ -155,7 +159,8 @@ def add_bubbles(rows: list[dict], variants: dict[str, tuple]) -> list[dict]:
         row = dict(row)
         if axes.get("stage", 1) > 1:
             m, s = options["pipeline_microbatches"], axes["stage"]
-            row["bubble_formula"] = (s - 1) / (m + s - 1)
+            r = options.get("pipeline_repeats", 1)
+            row["bubble_formula"] = (s - 1) / (r * m + s - 1)
             row["bubble_measured"] = 1 - baseline / row["median_step_s"]
         out.append(row)
     return out
@@ -169,13 +174,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=256, help="sequence length (256)")
     parser.add_argument("--microbatches", type=int, nargs="+", default=[4, 8, 16],
                         help="pipeline microbatch counts (4 8 16)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, nargs="*", default=[2],
+                        help="circular schedule repeats beside GPipe (2); layers must be a "
+                             "multiple of 4 stages x each")  # fmt: skip
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant (8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant (2)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     common.add_results_argument(parser)
     args = parser.parse_args(argv)
     if args.quick:
-        args.hidden, args.layers, args.batch, args.seq = 64, 4, 16, 32
+        args.hidden, args.layers, args.batch, args.seq = 64, 8, 16, 32
         args.microbatches, args.steps, args.warmup = [4, 8], 2, 1
     return args
 
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> Path:
         "setup": {
             "quick": args.quick, "hidden": args.hidden, "layers": args.layers,
             "batch": args.batch, "seq": args.seq, "steps": args.steps, "warmup": args.warmup,
-            "stages": STAGES, "threads": common.usable_cpus(),
+            "stages": STAGES, "repeats": args.repeats, "threads": common.usable_cpus(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
         },
         "pipeline": pipeline_rows,

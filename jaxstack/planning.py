@@ -64,9 +64,10 @@ def activation_bytes(
     head, counted once.
 
     A per-name ``remat`` keeps the activations it saves (``[tokens, hidden]`` each); offloaded
-    ones live in host memory (``offloaded_activation_bytes``). With ``stage`` > 1 (GPipe,
-    ``jaxstack.layers.pipeline``) a device keeps its ``num_layers / stage`` layers' residuals
-    for every one of the ``microbatches + stage - 1`` iterations, each on one microbatch.
+    ones live in host memory (``offloaded_activation_bytes``). With ``stage`` > 1
+    (``jaxstack.layers.pipeline``) a device keeps the residuals of the ``num_layers / (stage x
+    repeats)`` layers it runs per iteration for every one of the ``repeats x microbatches +
+    stage - 1`` iterations, each on one microbatch (GPipe: ``repeats`` = 1).
 
     An MoE layer (``MixtralConfig``) keeps, in place of the dense SwiGLU hidden tensors, its
     routing buffers (``moe_layer_bytes``).
@@ -109,8 +110,9 @@ def activation_bytes(
         microbatches = choose_microbatches(micro_batch, stages, config.pipeline_microbatches,
                                            batch_shards(axis_sizes))  # fmt: skip
         share = math.ceil(micro_batch / microbatches / batch_shards(axis_sizes)) / rows
-        in_flight = microbatches + stages - 1
-        layers = in_flight * config.num_layers // stages * kept * share
+        schedule = PipelineSchedule(stages, config.num_layers, microbatches,
+                                    config.pipeline_repeats)  # fmt: skip
+        layers = schedule.iterations * schedule.layers_per_group * kept * share
         recompute *= share
     chunk_tokens = rows * chunk_layout(local_seq, chunk_size)[1]
     logits = 2 * chunk_tokens * config.vocab_size / tensor * 4 + tokens * 4
@@ -195,7 +197,21 @@ def mesh_axis_sizes(run: "RunConfig", num_devices: int | None = None) -> dict[st
 def choose_mesh(run: "RunConfig", num_devices: int, memory_bytes: int | None = None):
     """``mesh="auto"``: the fitting (data, fsdp, tensor) shape with the least communication;
     with context parallelism in the model, the smallest ``sequence`` split when a long
-    sequence fits no mesh without one."""
+    sequence fits no mesh without one. With ``run.dcn`` > 1 slices: that shape for one
+    slice's ``num_devices / dcn`` devices, the slices joined by ``data`` or ``stage``
+    (``dcn_choice``)."""
+    if run.dcn > 1:
+        if num_devices % run.dcn:
+            raise ValueError(
+                f"{num_devices} devices do not form dcn={run.dcn} equal slices; use a dcn "
+                "that divides the device count"
+            )
+        inner = choose_mesh(dataclasses.replace(run, dcn=1), num_devices // run.dcn,
+                            memory_bytes)  # fmt: skip
+        axis, _ = dcn_choice(run, inner.axis_sizes)
+        sizes = dict(inner.axis_sizes)
+        sizes[axis] *= run.dcn
+        return dataclasses.replace(inner, axis_sizes=sizes)
     model, params, opt_state = _abstract(run)
     cfg = run.model
     if run.train.per_device_batch_size is not None:
@@ -221,6 +237,52 @@ def choose_mesh(run: "RunConfig", num_devices: int, memory_bytes: int | None = N
     )
 
 
+def boundary_bytes(run: "RunConfig", sizes: dict[str, int]) -> int:
+    """Bytes per device crossing a stage boundary per step of a ``stage`` mesh of ``sizes``
+    (forward and backward): one ``[microbatch rows, seq, hidden]`` slice per iteration."""
+    cfg, micro = run.model, micro_batch_size(run, sizes)
+    shards, stages = batch_shards(sizes), sizes["stage"]
+    m = choose_microbatches(micro, stages, cfg.pipeline_microbatches, shards)
+    schedule = PipelineSchedule(stages, cfg.num_layers, m, cfg.pipeline_repeats)
+    slice_bytes = (
+        math.ceil(micro / m / shards) * math.ceil(run.data.seq_len / sizes.get("sequence", 1))
+        * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
+    )  # fmt: skip
+    return 2 * schedule.iterations * slice_bytes * run.train.grad_accum_steps
+
+
+def dcn_choice(run: "RunConfig", inner: dict[str, int]) -> tuple[str, str]:
+    """Which axis joins ``run.dcn`` slices of mesh ``inner`` each: ``data`` (an all-reduce of
+    each device's gradients over the slow links per step: ``2 (n-1)/n`` of them) or
+    ``stage`` (activations at the stage boundary, ``boundary_bytes``; a dense stacked model
+    whose layers and batch split that way), whichever sends fewer bytes per device and step;
+    with a line saying both (and the bubble)."""
+    n = run.dcn
+    single = dataclasses.replace(run, dcn=1, mesh=",".join(f"{a}={k}" for a, k in inner.items()))
+    grads = plan_run(single, math.prod(inner.values())).grad_bytes
+    data_bytes = 2 * (n - 1) / n * grads
+    staged = dict(inner, stage=n)
+    try:
+        if getattr(run.model, "moe_layers", ()):
+            raise ValueError("a mixture of experts does not run under stages")
+        stage_bytes = boundary_bytes(run, staged)
+        m = choose_microbatches(micro_batch_size(run, staged), n,
+                                run.model.pipeline_microbatches, batch_shards(staged))  # fmt: skip
+        bubble = PipelineSchedule(n, run.model.num_layers, m, run.model.pipeline_repeats)
+    except ValueError as error:
+        return "data", (
+            f"dcn={n} slices: data over the slow links ({format_bytes(int(data_bytes))} per "
+            f"device and step); stage not possible ({error})"
+        )
+    axis = "stage" if stage_bytes < data_bytes else "data"
+    return axis, (
+        f"dcn={n} slices, per device and step over the slow links: data "
+        f"{format_bytes(int(data_bytes))} (gradient all-reduce), stage "
+        f"{format_bytes(stage_bytes)} (activations, bubble {bubble.bubble_fraction:.1%}): "
+        f"{axis} chosen"
+    )
+
+
 def offloaded_activation_bytes(
     config: LlamaConfig, micro_batch: int, seq_len: int, axis_sizes: dict[str, int]
 ) -> int:
@@ -234,10 +296,35 @@ def offloaded_activation_bytes(
         microbatches = choose_microbatches(micro_batch, stages, config.pipeline_microbatches,
                                            shards)  # fmt: skip
         rows = math.ceil(micro_batch / microbatches / shards)
-        layers = (microbatches + stages - 1) * config.num_layers // stages
+        schedule = PipelineSchedule(stages, layers, microbatches, config.pipeline_repeats)
+        layers = schedule.iterations * schedule.layers_per_group
     width = config.hidden_size * jnp.dtype(config.dtype).itemsize
     tokens = rows * math.ceil(seq_len / axis_sizes.get("sequence", 1))
     return int(layers * offloaded * tokens * width)
+
+
+def start_notes(run: "RunConfig", num_devices: int | None = None) -> list[str]:
+    """What a run logs at its start about its pipeline schedule and activation offload (the
+    trainer logs the optimizer offload): cheap, no memory plan."""
+    sizes, cfg = mesh_axis_sizes(run, num_devices), run.model
+    micro = micro_batch_size(run, sizes)
+    notes = []
+    stages = sizes.get("stage", 1)
+    if stages > 1:
+        m = choose_microbatches(micro, stages, cfg.pipeline_microbatches, batch_shards(sizes))
+        schedule = PipelineSchedule(stages, cfg.num_layers, m, cfg.pipeline_repeats)
+        kind = "GPipe" if schedule.repeats == 1 else f"circular x {schedule.repeats} repeats"
+        notes.append(
+            f"pipeline: {kind} on {stages} stages, {m} microbatches, bubble "
+            f"{schedule.bubble_fraction:.1%}"
+        )
+    host = offloaded_activation_bytes(cfg, micro, run.data.seq_len, sizes)
+    if host:
+        notes.append(
+            f"remat offload ({cfg.remat}): {format_bytes(host)} of activations per device in "
+            "pinned_host memory, saved on the device"
+        )
+    return notes
 
 
 def plan_notes(run: "RunConfig", plan: MemoryPlan) -> list[str]:
@@ -251,16 +338,20 @@ def plan_notes(run: "RunConfig", plan: MemoryPlan) -> list[str]:
     if stages > 1:
         shards = batch_shards(sizes)
         m = choose_microbatches(micro, stages, cfg.pipeline_microbatches, shards)
-        schedule = PipelineSchedule(stages, cfg.num_layers, m)
-        # per device and direction: one [microbatch rows, seq, hidden] slice per iteration
-        slice_bytes = (
-            math.ceil(micro / m / shards) * math.ceil(run.data.seq_len / sizes["sequence"])
-            * cfg.hidden_size * jnp.dtype(cfg.dtype).itemsize
-        )  # fmt: skip
-        boundary = 2 * schedule.iterations * slice_bytes * run.train.grad_accum_steps
+        schedule = PipelineSchedule(stages, cfg.num_layers, m, cfg.pipeline_repeats)
+        repeats = cfg.pipeline_repeats
+        boundary = boundary_bytes(run, sizes)
+        if repeats == 1:
+            shape = f"GPipe, {stages} stages x {cfg.num_layers // stages} layers"
+            formula = "(stages-1)/(microbatches+stages-1)"
+        else:
+            shape = (
+                f"circular, {stages} stages x {repeats} repeats x "
+                f"{schedule.layers_per_group} layers"
+            )
+            formula = "(stages-1)/(repeats*microbatches+stages-1)"
         notes += [
-            f"pipeline: GPipe, {stages} stages x {cfg.num_layers // stages} layers, {m} "
-            f"microbatches of {micro // m} rows; bubble (stages-1)/(microbatches+stages-1) = "
+            f"pipeline: {shape}, {m} microbatches of {micro // m} rows; bubble {formula} = "
             f"{schedule.bubble_fraction:.1%}",
             f"  per stage (each device of a stage): {format_bytes(plan.total_bytes)} "
             f"(params {format_bytes(plan.param_bytes)}, optimizer "
@@ -269,6 +360,18 @@ def plan_notes(run: "RunConfig", plan: MemoryPlan) -> list[str]:
             f"  crossing each stage boundary per step, per device: {format_bytes(boundary)} "
             "(forward and backward)",
         ]
+        if repeats > 1:
+            layer_params = sum(e.bytes_per_device for e in plan.entries
+                               if e.path.startswith("layers/"))  # fmt: skip
+            notes.append(
+                "  circular regroup per step, per device: "
+                f"{format_bytes(2 * layer_params * (repeats - 1) // repeats)} of layer weights "
+                "and gradients ((repeats-1)/repeats of the stage's layers, stored in contiguous "
+                "blocks, travel to the stage that runs them and back)"
+            )
+    slow = "stage" if stages == run.dcn else "data"
+    if run.dcn > 1 and sizes[slow] % run.dcn == 0:
+        notes.append(dcn_choice(run, dict(sizes, **{slow: sizes[slow] // run.dcn}))[1])
     if run.train.optimizer_offload:
         notes.append(
             f"optimizer offload: the {format_bytes(plan.opt_state_bytes)} of optimizer state "

@@ -29,7 +29,7 @@ from jaxstack.mesh import make_mesh, parse_mesh
 from jaxstack.metrics import long_step
 from jaxstack.models import FAMILIES, Llama, LlamaConfig, family_of, model_for, preset
 from jaxstack.overrides import check_types
-from jaxstack.planning import mesh_axis_sizes
+from jaxstack.planning import mesh_axis_sizes, start_notes
 from jaxstack.trainer import TrainConfig, Trainer
 from jaxstack.workdir import work_path
 
@@ -101,6 +101,11 @@ class RunConfig:
     mesh: str = "data=-1"
     """Mesh axis sizes, e.g. ``data=2,tensor=4`` (one axis may be -1: the rest of devices),
     or ``auto``: the fitting (data, fsdp, tensor) shape with the least communication."""
+    dcn: int = 1
+    """Slices (or nodes) the devices form, joined by slow links (DCN, Ethernet). With
+    ``mesh=auto`` and ``dcn`` > 1 the mesh inside a slice is chosen for ``devices / dcn``
+    devices and the slow dimension goes to ``data`` or ``stage``, whichever sends fewer bytes
+    over the slow links per step (``jaxstack.planning.dcn_choice``; the plan shows both)."""
     init: InitConfig = field(default_factory=InitConfig)
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=0))
     """Low-rank adapters instead of full fine-tuning (``--lora.rank 16``; docs/lora.md); rank 0
@@ -119,8 +124,18 @@ class RunConfig:
                 f"{self.model.max_seq_len} (the longest sequence the model is configured "
                 "for); lower --data.seq_len or raise --model.max_seq_len"
             )
-        if self.mesh.strip() != "auto" and parse_mesh(self.mesh).get("stage", 1) != 1:
-            # pipeline stages run a stack of layers (jaxstack.layers.pipeline)
+        if self.dcn < 1:
+            raise ValueError(f"dcn={self.dcn}; use 1 (one slice) or the number of slices")
+        auto = self.mesh.strip() == "auto"
+        stages = 1 if auto else parse_mesh(self.mesh).get("stage", 1)
+        if stages != 1 and getattr(self.model, "moe_layers", ()):
+            raise ValueError(
+                f"mesh {self.mesh!r}: pipeline stages run dense blocks only, and this model has "
+                "MoE layers (their routing losses and expert loads do not leave the pipeline); "
+                "drop stage from --mesh and split the experts instead (e.g. --mesh data=2,expert=2)"
+            )
+        if stages != 1 or (auto and self.dcn > 1 and not getattr(self.model, "moe_layers", ())):
+            # pipeline stages (also a choice of auto over slices) run a stack of layers
             object.__setattr__(self, "model", self.model.replace(scan_layers=True))
 
     def to_dict(self) -> dict:
@@ -179,10 +194,10 @@ class RunConfig:
         family = _family(model.pop("family", "llama"))  # run.json files before families: llama
         sections = {"model": family.config, "data": DataConfig, "train": TrainConfig,
                     "init": InitConfig, "lora": LoRAConfig}  # fmt: skip
-        unknown = sorted(set(raw) - {*sections, "mesh"})
+        unknown = sorted(set(raw) - {*sections, "mesh", "dcn"})
         if unknown:
             raise KeyError(
-                f"unknown config sections {unknown}; valid: model, data, train, init, lora, mesh"
+                f"unknown config sections {unknown}; valid: model, data, train, init, lora, mesh, dcn"
             )
         built = {}
         for name, kind in sections.items():
@@ -202,7 +217,7 @@ class RunConfig:
                 built[name] = kind(**values)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{name}: {error}") from None
-        return cls(**built, mesh=raw.get("mesh", "data=-1"))
+        return cls(**built, mesh=raw.get("mesh", "data=-1"), dcn=raw.get("dcn", 1))
 
     def differences(self, other: "RunConfig", section: str) -> list[str]:
         """The keys of ``section`` (model / data / train) whose values differ from ``other``'s."""
@@ -424,6 +439,8 @@ def train(run: RunConfig, resume: str = "auto") -> tuple[Trainer, list[dict]]:
         )
     if jax.process_index() == 0:
         saved.write_text(json.dumps(run.to_dict(), indent=2))
+        for note in start_notes(run):
+            print(f"jaxstack: {note}", flush=True)
     try:
         records = trainer.fit(train_set, eval_set, restore_data_position=not new_data)
         if run.lora.enabled and not trainer.preempted:

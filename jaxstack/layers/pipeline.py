@@ -1,27 +1,35 @@
 """Pipeline parallelism over the ``stage`` mesh axis: one SPMD program (MaxText's design).
 
 A stack of ``L`` identical layers (weights with a leading ``[L]`` axis, sharded over ``stage``
-in contiguous blocks by ``sharding_rules``) is viewed as ``[S, K]``: stage ``s`` holds layers
-``s*K .. s*K + K - 1``. The batch ``[B, ...]`` is split into ``M`` microbatches of
-``B / M`` rows (microbatch ``m`` takes rows ``m, m + M, ...``, so each stays spread over the
-batch shards). GPipe schedule, ``M + S - 1`` iterations of one ``lax.scan``:
+in contiguous blocks by ``sharding_rules``) runs on ``S`` stages in ``R`` repeats: the layers
+form ``S x R`` groups of ``K = L / (S R)``, group ``g`` runs on stage ``g mod S`` (``R = 1``:
+GPipe, stage ``s`` runs layers ``s*K .. s*K + K - 1``; ``R > 1``: the circular, interleaved
+schedule, each stage holding ``R`` non-contiguous groups). The batch ``[B, ...]`` is split
+into ``M`` microbatches of ``B / M`` rows (microbatch ``m`` takes rows ``m, m + M, ...``, so
+each stays spread over the batch shards). ``R M + S - 1`` iterations of one ``lax.scan``:
 
-    state[s]   input of stage s (stage 0 reads microbatch t, stage s > 0 what stage s - 1
-               produced last iteration: ``jnp.roll`` over the stage-sharded axis, which XLA
-               lowers to a collective permute between neighbouring stages)
-    out        = vmap(stage body)(weights [S, K, ...], state [S, mb, ...])   (every stage at
-               once, each on its own devices: ``spmd_axis_name="stage"``)
-    ys[t]      = out[S - 1]: microbatch t - S + 1 finished
+    state[s]   input of stage s: what stage s - 1 produced last iteration (``jnp.roll`` over
+               the stage-sharded axis, which XLA lowers to a collective permute between
+               neighbouring stages); stage 0 reads a fresh microbatch in the first repeat,
+               and later what came round from stage S - 1 one repeat earlier (kept on
+               stage 0's devices in a buffer of M microbatches until its turn)
+    out        = vmap(stage body)(weights [S, R, K, ...], state [S, mb, ...])   (every stage
+               at once, each on its own devices: ``spmd_axis_name="stage"``; stage s uses
+               its group of the repeat it is in)
+    ys[t]      = out[S - 1]: the last M are the finished microbatches
 
-Stage ``s`` works on microbatch ``t - s``; iterations where that is outside ``0 .. M - 1``
-are the bubble, ``(S - 1) / (M + S - 1)`` of the time. The backward pass is the scan's own
-transpose (the permutes run the other way). Weights of one stage never leave its devices;
-only activations of ``[mb, ...]`` cross a stage boundary, once per iteration and direction.
+Stage ``s`` works on item ``t - s`` (repeat ``(t - s) // M``, microbatch ``(t - s) mod M``);
+iterations where that is outside ``0 .. R M - 1`` are the bubble, ``(S - 1) / (R M + S - 1)``
+of the time. The backward pass is the scan's own transpose (the permutes run the other way).
+Only activations of ``[mb, ...]`` cross a stage boundary, once per iteration and direction.
 Within a stage, FSDP-sharded weights are gathered at each use (once per microbatch) or, with
-``fsdp_gather="once"``, once per step before the schedule.
+``fsdp_gather="once"``, once per step before the schedule. The circular schedule regroups the
+contiguously stored layers into each stage's groups once per step (``(R - 1) / R`` of a
+stage's weights move to other stages, and their gradients back): fewer idle iterations for
+that traffic.
 
-Not supported here: the circular (interleaved) schedule, 1F1B / zero-bubble (they need
-MPMD), KV caches (decoding runs the stack without stages).
+Not supported here: a gather per repeat, 1F1B / zero-bubble (they need MPMD), KV caches
+(decoding runs the stack without stages).
 """
 
 import math
@@ -44,17 +52,22 @@ LayerFn = Callable[[Any, jax.Array, Any], jax.Array]
 
 @dataclass(frozen=True)
 class PipelineSchedule:
-    """How a stack of ``layers`` runs on ``stages`` stages over ``microbatches`` (GPipe)."""
+    """How a stack of ``layers`` runs on ``stages`` stages over ``microbatches``, each stage
+    visited ``repeats`` times per microbatch (1: GPipe, more: the circular schedule)."""
 
     stages: int
     layers: int
     microbatches: int
+    repeats: int = 1
 
     def __post_init__(self) -> None:
-        if self.stages < 1 or self.layers % self.stages:
+        if self.repeats < 1:
+            raise ValueError(f"pipeline_repeats={self.repeats}; use 1 (GPipe) or more (circular)")
+        if self.stages < 1 or self.layers % (self.stages * self.repeats):
             raise ValueError(
-                f"{self.layers} layers do not split into stage={self.stages} pipeline stages; "
-                f"use a stage count that divides the layer count"
+                f"{self.layers} layers do not split into stage={self.stages} pipeline stages "
+                f"x pipeline_repeats={self.repeats}; use a stage count and repeats whose product "
+                "divides the layer count"
             )
         if self.microbatches < self.stages or self.microbatches % self.stages:
             raise ValueError(
@@ -63,13 +76,19 @@ class PipelineSchedule:
             )
 
     @property
+    def layers_per_group(self) -> int:
+        """Layers a stage runs in one visit: ``layers / (stages x repeats)``."""
+        return self.layers // (self.stages * self.repeats)
+
+    @property
     def iterations(self) -> int:
-        """Scan iterations of one forward pass: ``microbatches + stages - 1``."""
-        return self.microbatches + self.stages - 1
+        """Scan iterations of one forward pass: ``repeats x microbatches + stages - 1``."""
+        return self.repeats * self.microbatches + self.stages - 1
 
     @property
     def bubble_fraction(self) -> float:
-        """Fraction of stage-iterations idle: ``(stages - 1) / (microbatches + stages - 1)``."""
+        """Fraction of stage-iterations idle: ``(stages - 1) / (repeats x microbatches +
+        stages - 1)``."""
         return (self.stages - 1) / self.iterations
 
 
@@ -159,18 +178,20 @@ def pipeline(
     *,
     stages: int,
     microbatches: int,
+    repeats: int = 1,
     fsdp_gather: str = "per_microbatch",
 ) -> jax.Array:
-    """Run ``x [B, ...]`` through the stacked layers, pipelined over ``stages`` (GPipe).
+    """Run ``x [B, ...]`` through the stacked layers, pipelined over ``stages``.
 
     Args:
         layer_fn: one layer, ``(weights, x [mb, ...], extras) -> x`` (remat it yourself).
-        layer_weights: pytree of ``[L, ...]`` arrays (``L`` a multiple of ``stages``), the
-            leading axis sharded over ``stage``.
+        layer_weights: pytree of ``[L, ...]`` arrays (``L`` a multiple of ``stages x
+            repeats``), the leading axis sharded over ``stage``.
         x: activations ``[B, ...]``, ``B`` a multiple of ``microbatches``.
         extras: pytree of ``[B, ...]`` arrays travelling with each row (positions, segment
             ids), or None.
-        stages, microbatches: the ``PipelineSchedule``.
+        stages, microbatches, repeats: the ``PipelineSchedule`` (``repeats=1``: GPipe; more:
+            circular, each stage visited ``repeats`` times with a different group of layers).
         fsdp_gather: when weights split over ``fsdp`` inside a stage are gathered:
             ``per_microbatch`` (at each use, in every iteration: least memory) or ``once``
             (the stage's whole block before the schedule, its gradient reduced once after:
@@ -185,40 +206,59 @@ def pipeline(
     if fsdp_gather not in FSDP_GATHER:
         raise ValueError(f"fsdp_gather={fsdp_gather!r}; choose one of {FSDP_GATHER}")
     num_layers = jax.tree.leaves(layer_weights)[0].shape[0]
-    schedule = PipelineSchedule(stages, num_layers, microbatches)
+    schedule = PipelineSchedule(stages, num_layers, microbatches, repeats)
     choose_microbatches(x.shape[0], stages, microbatches)
+    group = schedule.layers_per_group
 
-    def per_stage(w):  # [L, ...] -> [S, K, ...]: stage s's block of layers, on its devices
-        w = w.reshape(stages, num_layers // stages, *w.shape[1:])
-        if fsdp_gather == "once" and uses_our_axes(jax.sharding.get_abstract_mesh()):
-            return jax.lax.with_sharding_constraint(w, PartitionSpec("stage"))  # rest whole
-        return _constrain(w, ("stage",))
+    def per_stage(w):  # [L, ...] -> [S, R, K, ...]: layer r*S*K + s*K + k at [s, r, k]
+        def placed(part):  # [S, ...] -> on the stage axis
+            if fsdp_gather == "once" and uses_our_axes(jax.sharding.get_abstract_mesh()):
+                return jax.lax.with_sharding_constraint(part, PartitionSpec("stage"))
+            return _constrain(part, ("stage",))
+
+        rows = stages * group  # repeat r: the contiguous layers r*S*K .. (r+1)*S*K - 1
+        parts = [w[r * rows : (r + 1) * rows].reshape(stages, group, *w.shape[1:])
+                 for r in range(repeats)]  # fmt: skip
+        return placed(jnp.stack([placed(part) for part in parts], axis=1))
 
     weights = jax.tree.map(per_stage, layer_weights)
     xs = _constrain(to_microbatches(x, microbatches), (None, "batch"))
     extras_mb = jax.tree.map(lambda e: to_microbatches(e, microbatches), extras)
     stage_ids = jnp.arange(stages)
+    first = (stage_ids == 0).reshape(stages, *[1] * x.ndim)
 
-    def stage_body(stage_weights, h, stage_extras):
+    def stage_body(stage_weights, repeat, h, stage_extras):
         def one_layer(h, w):
             return layer_fn(w, h, stage_extras), None
 
-        return jax.lax.scan(one_layer, h, stage_weights)[0]
+        this_repeat = jax.tree.map(lambda w: w[repeat], stage_weights)
+        return jax.lax.scan(one_layer, h, this_repeat)[0]
 
     run_stages = jax.vmap(stage_body, spmd_axis_name="stage")
 
-    def iteration(previous, t):
-        # stage 0 takes microbatch t (past the last one it repeats it: bubble work, dropped);
-        # stage s > 0 takes what stage s - 1 made last iteration (a collective permute)
-        fresh = jax.lax.dynamic_index_in_dim(xs, jnp.minimum(t, microbatches - 1), 0, False)
+    def iteration(carry, t):
+        previous, waiting = carry
+        # stage s > 0 takes what stage s - 1 made last iteration, stage 0 what stage S - 1
+        # made (a collective permute); stage 0 parks that in its buffer until the item's
+        # next repeat and takes microbatch t mod M from it (at first the fresh microbatches)
         rolled = jnp.roll(previous, 1, axis=0)
-        first = (stage_ids == 0).reshape(stages, *[1] * (x.ndim))
-        state = _constrain(jnp.where(first, fresh[None], rolled), ("stage", "batch"))
-        index = jnp.clip(t - stage_ids, 0, microbatches - 1)  # stage s: microbatch t - s
+        if repeats > 1:
+            parked = jax.lax.dynamic_update_index_in_dim(
+                waiting, rolled[:, None], (t - stages) % microbatches, 1
+            )
+            waiting = jnp.where(t >= stages, parked, waiting)
+        fresh = jax.lax.dynamic_index_in_dim(waiting, t % microbatches, 1, False)
+        state = _constrain(jnp.where(first, fresh, rolled), ("stage", "batch"))
+        item = jnp.clip(t - stage_ids, 0, repeats * microbatches - 1)  # stage s: item t - s
+        index = item % microbatches
         stage_extras = jax.tree.map(lambda e: _constrain(e[index], ("stage", "batch")), extras_mb)
-        out = _constrain(run_stages(weights, state, stage_extras), ("stage", "batch"))
-        return out, out[stages - 1]
+        out = run_stages(weights, item // microbatches, state, stage_extras)
+        out = _constrain(out, ("stage", "batch"))
+        return (out, waiting), out[stages - 1]
 
     start = jnp.zeros((stages, *xs.shape[1:]), x.dtype)
-    _, finished = jax.lax.scan(iteration, start, jnp.arange(schedule.iterations))
-    return from_microbatches(finished[stages - 1 :])
+    # the buffer of stage 0's waiting microbatches, [S, M, mb, ...] so it lives by stage
+    # (only stage 0's row is read); GPipe reads the fresh microbatches from it and no more
+    waiting = _constrain(jnp.broadcast_to(xs, (stages, *xs.shape)), ("stage", None, "batch"))
+    _, finished = jax.lax.scan(iteration, (start, waiting), jnp.arange(schedule.iterations))
+    return from_microbatches(finished[-microbatches:])

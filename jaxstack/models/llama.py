@@ -139,6 +139,11 @@ class LlamaConfig:
     """Microbatches of the pipeline schedule under a mesh with ``stage`` > 1 (needs
     ``scan_layers``; ``jaxstack.layers.pipeline``): a multiple of ``stage`` dividing the batch;
     0 picks 2 x stages when the batch allows (``choose_microbatches``)."""
+    pipeline_repeats: int = 1
+    """Times each stage is visited per microbatch under ``stage`` > 1: 1 is GPipe, ``R`` > 1
+    the circular schedule (each stage holds ``R`` non-contiguous groups of
+    ``num_layers / (stage x R)`` layers; bubble ``(stage - 1) / (R x microbatches + stage -
+    1)``); ``stage x R`` must divide ``num_layers``."""
     pipeline_fsdp_gather: str = "per_microbatch"
     """Under ``stage`` and ``fsdp`` > 1: gather a stage's FSDP-split weights at each use
     (``per_microbatch``, least memory) or ``once`` per step (fewest collectives)."""
@@ -181,6 +186,10 @@ class LlamaConfig:
             raise ValueError(
                 f"pipeline_microbatches={self.pipeline_microbatches}; use 0 (automatic) or a "
                 "positive multiple of the stage count"
+            )
+        if self.pipeline_repeats < 1:
+            raise ValueError(
+                f"pipeline_repeats={self.pipeline_repeats}; use 1 (GPipe) or more (circular)"
             )
         if self.pipeline_fsdp_gather not in pipeline.FSDP_GATHER:
             raise ValueError(
@@ -497,8 +506,8 @@ class Llama(nn.Module):
         return logits if cache is None else (logits, cache)
 
     def _pipelined(self, x, positions, segment_ids, stages: int) -> jax.Array:
-        """The scanned layers run as a pipeline over the ``stage`` mesh axis (GPipe,
-        ``jaxstack.layers.pipeline``) on the parameters ``nn.scan`` created at init."""
+        """The scanned layers run as a pipeline over the ``stage`` mesh axis (GPipe or
+        circular, ``jaxstack.layers.pipeline``) on the parameters ``nn.scan`` created at init."""
         cfg = self.config
         if not cfg.scan_layers:
             raise ValueError(
@@ -534,6 +543,7 @@ class Llama(nn.Module):
             (positions, segment_ids),
             stages=stages,
             microbatches=microbatches,
+            repeats=cfg.pipeline_repeats,
             fsdp_gather=cfg.pipeline_fsdp_gather,
         )
 
