@@ -377,7 +377,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.tensor > 1:
         mesh = make_mesh(data=1, tensor=args.tensor, devices=jax.devices()[: args.tensor])
     source = {"hf": args.hf} if args.hf else {"work_dir": args.work_dir}
-    llm = LLM(**source, mesh=mesh, dtype=args.dtype, **options)
+    llm = LLM(**source, mesh=mesh, dtype=args.dtype, quantize=args.quantize, **options)
     print(f"serving {llm.name} on http://{args.host}:{args.port}/v1", flush=True)
     try:
         serve(llm, args.host, args.port, config=config)
@@ -528,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="weights, KV cache and compute (auto: the checkpoint's torch_dtype, else bfloat16 "
         "on GPU/TPU)",
+    )
+    srv.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: matmul weights in int8 with per-output-channel scales (a quarter of "
+        "float32's bytes per decode step; one device)",
     )
     srv.add_argument(
         "--dry-run",
