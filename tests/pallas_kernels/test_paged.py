@@ -21,8 +21,9 @@ from jax.experimental.pallas.ops.tpu import ragged_paged_attention as jax_rpa
 from pallas_kernels import attention_reference, platform, ragged_paged_attention, write_kv_pages
 from pallas_kernels.attention.masks import MaskSpec
 from pallas_kernels.paged import dispatch as paged_dispatch
+from pallas_kernels.paged import xla as paged_xla
 from pallas_kernels.paged.layout import PagedBatch
-from pallas_kernels.paged.xla import paged_attention_xla
+from pallas_kernels.paged.xla import default_block_keys, paged_attention_xla
 
 PAGE_SIZE, PAGES_PER_SEQ, NUM_PAGES = 4, 5, 24
 HQ, HKV, D = 6, 2, 16
@@ -166,6 +167,19 @@ def test_xla_one_page_blocks_equal_reference(batch, references, mask, tile_token
         )
     )(args)
     np.testing.assert_allclose(out, references[mask], atol=2e-5, rtol=0)
+
+
+def test_xla_key_blocks_shrink_to_keep_a_step_in_cache():
+    """One loop step's gathered blocks fit ``BLOCK_BYTES``: the full ``BLOCK_KEYS`` for a
+    few tiles, a power of two fewer keys for many (a 64-row decode bucket of 4 kv heads x
+    64 dims float32: 32 keys), never under one key."""
+    pages = jax.ShapeDtypeStruct((8, 16, 8, 64), jnp.float32)
+    assert default_block_keys(1, pages) == paged_xla.BLOCK_KEYS
+    assert default_block_keys(64, pages) == 32
+    for tiles in (1, 7, 16, 64, 96, 10**6):
+        keys = default_block_keys(tiles, pages)
+        assert keys & (keys - 1) == 0 and 1 <= keys <= paged_xla.BLOCK_KEYS
+        assert keys == 1 or tiles * keys * 8 * 64 * 4 <= paged_xla.BLOCK_BYTES
 
 
 def test_write_kv_pages_then_attention_sees_the_new_tokens():
