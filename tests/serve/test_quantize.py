@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxstack.cli import build_parser
 from jaxstack.serve import LLM, SamplingParams
 from jaxstack.serve.quantize import (
     SCALE,
@@ -138,7 +139,7 @@ def test_llm_serves_int8_weights(spread_model):
     assert out.token_ids == ids[len(prompt) :]
 
 
-def test_quantize_rejects_unknown_modes_and_meshes(tiny):
+def test_quantize_flag_and_bad_options(tiny):
     model, params = tiny
     with pytest.raises(ValueError, match="quantize='int4'"):
         LLM(model, params, quantize="int4")
@@ -147,3 +148,6 @@ def test_quantize_rejects_unknown_modes_and_meshes(tiny):
         LLM(model, params, quantize="int8", mesh=mesh)
     with pytest.raises(ValueError, match="quantize='int4'"):
         quantize_params(params, "int4")
+    serve = ["serve", "--hf", "d"]
+    assert build_parser().parse_args([*serve, "--quantize", "int8"]).quantize == "int8"
+    assert build_parser().parse_args(serve).quantize == "none"
