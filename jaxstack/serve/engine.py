@@ -30,13 +30,14 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxstack.data.tokenizers import Tokenizer
+from jaxstack.data.tokenizers import Tokenizer, decode_continuation
 from jaxstack.models.llama import Llama
 from jaxstack.serve.kv_cache import KVCacheManager
 from jaxstack.serve.metrics import EngineMetrics
-from jaxstack.serve.runner import ModelRunner
-from jaxstack.serve.sampling import SamplingParams
+from jaxstack.serve.runner import ModelRunner, StepOutputs
+from jaxstack.serve.sampling import BIAS_SLOTS, SamplingParams, TokenLogprob
 from jaxstack.serve.scheduler import RequestState, Scheduler
+from jaxstack.serve.structured import Grammars
 
 log = logging.getLogger("jaxstack.serve")
 RECOVERY_RETRY_S = 1.0
@@ -92,6 +93,13 @@ class EngineConfig:
         return {f.name for f in fields(cls)}
 
 
+def _token_logprob(outputs: StepOutputs, row: int, k: int) -> TokenLogprob:
+    """Row ``row``'s sampled token and log-probabilities, with its ``k`` most likely tokens."""
+    chosen, top_ids, top = outputs.logprobs
+    pairs = zip(top_ids[row, :k].tolist(), top[row, :k].tolist(), strict=True)
+    return TokenLogprob(int(outputs.tokens[row]), float(chosen[row]), tuple(pairs))
+
+
 class QueueFullError(RuntimeError):
     """Too many requests are waiting; retry later."""
 
@@ -115,6 +123,8 @@ class RequestOutput:
     finish_reason: str | None = None
     """``stop`` (EOS, a stop token or string), ``length``, ``cancelled`` or ``error``."""
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """One per ``token_ids`` entry when the request asked (``SamplingParams.logprobs``)."""
 
 
 @dataclass(eq=False)
@@ -129,6 +139,7 @@ class _Request:
     stops: tuple[str, ...] = field(default_factory=tuple)
     kept_tokens: int | None = None  # output tokens before a stop string's cut (None: all)
     failed_steps: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class Engine:
@@ -160,6 +171,7 @@ class Engine:
         self.eos_ids: frozenset[int] = frozenset(int(i) for i in eos)
         """Token ids that end a request (unless it ``ignore_eos``)."""
         self.max_model_len = config.max_model_len or model.config.max_seq_len
+        self._grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids)
         self.cache = KVCacheManager(config.num_pages, config.page_size, config.prefix_caching)
         self.scheduler = Scheduler(
             self.cache,
@@ -176,6 +188,7 @@ class Engine:
             token_buckets=config.token_buckets,
             seq_buckets=config.seq_buckets,
             mesh=mesh,
+            eos_ids=self.eos_ids,
         )
         self.runner.warmup(progress)
         self.metrics = EngineMetrics(
@@ -218,6 +231,8 @@ class Engine:
         request_id = request_id or f"req-{number}"
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         seq = RequestState(request_id, [int(t) for t in prompt], params, seed % 2**32, number)
+        if params.response_format is not None:  # compiled here, off the engine thread
+            seq.matcher = self._grammars.matcher(params.response_format)
         request = _Request(seq, on_output, time.monotonic(), stops=params.stop)
         with self._lock:
             if self._stopping:
@@ -285,8 +300,18 @@ class Engine:
                 f"{total} tokens need more than the {self.config.num_pages} KV pages of "
                 f"{self.config.page_size} tokens; raise num_pages or lower max_tokens"
             )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need an engine with a tokenizer")
+        if (params.stop or params.response_format) and self.tokenizer is None:
+            raise ValueError("stop strings and response_format need an engine with a tokenizer")
+        outside = [t for t in (*params.logit_bias, *params.stop_token_ids) if t >= vocab]
+        if outside:
+            raise ValueError(f"token ids {outside} of logit_bias / stop_token_ids are outside "
+                             f"the vocabulary [0, {vocab})")  # fmt: skip
+        masked = len(params.stop_token_ids) + len(self.eos_ids) if params.min_tokens else 0
+        if len(params.logit_bias) + masked > BIAS_SLOTS:
+            raise ValueError(
+                f"{len(params.logit_bias)} logit_bias entries and {masked} stop ids masked by "
+                f"min_tokens exceed the {BIAS_SLOTS} a request may bias; use fewer"
+            )
 
     # ---------------------------------------------------------------- engine thread
 
@@ -343,7 +368,7 @@ class Engine:
     def _run(self, step: list[tuple[RequestState, int]]) -> None:
         inputs = self.runner.pack(step)
         try:
-            sampled = self.runner.run(inputs)
+            outputs = self.runner.run(inputs)
         except Exception as error:
             self._step_failed(step, error)
             return
@@ -353,7 +378,11 @@ class Engine:
             request = self._requests[seq.request_id]
             if seq.num_pending:  # a prefill chunk that did not reach the prompt's end
                 continue
-            seq.output.append(int(sampled[row]))
+            seq.output.append(int(outputs.tokens[row]))
+            if seq.matcher is not None and not seq.matcher.is_terminated():
+                seq.matcher.accept_token(seq.output[-1])
+            if seq.params.logprobs is not None:
+                request.logprobs.append(_token_logprob(outputs, row, seq.params.logprobs))
             produced += 1
             try:
                 self._report(request, now)
@@ -412,11 +441,12 @@ class Engine:
             reason = "length"
         visible = request.text
         if self.tokenizer is not None:
-            request.text = visible = self.tokenizer.decode(seq.output)
-            cut = min((i for s in request.stops if (i := visible.find(s)) >= 0), default=-1)
+            request.text = visible = decode_continuation(self.tokenizer, seq.prompt, seq.output)
+            stops = request.stops if len(seq.output) >= params.min_tokens else ()
+            cut = min((i for s in stops if (i := visible.find(s)) >= 0), default=-1)
             if cut >= 0:
                 request.text = visible = visible[:cut]
-                request.kept_tokens = self._tokens_for(seq.output, visible)
+                request.kept_tokens = self._tokens_for(seq.prompt, seq.output, visible)
                 reason = "stop"
             if reason is None:  # hold back what may still become a stop string or a character
                 hold = max((len(s) - 1 for s in request.stops), default=0)
@@ -425,13 +455,14 @@ class Engine:
         if reason is not None:
             self._remove(request, reason)
 
-    def _tokens_for(self, tokens: list[int], text: str) -> int:
-        """The fewest leading ``tokens`` whose decoding starts with ``text`` (a prefix of the
-        decoding of all of them), by bisection: what a stop string's cut keeps."""
+    def _tokens_for(self, prompt: list[int], tokens: list[int], text: str) -> int:
+        """The fewest leading ``tokens`` whose decoding after ``prompt`` starts with ``text``
+        (a prefix of the decoding of all of them), by bisection: what a stop string's cut
+        keeps."""
         low, high = 0, len(tokens)
         while low < high:
             middle = (low + high) // 2
-            if self.tokenizer.decode(tokens[:middle]).startswith(text):
+            if decode_continuation(self.tokenizer, prompt, tokens[:middle]).startswith(text):
                 high = middle
             else:
                 low = middle + 1
@@ -454,6 +485,7 @@ class Engine:
             finished,
             reason,
             error,
+            request.logprobs[: len(tokens)] if seq.params.logprobs is not None else None,
         )
         request.on_output(output)
 

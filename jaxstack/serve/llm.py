@@ -41,13 +41,18 @@ class LLM:
     placement (one tensor at a time, each device receiving only its shard) in that dtype,
     never whole on one device.
 
+    ``attention_sinks=N`` keeps a sliding-window model's first ``N`` tokens visible to every
+    later token (StreamingLLM; ``LlamaConfig.attention_sinks``); KV pages are still kept
+    for the whole sequence.
+
     ``quantize="int8"`` stores every matmul kernel as int8 with per-output-channel scales
-    (``jaxstack.serve.quantize``): a quarter of float32's weight bytes per decode step, logits
-    within about a percent (docs/serving.md, "Int8 weights"); one device only.
+    (``jaxstack.serve.quantize``): a quarter of float32's weight bytes per decode step
+    (docs/serving.md, "Int8 weights"); one device only.
 
     Raises:
         ValueError: not exactly one of model, hf, work_dir; unknown config keys; an unknown
-            dtype or quantize mode; quantize with a mesh.
+            dtype or quantize mode; quantize with a mesh; ``attention_sinks`` for a model
+            without a sliding window.
     """
 
     def __init__(
@@ -61,6 +66,7 @@ class LLM:
         eos_id: int | Sequence[int] | None = None,
         mesh: Mesh | None = None,
         dtype: str = "auto",
+        attention_sinks: int = 0,
         quantize: str = "none",
         config: EngineConfig | None = None,
         progress: bool = True,
@@ -85,6 +91,8 @@ class LLM:
         if quantize != "none" and mesh is not None:
             raise ValueError(f"quantize={quantize!r} serves on one device; drop mesh or quantize")
         if hf is not None:
+            if attention_sinks:  # refused before any weight is read
+                with_attention_sinks(hf_io.load_config(hf), attention_sinks)
             tokenizer = tokenizer or load_tokenizer(hf)
             with long_step(f"loading weights from {hf}", progress):
                 model, params = load_hf_for_serving(hf, dtype, mesh)
@@ -103,6 +111,8 @@ class LLM:
                 model = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
                 params = cast(params, dtype)
             self.name = type(model).__name__.lower()
+        if attention_sinks:
+            model = model.clone(config=with_attention_sinks(model.config, attention_sinks))
         if eos_id is None:  # the tokenizer's, and every id the model's configs name
             named = [getattr(tokenizer, "eos_id", None)]
             named += hf_io.eos_ids(model.config.extra.get("eos_token_id"))
@@ -170,6 +180,22 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def with_attention_sinks(config, sinks: int):
+    """``config`` (a model config) keeping its first ``sinks`` tokens visible past its
+    sliding window; the same params serve it.
+
+    Raises:
+        ValueError: the model has no sliding window, naming the fix.
+    """
+    if config.sliding_window is None:
+        raise ValueError(
+            f"attention_sinks={sinks} needs a model with a sliding window, and this one "
+            "attends to every earlier token already (its config has no sliding_window); "
+            "drop attention_sinks / --attention-sinks"
+        )
+    return dataclasses.replace(config, attention_sinks=sinks)
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str | None, cpu_default: str) -> str:

@@ -9,6 +9,7 @@ holds the tokens and is at least ``S``; padding tokens write nowhere
 
 import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -20,8 +21,16 @@ from jaxstack.layers.attention import PagedBatch, PagedCache
 from jaxstack.metrics import tracked
 from jaxstack.models.llama import Llama
 from jaxstack.serve import quantize
-from jaxstack.serve.sampling import sample_rows
+from jaxstack.serve.sampling import (
+    BIAS_SLOTS,
+    NO_TOKEN,
+    LogitControls,
+    adjust_logits,
+    logprobs_of,
+    sample_rows,
+)
 from jaxstack.serve.scheduler import RequestState
+from jaxstack.serve.structured import bitmask_width
 from sharding_rules import fitting_spec, infer_param_specs
 
 
@@ -38,6 +47,15 @@ class StepInputs:
     top_p: np.ndarray  # f32[S]
     seeds: np.ndarray  # u32[S]
     counters: np.ndarray  # i32[S]
+    controls: LogitControls  # logprobs, bias, penalties (see sampling.LogitControls)
+
+
+class StepOutputs(NamedTuple):
+    """What one step returns to the host."""
+
+    tokens: np.ndarray  # i32[S] sampled token of every row
+    logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    """``sampling.logprobs_of`` (sampled, top ids, top logprobs) when a row asked."""
 
 
 def serving_param_specs(model: Llama, params, mesh: Mesh):
@@ -85,8 +103,12 @@ class ModelRunner:
         token_buckets: tuple[int, ...],
         seq_buckets: tuple[int, ...],
         mesh: Mesh | None = None,
+        eos_ids: frozenset[int] = frozenset(),
     ):
         cfg = model.config
+        self.eos_ids = eos_ids
+        """Ids masked (with a row's ``stop_token_ids``) while a row is below ``min_tokens``."""
+        self._constants: dict[tuple, jax.Array] = {}  # device tables of steps without bias
         self.model, self.mesh = model, mesh
         self.quantized = quantize.is_quantized(params)
         self.page_size, self.pages_per_seq = page_size, pages_per_seq
@@ -96,6 +118,7 @@ class ModelRunner:
         self.num_traces = 0
         """How often the step was traced (each trace is one compilation)."""
         self._pages_sharding = None  # default placement
+        self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         if mesh is None:
             self.params, self.pages = params, self._zero_pages()
             self._step = jax.jit(self._forward, donate_argnums=1)
@@ -110,7 +133,7 @@ class ModelRunner:
         replicated = NamedSharding(mesh, PartitionSpec())
         self._step = jax.jit(
             self._forward,
-            in_shardings=(param_sh, pages_sh) + (replicated,) * 9,
+            in_shardings=(param_sh, pages_sh) + (replicated,) * 10,
             out_shardings=(replicated, pages_sh),
             donate_argnums=1,
         )
@@ -135,6 +158,7 @@ class ModelRunner:
         self.pages = self._zero_pages()
 
     def _forward(self, params, pages, tokens, positions, batch, last_rows, *sampling):
+        *sampling, controls = sampling
         self.num_traces += 1
         int8 = self.quantized
         with nn.intercept_methods(quantize.dense_interceptor) if int8 else contextlib.nullcontext():
@@ -151,16 +175,18 @@ class ModelRunner:
         else:
             head = self.model.head_kernel(params).astype(last.dtype)
             logits = jnp.dot(last, head).astype(jnp.float32)  # [S, vocab]
-        return sample_rows(logits, *sampling), cache.pages
+        sampled = sample_rows(adjust_logits(logits, controls), *sampling)
+        return (sampled, logprobs_of(logits, sampled, controls.num_logprobs)), cache.pages
 
     def _context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
-    def run(self, inputs: StepInputs) -> np.ndarray:
+    def run(self, inputs: StepInputs) -> StepOutputs:
         """Run one step; the pages are updated in place. Returns the sampled token of every
-        row (only rows whose sequence finished its pending tokens mean anything)."""
+        row (only rows whose sequence finished its pending tokens mean anything) and, when a
+        row asked, the log-probabilities."""
         with self._context():
-            tokens, self.pages = self._step(
+            (tokens, logprobs), self.pages = self._step(
                 self.params,
                 self.pages,
                 inputs.tokens,
@@ -172,8 +198,10 @@ class ModelRunner:
                 inputs.top_p,
                 inputs.seeds,
                 inputs.counters,
+                inputs.controls,
             )
-        return np.asarray(tokens)
+        wanted = np.any(np.asarray(inputs.controls.num_logprobs) >= 0)
+        return StepOutputs(np.asarray(tokens), jax.device_get(logprobs) if wanted else None)
 
     @property
     def buckets(self) -> list[tuple[int, int]]:
@@ -209,6 +237,8 @@ class ModelRunner:
         temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
         top_k, counters = np.zeros(s, np.int32), np.zeros(s, np.int32)
         seeds = np.zeros(s, np.uint32)
+        vocab = self.model.config.vocab_size
+        controls = _ControlsBuilder(s, self.pages_per_seq * self.page_size, self.eos_ids, vocab)
         start, ps = 0, self.page_size
         for row, (seq, n) in enumerate(step):
             pos = np.arange(seq.num_computed, seq.num_computed + n)
@@ -221,9 +251,85 @@ class ModelRunner:
             p = seq.params
             temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
             seeds[row], counters[row] = seq.seed, len(seq.output)
+            controls.add(row, seq, samples=n == seq.num_pending)
             start += n
         cu[len(step) + 1 :] = start
         batch = PagedBatch(slots, kv_lens, table, cu, np.array([len(step)], np.int32))
         last_rows = np.maximum(cu[1:] - 1, 0)
         sampling = (temperature, top_k, top_p, seeds, counters)
-        return StepInputs(tokens, positions, batch, last_rows, *sampling)
+        return StepInputs(
+            tokens, positions, batch, last_rows, *sampling, controls.build(self._device)
+        )
+
+    def _device(self, array: np.ndarray | None, shape: tuple[int, ...], fill) -> jax.Array:
+        """``array`` on the device (replicated on the mesh); None: a constant ``fill`` table
+        of ``shape`` kept there, so a step without bias or penalties sends nothing big."""
+        if array is not None:
+            return jax.device_put(array, self._replicated)
+        key = (shape, fill, type(fill))
+        if key not in self._constants:
+            table = np.full(shape, fill, np.int32 if isinstance(fill, int) else np.float32)
+            self._constants[key] = jax.device_put(table, self._replicated)
+        return self._constants[key]
+
+
+class _ControlsBuilder:
+    """Fills the ``LogitControls`` of one step row by row (``add``), then ``build``s it: the
+    bias and history tables are built only when a row uses them."""
+
+    def __init__(self, num_seqs: int, max_len: int, eos_ids: frozenset[int], vocab_size: int):
+        s, self.max_len, self.eos_ids = num_seqs, max_len, eos_ids
+        self.mask_width = bitmask_width(vocab_size)
+        self.allowed: np.ndarray | None = None  # built at the first constrained row
+        self.num_logprobs = np.full(s, -1, np.int32)
+        self.repetition = np.ones(s, np.float32)
+        self.presence, self.frequency = np.zeros(s, np.float32), np.zeros(s, np.float32)
+        self.prompt_lens = np.zeros(s, np.int32)
+        self.biased: dict[int, dict[int, float]] = {}  # row -> token -> bias
+        self.penalized: dict[int, list[int]] = {}  # row -> its tokens
+
+    def add(self, row: int, seq: RequestState, samples: bool) -> None:
+        """Row ``row`` computes ``seq``; ``samples``: its token is kept (the last chunk)."""
+        p = seq.params
+        if samples and seq.matcher is not None and not seq.matcher.is_terminated():
+            if self.allowed is None:
+                self.allowed = np.full((len(self.num_logprobs), self.mask_width), -1, np.int32)
+            seq.matcher.fill_next_token_bitmask(self.allowed, row)
+        if p.logprobs is not None:
+            self.num_logprobs[row] = p.logprobs
+        bias = dict(p.logit_bias)
+        if len(seq.output) < p.min_tokens:
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+            bias.update(dict.fromkeys(stops, -np.inf))
+        if bias:
+            self.biased[row] = bias
+        rates = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+        if rates != (1.0, 0.0, 0.0):
+            self.repetition[row], self.presence[row], self.frequency[row] = rates
+            self.prompt_lens[row] = len(seq.prompt)
+            self.penalized[row] = seq.tokens
+
+    def build(self, device) -> LogitControls:
+        s = len(self.num_logprobs)
+        bias_ids = bias = history = None
+        if self.biased:
+            bias_ids = np.full((s, BIAS_SLOTS), NO_TOKEN, np.int32)
+            bias = np.zeros((s, BIAS_SLOTS), np.float32)
+            for row, entries in self.biased.items():
+                bias_ids[row, : len(entries)] = list(entries)
+                bias[row, : len(entries)] = list(entries.values())
+        if self.penalized:
+            history = np.full((s, self.max_len), NO_TOKEN, np.int32)
+            for row, tokens in self.penalized.items():
+                history[row, : len(tokens)] = tokens
+        return LogitControls(
+            self.num_logprobs,
+            device(bias_ids, (s, BIAS_SLOTS), int(NO_TOKEN)),
+            device(bias, (s, BIAS_SLOTS), 0.0),
+            self.repetition,
+            self.presence,
+            self.frequency,
+            device(history, (s, self.max_len), int(NO_TOKEN)),
+            self.prompt_lens,
+            device(self.allowed, (s, self.mask_width), -1),
+        )
