@@ -390,7 +390,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         mesh = make_mesh(data=1, tensor=args.tensor, devices=jax.devices()[: args.tensor])
     source = {"hf": args.hf} if args.hf else {"work_dir": args.work_dir}
     llm = LLM(**source, mesh=mesh, dtype=args.dtype, attention_sinks=args.attention_sinks,
-              **options)  # fmt: skip
+              quantize=args.quantize, **options)  # fmt: skip
     print(f"serving {llm.name} on http://{args.host}:{args.port}/v1", flush=True)
     try:
         serve(llm, args.host, args.port, config=config)
@@ -549,6 +549,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="keep the first N tokens visible past a sliding-window model's window "
         "(StreamingLLM); needs a model with a sliding window",
+    )
+    srv.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: matmul weights in int8 with per-output-channel scales (a quarter of "
+        "float32's bytes per decode step; one device)",
     )
     srv.add_argument(
         "--dry-run",

@@ -17,6 +17,7 @@ from jaxstack.metrics import long_step
 from jaxstack.models import model_for
 from jaxstack.models.llama import Llama
 from jaxstack.run import RunConfig
+from jaxstack.serve import quantize as quantization
 from jaxstack.serve.engine import Engine, EngineConfig, QueueFullError, RequestOutput
 from jaxstack.serve.runner import serving_param_specs
 from jaxstack.serve.sampling import SamplingParams
@@ -44,9 +45,14 @@ class LLM:
     later token (StreamingLLM; ``LlamaConfig.attention_sinks``); KV pages are still kept
     for the whole sequence.
 
+    ``quantize="int8"`` stores every matmul kernel as int8 with per-output-channel scales
+    (``jaxstack.serve.quantize``): a quarter of float32's weight bytes per decode step
+    (docs/serving.md, "Int8 weights"); one device only.
+
     Raises:
         ValueError: not exactly one of model, hf, work_dir; unknown config keys; an unknown
-            dtype; ``attention_sinks`` for a model without a sliding window.
+            dtype or quantize mode; quantize with a mesh; ``attention_sinks`` for a model
+            without a sliding window.
     """
 
     def __init__(
@@ -61,6 +67,7 @@ class LLM:
         mesh: Mesh | None = None,
         dtype: str = "auto",
         attention_sinks: int = 0,
+        quantize: str = "none",
         config: EngineConfig | None = None,
         progress: bool = True,
         **config_overrides,
@@ -79,6 +86,10 @@ class LLM:
         """``bos_token`` / ``eos_token`` strings for the chat template."""
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
+        if quantize not in quantization.MODES:
+            raise ValueError(f"quantize={quantize!r}; choose one of {quantization.MODES}")
+        if quantize != "none" and mesh is not None:
+            raise ValueError(f"quantize={quantize!r} serves on one device; drop mesh or quantize")
         if hf is not None:
             if attention_sinks:  # refused before any weight is read
                 with_attention_sinks(hf_io.load_config(hf), attention_sinks)
@@ -107,6 +118,7 @@ class LLM:
             named += hf_io.eos_ids(model.config.extra.get("eos_token_id"))
             named += hf_io.read_eos_ids(hf) if hf is not None else []
             eos_id = tuple(dict.fromkeys(i for i in named if i is not None)) or None
+        params = quantization.quantize_params(params, quantize)
         self.tokenizer = tokenizer
         self.engine = Engine(
             model, params, config, tokenizer=tokenizer, eos_id=eos_id, mesh=mesh, progress=progress

@@ -11,6 +11,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxstack.layers.attention import PagedBatch, PagedCache
 from jaxstack.metrics import tracked
 from jaxstack.models.llama import Llama
+from jaxstack.serve import quantize
 from jaxstack.serve.sampling import (
     BIAS_SLOTS,
     NO_TOKEN,
@@ -86,7 +88,8 @@ def bucket(n: int, buckets: tuple[int, ...]) -> int:
 class ModelRunner:
     """Owns the KV pages (per layer ``[num_pages, page_size, 2 * kv_heads, head_dim]``) and
     runs steps. With a ``mesh``, params are placed by ``sharding_rules`` (traced from the model's
-    forward, as in training) and the pages split their KV heads over ``tensor``.
+    forward, as in training) and the pages split their KV heads over ``tensor``. Params from
+    ``quantize.quantize_params`` (int8 kernels) run their matmuls in int8.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class ModelRunner:
         """Ids masked (with a row's ``stop_token_ids``) while a row is below ``min_tokens``."""
         self._constants: dict[tuple, jax.Array] = {}  # device tables of steps without bias
         self.model, self.mesh = model, mesh
+        self.quantized = quantize.is_quantized(params)
         self.page_size, self.pages_per_seq = page_size, pages_per_seq
         self.token_buckets = tuple(sorted(token_buckets))
         self.seq_buckets = tuple(sorted(seq_buckets))
@@ -156,16 +160,21 @@ class ModelRunner:
     def _forward(self, params, pages, tokens, positions, batch, last_rows, *sampling):
         *sampling, controls = sampling
         self.num_traces += 1
-        hidden, cache = self.model.apply(
-            {"params": params},
-            tokens[None],
-            positions[None],
-            cache=PagedCache(pages, batch),
-            return_hidden=True,
-        )
-        last = hidden[0, last_rows]  # [S, d]
-        head = self.model.head_kernel(params).astype(last.dtype)
-        logits = jnp.dot(last, head).astype(jnp.float32)  # [S, vocab]
+        int8 = self.quantized
+        with nn.intercept_methods(quantize.dense_interceptor) if int8 else contextlib.nullcontext():
+            hidden, cache = self.model.apply(
+                {"params": params},
+                tokens[None],
+                positions[None],
+                cache=PagedCache(pages, batch),
+                return_hidden=True,
+            )
+        last = hidden[0, last_rows]  # [S, d]: the head runs on each sequence's last token only
+        if int8 and not self.model.config.tie_embeddings:
+            logits = quantize.head_logits(last, params["lm_head"])
+        else:
+            head = self.model.head_kernel(params).astype(last.dtype)
+            logits = jnp.dot(last, head).astype(jnp.float32)  # [S, vocab]
         sampled = sample_rows(adjust_logits(logits, controls), *sampling)
         return (sampled, logprobs_of(logits, sampled, controls.num_logprobs)), cache.pages
 

@@ -131,16 +131,16 @@ def sample_rows(
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     filtered = jnp.any((top_k > 0) | (top_p < 1.0))
 
-    def draw(scaled):
+    def draw(logits):
+        scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
         kept = jax.lax.cond(filtered, _top_k_top_p, lambda x, k, p: x, scaled, top_k, top_p)
         keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(seeds, counters)
         drawn = jax.vmap(jax.random.categorical)(keys, kept).astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy)
 
-    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, scaled)
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy, logits)
 
 
 def _top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:

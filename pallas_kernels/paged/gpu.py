@@ -22,7 +22,15 @@ id (``bk`` keys), with an online softmax in base 2::
         acc = acc 2^(m - m') + p @ v
     out = acc / l          (rows that see no key: 0)
 
-No split over keys: long single-sequence decodes use one program per kv head.
+Split over keys (FlashDecoding): a batch of few work items over long contexts would leave
+most of the GPU idle with one program per (item, kv head), so :func:`key_splits` adds a
+third grid axis that cuts each item's visible blocks into ``num_splits`` runs. Each
+program then writes its run's unnormalised ``acc`` and its softmax ``m``, ``l`` (float32),
+and XLA combines the runs::
+
+    m* = max_s m_s;  w_s = 2^(m_s - m*);  out = sum_s w_s acc_s / sum_s w_s l_s
+
+(sink blocks go to split 0; a run with no visible block has ``l = 0`` and weight 0).
 """
 
 from __future__ import annotations
@@ -46,6 +54,11 @@ TILE_ROWS = 64
 BLOCK_KEYS = 64
 """Keys per loop step (whole pages; at least one page)."""
 NUM_WARPS, NUM_STAGES = 4, 2
+SPLIT_MIN_BLOCKS = 8
+"""Split the keys only where a sequence can span this many blocks, and keep at least about
+this many blocks per run (fewer make the combine cost more than the parallelism gives)."""
+TARGET_PROGRAMS = 128
+"""Programs to aim for when splitting (about the streaming multiprocessors of an H100)."""
 TRITON_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 
@@ -75,14 +88,27 @@ class _Config:
     groups: int
     tile_tokens: int
     pages_per_block: int
+    num_splits: int = 1
+
+
+def key_splits(num_items: int, hkv: int, max_blocks: int) -> int:
+    """Runs to cut each work item's key blocks into: 1 unless the ``num_items * hkv``
+    programs are fewer than ``TARGET_PROGRAMS`` and a sequence can span ``max_blocks >=
+    2 * SPLIT_MIN_BLOCKS`` blocks; then enough to near ``TARGET_PROGRAMS``, each run at least
+    ``SPLIT_MIN_BLOCKS`` blocks long."""
+    programs = num_items * hkv
+    if programs >= TARGET_PROGRAMS or max_blocks < 2 * SPLIT_MIN_BLOCKS:
+        return 1
+    return max(1, min(-(-TARGET_PROGRAMS // programs), max_blocks // SPLIT_MIN_BLOCKS))
 
 
 def _kernel(
-    start_ref, end_ref, pos0_ref, kv_len_ref, pages_ref, q_ref, k_ref, v_ref, o_ref,
-    *, cfg: _Config,
+    start_ref, end_ref, pos0_ref, kv_len_ref, pages_ref, q_ref, k_ref, v_ref, *out_refs,
+    cfg: _Config,
 ):  # fmt: skip
     # scalars: start, end (rows), pos0, kv_len   pages_ref: [pages_pad]
-    # q_ref, o_ref: [rows_pad, d]   k_ref, v_ref: [P, page_size, d]
+    # q_ref: [rows_pad, d]   k_ref, v_ref: [P, page_size, d]
+    # out_refs: o [rows_pad, d]; split: acc [rows_pad, d] f32, m, l [rows_pad] f32
     d = q_ref.shape[1]
     page_size = k_ref.shape[1]
     gp = _padded_groups(cfg.groups)
@@ -121,9 +147,22 @@ def _kernel(
         jnp.full((rows,), MASK_VALUE, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
+    if cfg.num_splits > 1:  # this program's run of the visible blocks; sinks in the first
+        split = pl.program_id(2)
+        per_split = (hi - lo + cfg.num_splits - 1) // cfg.num_splits
+        lo = lo + split * per_split
+        hi = jnp.minimum(hi, lo + per_split)
+        sink_hi = jnp.where(split == 0, sink_hi, sink_lo)
     if cfg.mask.num_sink_tokens:
         carry = lax.fori_loop(sink_lo, sink_hi, body, carry)
-    acc, _, l_sum = lax.fori_loop(lo, hi, body, carry)
+    acc, m, l_sum = lax.fori_loop(lo, hi, body, carry)
+    if cfg.num_splits > 1:
+        acc_ref, m_ref, l_ref = out_refs
+        plgpu.store(acc_ref.at[tile, :], acc, mask=row_ok)
+        plgpu.store(m_ref.at[tile], m, mask=row_ok[:, 0])
+        plgpu.store(l_ref.at[tile], l_sum, mask=row_ok[:, 0])
+        return
+    (o_ref,) = out_refs
     out = acc / jnp.where(l_sum == 0.0, 1.0, l_sum)[:, None]
     plgpu.store(o_ref.at[tile, :], out.astype(o_ref.dtype), mask=row_ok)
 
@@ -138,18 +177,25 @@ def paged_attention(
     sm_scale: float,
     mask: MaskSpec,
     interpret: bool = False,
+    num_splits: int | None = None,
+    block_keys: int = BLOCK_KEYS,
 ) -> jax.Array:
     """Ragged paged attention with the Triton kernel (inputs validated and supported per
-    :func:`unsupported_reason`). Returns ``[T, hq, d]``; padding rows are left unwritten."""
+    :func:`unsupported_reason`). Returns ``[T, hq, d]``; padding rows are left unwritten.
+
+    ``num_splits``: runs per work item over the keys (default :func:`key_splits`);
+    ``block_keys``: keys per loop step, whole pages (tests use small blocks)."""
     q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs = batch
     t, hq, d = q.shape
     num_pages, page_size, h2, _ = kv_pages.shape
     hkv, groups = h2 // 2, hq // (h2 // 2)
     gp = _padded_groups(groups)
     tile_tokens = max(1, TILE_ROWS // gp)
-    npb = max(1, BLOCK_KEYS // page_size)
+    npb = max(1, block_keys // page_size)
     tiles = query_tiles(t, tile_tokens, kv_lens, cu_q_lens, num_seqs)
     num_items = tiles.seq.shape[0]
+    max_blocks = -(-page_indices.shape[1] // npb)
+    num_splits = num_splits or key_splits(num_items, hkv, max_blocks)
     pad = -page_indices.shape[1] % npb  # pages past kv_len are never read
     pages = jnp.pad(page_indices, ((0, 0), (0, pad)))[tiles.seq]  # [W, pages_per_seq + pad]
     rows_pad = (t + tile_tokens) * gp  # a tile starting at any row stays in bounds
@@ -162,26 +208,50 @@ def paged_attention(
         groups=groups,
         tile_tokens=tile_tokens,
         pages_per_block=npb,
+        num_splits=num_splits,
     )
-    scalar = pl.BlockSpec((None,), lambda w, h: (w,))
+    scalar = pl.BlockSpec((None,), lambda w, h, s: (w,))
     kv_spec = lambda parity: pl.BlockSpec(  # noqa: E731
-        (num_pages, page_size, None, d), lambda w, h: (0, 0, 2 * h + parity, 0)
+        (num_pages, page_size, None, d), lambda w, h, s: (0, 0, 2 * h + parity, 0)
     )
+    if num_splits == 1:
+        out_specs = pl.BlockSpec((None, rows_pad, d), lambda w, h, s: (h, 0, 0))
+        out_shape = jax.ShapeDtypeStruct((hkv, rows_pad, d), q.dtype)
+    else:  # per run: acc [rows, d], m, l [rows]
+        rows_spec = pl.BlockSpec((None, None, rows_pad), lambda w, h, s: (s, h, 0))
+        out_specs = [
+            pl.BlockSpec((None, None, rows_pad, d), lambda w, h, s: (s, h, 0, 0)),
+            rows_spec,
+            rows_spec,
+        ]
+        f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)  # noqa: E731
+        out_shape = [f32(num_splits, hkv, rows_pad, d), *[f32(num_splits, hkv, rows_pad)] * 2]
     out = pl.pallas_call(
         functools.partial(_kernel, cfg=cfg),
-        grid=(num_items, hkv),
+        grid=(num_items, hkv, num_splits),
         in_specs=[
             *[scalar] * 4,
-            pl.BlockSpec((None, pages.shape[1]), lambda w, h: (w, 0)),
-            pl.BlockSpec((None, rows_pad, d), lambda w, h: (h, 0, 0)),
+            pl.BlockSpec((None, pages.shape[1]), lambda w, h, s: (w, 0)),
+            pl.BlockSpec((None, rows_pad, d), lambda w, h, s: (h, 0, 0)),
             kv_spec(0),
             kv_spec(1),
         ],
-        out_specs=pl.BlockSpec((None, rows_pad, d), lambda w, h: (h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct((hkv, rows_pad, d), q.dtype),
+        out_specs=out_specs,
+        out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
         name="ragged_paged_attention",
     )(tiles.start, tiles.end, tiles.pos0, tiles.kv_len, pages, q_hrd, kv_pages, kv_pages)
+    if num_splits > 1:
+        out = _combine(*out).astype(q.dtype)
     out = out[:, : t * gp].reshape(hkv, t, gp, d)[:, :, :groups]
     return out.transpose(1, 0, 2, 3).reshape(t, hq, d)
+
+
+def _combine(acc: jax.Array, m: jax.Array, l_sum: jax.Array) -> jax.Array:
+    """The runs' partial softmaxes (``acc [splits, ..., d]``, base-2 ``m``, ``l [splits,
+    ...]``) folded into the normalised output ``[..., d]`` (rows seeing no key: 0)."""
+    weight = jnp.exp2(m - jnp.max(m, axis=0))
+    total = jnp.sum(weight * l_sum, axis=0)
+    out = jnp.sum(weight[..., None] * acc, axis=0)
+    return out / jnp.where(total == 0.0, 1.0, total)[..., None]

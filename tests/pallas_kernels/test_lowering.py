@@ -282,8 +282,9 @@ def test_megablox_grouped_matmuls_lower_for_tpu(moe_backend, m, k, n):
 # ---------------------------------------------------------------------------
 
 
-def _paged(implementation: str, **options):
-    """``(fn, arg specs)``: 64 packed tokens of 4 sequences over a bf16 page cache, GQA 4."""
+def _paged(implementation: str, args=None, **options):
+    """``(fn, arg specs)``: by default 64 packed tokens of 4 sequences over a bf16 page
+    cache, GQA 4."""
 
     def fn(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
         meta = (kv_lens, page_indices, cu_q_lens, num_seqs)
@@ -292,8 +293,8 @@ def _paged(implementation: str, **options):
         )
 
     i32 = jnp.int32
-    return fn, [((64, 8, 128), jnp.bfloat16), ((32, 16, 4, 128), jnp.bfloat16), ((4,), i32),
-                ((4, 8), i32), ((5,), i32), ((1,), i32)]  # fmt: skip
+    return fn, args or [((64, 8, 128), jnp.bfloat16), ((32, 16, 4, 128), jnp.bfloat16),
+                        ((4,), i32), ((4, 8), i32), ((5,), i32), ((1,), i32)]  # fmt: skip
 
 
 def test_triton_ragged_paged_attention_lowers_for_cuda():
@@ -301,6 +302,21 @@ def test_triton_ragged_paged_attention_lowers_for_cuda():
     (launch,) = _triton_launches(_lower(fn, *args, platform="cuda")).items()
     # 16 tokens x 4 heads per tile: cdiv(64, 16) + 4 sequences work items.
     assert launch == ("ragged_paged_attention", {"num_warps": 4, "num_stages": 2, "grid_x": 8})
+
+
+def test_triton_paged_attention_split_over_keys_lowers_for_cuda():
+    """One decode over 2048 keys (32 blocks), 2 kv heads: 2 work items x 2 heads get 4 runs
+    each over the keys (FlashDecoding), and the combine runs in XLA."""
+    i32 = jnp.int32
+    bf16 = jnp.bfloat16
+    shapes = [((1, 8, 128), bf16), ((160, 16, 4, 128), bf16), ((1,), i32), ((1, 128), i32),
+              ((2,), i32), ((1,), i32)]  # fmt: skip
+    fn, args = _paged("pallas_gpu", shapes)
+    text = _lower(fn, *args, platform="cuda")
+    (launch,) = _triton_launches(text).items()
+    assert launch == ("ragged_paged_attention", {"num_warps": 4, "num_stages": 2, "grid_x": 2})
+    (call,) = [line for line in text.splitlines() if TRITON_CALL in line]
+    assert re.search(r"\bgrid_z = 4 : i32", call), "expected 4 runs over the keys"
 
 
 def test_mosaic_ragged_paged_attention_lowers_for_tpu():

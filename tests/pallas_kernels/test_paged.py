@@ -21,8 +21,10 @@ from jax.experimental.pallas.ops.tpu import ragged_paged_attention as jax_rpa
 from pallas_kernels import attention_reference, platform, ragged_paged_attention, write_kv_pages
 from pallas_kernels.attention.masks import MaskSpec
 from pallas_kernels.paged import dispatch as paged_dispatch
+from pallas_kernels.paged import gpu as paged_gpu
+from pallas_kernels.paged import xla as paged_xla
 from pallas_kernels.paged.layout import PagedBatch
-from pallas_kernels.paged.xla import paged_attention_xla
+from pallas_kernels.paged.xla import default_block_keys, paged_attention_xla
 
 PAGE_SIZE, PAGES_PER_SEQ, NUM_PAGES = 4, 5, 24
 HQ, HKV, D = 6, 2, 16
@@ -166,6 +168,50 @@ def test_xla_one_page_blocks_equal_reference(batch, references, mask, tile_token
         )
     )(args)
     np.testing.assert_allclose(out, references[mask], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+def test_triton_split_over_keys_equals_reference(batch, references, mask):
+    """FlashDecoding runs: one-page blocks cut into 2 and 3 runs per work item (runs with
+    no visible block included: sequences hold 1-5 blocks), then combined."""
+    args, used = batch
+    options = MASKS[mask]
+    spec = MaskSpec(
+        causal=True,
+        sliding_window=options.get("sliding_window"),
+        num_sink_tokens=options.get("sinks", 0),
+    )
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def split(args, num_splits):
+        out = paged_gpu.paged_attention(
+            PagedBatch(*args), sm_scale=SCALE, mask=spec, interpret=True,
+            num_splits=num_splits, block_keys=PAGE_SIZE,
+        )  # fmt: skip
+        return out[:used]
+
+    for num_splits in (2, 3):
+        np.testing.assert_allclose(split(args, num_splits), references[mask][:used], atol=2e-5)
+
+
+def test_triton_splits_keys_only_for_few_items_over_long_contexts():
+    assert paged_gpu.key_splits(num_items=2, hkv=8, max_blocks=64) == 8  # 16 -> 128 programs
+    assert paged_gpu.key_splits(num_items=2, hkv=8, max_blocks=24) == 3  # >= 8 blocks a run
+    assert paged_gpu.key_splits(num_items=2, hkv=8, max_blocks=15) == 1  # short contexts
+    assert paged_gpu.key_splits(num_items=20, hkv=8, max_blocks=64) == 1  # enough programs
+
+
+def test_xla_key_blocks_shrink_to_keep_a_step_in_cache():
+    """One loop step's gathered blocks fit ``BLOCK_BYTES``: the full ``BLOCK_KEYS`` for a
+    few tiles, a power of two fewer keys for many (a 64-row decode bucket of 4 kv heads x
+    64 dims float32: 32 keys), never under one key."""
+    pages = jax.ShapeDtypeStruct((8, 16, 8, 64), jnp.float32)
+    assert default_block_keys(1, pages) == paged_xla.BLOCK_KEYS
+    assert default_block_keys(64, pages) == 32
+    for tiles in (1, 7, 16, 64, 96, 10**6):
+        keys = default_block_keys(tiles, pages)
+        assert keys & (keys - 1) == 0 and 1 <= keys <= paged_xla.BLOCK_KEYS
+        assert keys == 1 or tiles * keys * 8 * 64 * 4 <= paged_xla.BLOCK_BYTES
 
 
 def test_write_kv_pages_then_attention_sees_the_new_tokens():
