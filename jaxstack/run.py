@@ -197,7 +197,8 @@ class RunConfig:
         unknown = sorted(set(raw) - {*sections, "mesh", "dcn"})
         if unknown:
             raise KeyError(
-                f"unknown config sections {unknown}; valid: model, data, train, init, lora, mesh, dcn"
+                f"unknown config sections {unknown}; "
+                "valid: model, data, train, init, lora, mesh, dcn"
             )
         built = {}
         for name, kind in sections.items():
