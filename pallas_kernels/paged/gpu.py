@@ -82,7 +82,7 @@ def unsupported_reason(q: jax.Array, kv_pages: jax.Array, *, sinks: int | None) 
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _PagedGpuCall:
     mask: MaskSpec
     scale: float
     groups: int
@@ -104,7 +104,7 @@ def key_splits(num_items: int, hkv: int, max_blocks: int) -> int:
 
 def _kernel(
     start_ref, end_ref, pos0_ref, kv_len_ref, pages_ref, q_ref, k_ref, v_ref, *out_refs,
-    cfg: _Config,
+    cfg: _PagedGpuCall,
 ):  # fmt: skip
     # scalars: start, end (rows), pos0, kv_len   pages_ref: [pages_pad]
     # q_ref: [rows_pad, d]   k_ref, v_ref: [P, page_size, d]
@@ -202,7 +202,7 @@ def paged_attention(
     q_hrd = jnp.pad(q.reshape(t, hkv, groups, d), ((0, 0), (0, 0), (0, gp - groups), (0, 0)))
     q_hrd = jnp.pad(q_hrd.transpose(1, 0, 2, 3).reshape(hkv, t * gp, d),
                     ((0, 0), (0, rows_pad - t * gp), (0, 0)))  # fmt: skip
-    cfg = _Config(
+    cfg = _PagedGpuCall(
         mask=mask,
         scale=sm_scale,
         groups=groups,
