@@ -7,10 +7,11 @@ from benchmarks.pipeline import OFFLOAD_VARIANTS, add_bubbles, pipeline_variants
 
 
 def _fixture_report() -> dict:
-    args = argparse.Namespace(microbatches=[4, 8])
+    args = argparse.Namespace(microbatches=[4, 8], repeats=[2])
     variants = pipeline_variants(args)
     seconds = {"data=8": 1.0, "fsdp=8": 1.25, "data=2,stage=4 M=4": 2.0,
-               "data=2,stage=4 M=8": 1.6}  # fmt: skip
+               "data=2,stage=4 M=8": 1.6, "data=2,stage=4 R=2 M=4": 1.6,
+               "data=2,stage=4 R=2 M=8": 1.25}  # fmt: skip
     rows = [
         {"variant": name, "median_step_s": seconds[name], "tokens_per_s": 512 / seconds[name],
          "first_loss": 5.5}
@@ -33,6 +34,10 @@ def test_bubbles_follow_the_formula_and_the_baseline():
     assert rows["data=2,stage=4 M=4"]["bubble_formula"] == 3 / 7
     assert rows["data=2,stage=4 M=8"]["bubble_formula"] == 3 / 11
     assert rows["data=2,stage=4 M=4"]["bubble_measured"] == 0.5  # 1 - 1.0 / 2.0
+    # circular: the stages run repeats x microbatches units each, the fill still stages - 1
+    assert rows["data=2,stage=4 R=2 M=4"]["bubble_formula"] == 3 / 11
+    assert rows["data=2,stage=4 R=2 M=8"]["bubble_formula"] == 3 / 19
+    assert abs(rows["data=2,stage=4 R=2 M=8"]["bubble_measured"] - 0.2) < 1e-12  # 1 - 1 / 1.25
 
 
 def test_the_pipeline_table_is_made_from_a_result_file(tmp_path):
