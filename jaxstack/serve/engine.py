@@ -25,15 +25,17 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from jaxstack.data.tokenizers import Tokenizer
 from jaxstack.models.llama import Llama
 from jaxstack.serve.kv_cache import KVCacheManager
-from jaxstack.serve.metrics import EngineMetrics
+from jaxstack.serve.metrics import PHASES, EngineMetrics
+from jaxstack.serve.output import OutputProcessor, RequestOutput
 from jaxstack.serve.runner import ModelRunner
 from jaxstack.serve.sampling import SamplingParams
 from jaxstack.serve.scheduler import RequestState, Scheduler
@@ -62,6 +64,10 @@ class EngineConfig:
     """Requests waiting to start before ``submit`` raises ``QueueFullError``."""
     prefix_caching: bool = True
     """Share full KV pages between requests with the same token prefix."""
+    async_scheduling: bool = True
+    """Schedule and pack the next step while the current one runs, its sampled tokens
+    feeding the next step on the device (a request that stops wastes one token of compute);
+    outputs are the same either way."""
     step_retries: int = 1
     """Times a request caught in a failed device step is recomputed before it ends with
     ``finish_reason "error"`` (0: it ends at the first failure)."""
@@ -93,39 +99,23 @@ class QueueFullError(RuntimeError):
     """Too many requests are waiting; retry later."""
 
 
-@dataclass
-class RequestOutput:
-    """A request's state as reported to its caller after each new token and at the end."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    """Every output token so far (a stop token included; at a stop string, the tokens
-    before it)."""
-    new_token_ids: list[int]
-    """Tokens since the previous report."""
-    text: str = ""
-    """Decoded output so far (ends before a stop string); empty without a tokenizer."""
-    delta: str = ""
-    """Text since the previous report."""
-    finished: bool = False
-    finish_reason: str | None = None
-    """``stop`` (EOS, a stop token or string), ``length``, ``cancelled`` or ``error``."""
-    error: str | None = None
-
-
 @dataclass(eq=False)
 class _Request:
     seq: RequestState
     on_output: Callable[[RequestOutput], None]
     arrival_time: float
+    processor: OutputProcessor
     first_token_time: float | None = None
-    reported_tokens: int = 0
-    text: str = ""
-    sent_chars: int = 0
-    stops: tuple[str, ...] = field(default_factory=tuple)
-    kept_tokens: int | None = None  # output tokens before a stop string's cut (None: all)
     failed_steps: int = 0
+
+
+@dataclass
+class _InFlight:
+    """A dispatched step whose sampled tokens the host has not read yet."""
+
+    step: list[tuple[RequestState, int]]
+    sampled: jax.Array
+    rows: list[tuple[int, RequestState, int]]  # (row, sequence, index of its new token)
 
 
 class Engine:
@@ -182,6 +172,8 @@ class Engine:
                 "kv_pages_used": lambda: self.cache.num_used,
             }
         )
+        self._phase_seconds = dict.fromkeys(PHASES, 0.0)
+        self._inflight: _InFlight | None = None
         self._inbox: queue.Queue = queue.Queue()
         self._requests: dict[str, _Request] = {}  # engine thread only
         self._ids = itertools.count()
@@ -214,8 +206,13 @@ class Engine:
         number = next(self._ids)
         request_id = request_id or f"req-{number}"
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        seq = RequestState(request_id, [int(t) for t in prompt], params, seed % 2**32, number)
-        request = _Request(seq, on_output, time.monotonic(), stops=params.stop)
+        prompt = [int(t) for t in prompt]
+        limit = min(len(prompt) + params.max_tokens, self.max_model_len)
+        seq = RequestState(request_id, prompt, params, seed % 2**32, number, limit=limit)
+        processor = OutputProcessor(
+            request_id, prompt, params, self.tokenizer, self.eos_ids, self.max_model_len
+        )
+        request = _Request(seq, on_output, time.monotonic(), processor)
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is shut down")
@@ -258,6 +255,21 @@ class Engine:
         return self.alive and self._healthy
 
     @property
+    def phase_seconds(self) -> dict[str, float]:
+        """Wall seconds the engine thread spent in each phase since start-up (also the
+        Prometheus counter ``jaxstack_engine_phase_seconds_total{phase}``): ``schedule``,
+        ``pack``, ``dispatch`` (launching the step), ``device`` (waiting for its tokens),
+        ``output`` (detokenization, stop strings, callbacks)."""
+        return dict(self._phase_seconds)
+
+    def _timed(self, phase: str, start: float) -> float:
+        """Add the time since ``start`` to ``phase``; returns now."""
+        now = time.perf_counter()
+        self._phase_seconds[phase] += now - start
+        self.metrics.phase_seconds.labels(phase).inc(now - start)
+        return now
+
+    @property
     def num_compilations(self) -> int:
         """Times the step function was compiled (fixed after start-up)."""
         return self.runner.num_traces
@@ -289,7 +301,8 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            if not self._drain(block=not self.scheduler.has_work() or not self._healthy):
+            idle = self._inflight is None and not self.scheduler.has_work()
+            if not self._drain(block=idle or not self._healthy):
                 break
             if not self._healthy:
                 if time.monotonic() >= self._next_recovery:
@@ -297,11 +310,7 @@ class Engine:
                 continue
             step = []
             try:
-                step = self.scheduler.schedule()
-                if not step:
-                    self._unblock()
-                    continue
-                self._run(step)
+                step = self._iterate()
             except Exception as error:  # never let one request kill the engine
                 log.exception("engine step failed")
                 for seq, _ in step:
@@ -337,27 +346,66 @@ class Engine:
             message = f"request {seq.request_id} does not fit into the free KV cache pages"
             self._finish(self._requests.get(seq.request_id), "error", message)
 
-    def _run(self, step: list[tuple[RequestState, int]]) -> None:
-        inputs = self.runner.pack(step)
+    def _iterate(self) -> list[tuple[RequestState, int]]:
+        """Schedule, pack and dispatch the next step, then read and report the tokens of the
+        one before it (still running meanwhile); without ``async_scheduling``, of this one.
+        Returns the step dispatched (empty if none)."""
+        start = time.perf_counter()
+        step = self.scheduler.schedule()
+        start = self._timed("schedule", start)
+        launched = None
+        if step:
+            inputs = self.runner.pack(step)
+            start = self._timed("pack", start)
+            previous = self._inflight.sampled if self._inflight is not None else None
+            try:
+                sampled = self.runner.dispatch(inputs, previous)
+            except Exception as error:
+                self._step_failed(step, error)
+                return []
+            self.scheduler.advance(step)
+            rows = []
+            for row, (seq, _) in enumerate(step):
+                if not seq.num_pending:  # it reached its last token: one is sampled
+                    rows.append((row, seq, seq.num_tokens))
+                    seq.add_unresolved(row)
+            launched = _InFlight(step, sampled, rows)
+            self._timed("dispatch", start)
+        elif self._inflight is None:
+            self._unblock()
+            return []
+        done, self._inflight = self._inflight, launched
+        if not self.config.async_scheduling:
+            done, self._inflight = launched, None
+        if done is not None:
+            self._resolve(done)
+        return step
+
+    def _resolve(self, flight: _InFlight) -> None:
+        """Wait for ``flight``'s sampled tokens and report them."""
+        start = time.perf_counter()
         try:
-            sampled = self.runner.run(inputs)
-        except Exception as error:
-            self._step_failed(step, error)
+            sampled = np.asarray(flight.sampled)
+        except Exception as error:  # the step failed on the device
+            self._step_failed(flight.step, error)
             return
-        self.scheduler.advance(step)
+        start = self._timed("device", start)
         now, produced = time.monotonic(), 0
-        for row, (seq, _) in enumerate(step):
-            request = self._requests[seq.request_id]
-            if seq.num_pending:  # a prefill chunk that did not reach the prompt's end
+        for row, seq, index in flight.rows:
+            token = int(sampled[row])
+            seq.resolve(index, token)
+            self.scheduler.register_pages(seq)
+            request = self._requests.get(seq.request_id)
+            if request is None or request.seq is not seq:  # finished meanwhile: discarded
                 continue
-            seq.output.append(int(sampled[row]))
             produced += 1
             try:
-                self._report(request, now)
+                self._report(request, token, now)
             except Exception as error:
                 log.exception("reporting request %s failed", seq.request_id)
                 self._finish(request, "error", repr(error))
         self.metrics.on_tokens(produced)
+        self._timed("output", start)
 
     def _step_failed(self, step: list[tuple[RequestState, int]], error: Exception) -> None:
         """A device step raised: end the requests that exhausted their retries, re-queue
@@ -365,6 +413,9 @@ class Engine:
         log.exception("engine step failed; rebuilding the KV cache")
         self._healthy = False
         self.metrics.step_failures.inc()
+        self._inflight = None  # its pages are gone too: every unresolved token is recomputed
+        for request in self._requests.values():
+            request.seq.drop_unresolved()
         self.scheduler.requeue_running()
         self.cache.clear()
         self._recover()
@@ -392,74 +443,22 @@ class Engine:
         self._healthy = True
         log.warning("engine recovered: KV cache rebuilt, running requests recompute")
 
-    def _report(self, request: _Request, now: float) -> None:
+    def _report(self, request: _Request, token: int, now: float) -> None:
         """Tell the caller about the new token; finish the request at a stop or the limit."""
-        seq, params = request.seq, request.seq.params
         if request.first_token_time is None:
             request.first_token_time = now
             self.metrics.ttft.observe(now - request.arrival_time)
-        token = seq.output[-1]
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids |= self.eos_ids
-        reason = None
-        if token in stop_ids:
-            reason = "stop"
-        elif len(seq.output) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        visible = request.text
-        if self.tokenizer is not None:
-            request.text = visible = self.tokenizer.decode(seq.output)
-            cut = min((i for s in request.stops if (i := visible.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                request.text = visible = visible[:cut]
-                request.kept_tokens = self._tokens_for(seq.output, visible)
-                reason = "stop"
-            if reason is None:  # hold back what may still become a stop string or a character
-                hold = max((len(s) - 1 for s in request.stops), default=0)
-                visible = visible[: len(visible) - hold].rstrip("\ufffd")
-        self._send(request, visible, finished=reason is not None, reason=reason)
-        if reason is not None:
-            self._remove(request, reason)
-
-    def _tokens_for(self, tokens: list[int], text: str) -> int:
-        """The fewest leading ``tokens`` whose decoding starts with ``text`` (a prefix of the
-        decoding of all of them), by bisection: what a stop string's cut keeps."""
-        low, high = 0, len(tokens)
-        while low < high:
-            middle = (low + high) // 2
-            if self.tokenizer.decode(tokens[:middle]).startswith(text):
-                high = middle
-            else:
-                low = middle + 1
-        return low
-
-    def _send(self, request: _Request, visible: str, *, finished: bool, reason=None, error=None):
-        seq = request.seq
-        delta = visible[request.sent_chars :] if len(visible) > request.sent_chars else ""
-        request.sent_chars = max(request.sent_chars, len(visible))
-        tokens = seq.output[: request.kept_tokens]
-        new_tokens = tokens[request.reported_tokens :]
-        request.reported_tokens = len(seq.output)
-        output = RequestOutput(
-            seq.request_id,
-            seq.prompt,
-            tokens,
-            new_tokens,
-            request.text,
-            delta,
-            finished,
-            reason,
-            error,
-        )
+        output = request.processor.add_token(token)
         request.on_output(output)
+        if output.finished:
+            self._remove(request, output.finish_reason)
 
     def _finish(self, request: _Request | None, reason: str, error: str | None = None) -> None:
         """End ``request`` early (cancelled or failed) with a final report."""
         if request is None or request.seq.request_id not in self._requests:
             return
         try:
-            self._send(request, request.text, finished=True, reason=reason, error=error)
+            request.on_output(request.processor.report(reason, error))
         except Exception:
             log.exception("final report of request %s failed", request.seq.request_id)
         self._remove(request, reason)
@@ -471,7 +470,7 @@ class Engine:
         with self._lock:
             self._live.discard(seq.request_id)
         self.metrics.requests.labels(reason).inc()
-        finished = reason in ("stop", "length")
-        if finished and request.first_token_time is not None and len(seq.output) > 1:
+        finished, produced = reason in ("stop", "length"), request.processor.num_tokens
+        if finished and request.first_token_time is not None and produced > 1:
             gap = time.monotonic() - request.first_token_time
-            self.metrics.tpot.observe(gap / (len(seq.output) - 1))
+            self.metrics.tpot.observe(gap / (produced - 1))

@@ -8,7 +8,7 @@ holds the tokens and is at least ``S``; padding tokens write nowhere
 """
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,8 @@ class StepInputs:
     top_p: np.ndarray  # f32[S]
     seeds: np.ndarray  # u32[S]
     counters: np.ndarray  # i32[S]
+    prev_rows: np.ndarray  # i32[T] for a token still on the device: its row in the previous
+    # step's sampled tokens; -1 for tokens given in ``tokens``
 
 
 def serving_param_specs(model: Llama, params, mesh: Mesh):
@@ -89,12 +91,14 @@ class ModelRunner:
         self.token_buckets = tuple(sorted(token_buckets))
         self.seq_buckets = tuple(sorted(seq_buckets))
         self._layer_shape = page_shape(cfg, num_pages, page_size)
+        self.max_seqs = self.seq_buckets[-1]
+        self._no_prev = jnp.zeros(self.max_seqs, jnp.int32)
         self.num_traces = 0
         """How often the step was traced (each trace is one compilation)."""
         self._pages_sharding = None  # default placement
         if mesh is None:
             self.params, self.pages = params, self._zero_pages()
-            self._step = jax.jit(self._forward, donate_argnums=1)
+            self._step = jax.jit(self._device_step, donate_argnums=1)
             return
         sizes = dict(mesh.shape)
         specs = serving_param_specs(model, params, mesh)
@@ -104,9 +108,10 @@ class ModelRunner:
         self.params = jax.device_put(params, param_sh)  # a no-op where loaded in place
         self.pages = self._zero_pages()
         replicated = NamedSharding(mesh, PartitionSpec())
+        inputs = len(fields(StepInputs)) + 1  # the previous step's sampled tokens too
         self._step = jax.jit(
-            self._forward,
-            in_shardings=(param_sh, pages_sh) + (replicated,) * 9,
+            self._device_step,
+            in_shardings=(param_sh, pages_sh) + (replicated,) * inputs,
             out_shardings=(replicated, pages_sh),
             donate_argnums=1,
         )
@@ -147,24 +152,34 @@ class ModelRunner:
     def _context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
-    def run(self, inputs: StepInputs) -> np.ndarray:
-        """Run one step; the pages are updated in place. Returns the sampled token of every
-        row (only rows whose sequence finished its pending tokens mean anything)."""
+    def _device_step(self, params, pages, tokens, positions, batch, last_rows, *rest):
+        """``_forward`` after taking the tokens still on the device from the previous step's
+        sampled tokens (``rest`` ends with ``prev_rows`` and those tokens); returns the
+        sampled tokens padded to the largest sequence bucket."""
+        *sampling, prev_rows, prev_sampled = rest
+        tokens = jnp.where(prev_rows >= 0, prev_sampled[jnp.maximum(prev_rows, 0)], tokens)
+        sampled, pages = self._forward(params, pages, tokens, positions, batch, last_rows,
+                                       *sampling)  # fmt: skip
+        return jnp.zeros(self.max_seqs, jnp.int32).at[: sampled.shape[0]].set(sampled), pages
+
+    def dispatch(self, inputs: StepInputs, prev_sampled: jax.Array | None = None) -> jax.Array:
+        """Start one step without waiting for it; the pages are updated in place. Returns
+        the sampled token of every row on the device (i32[largest seq bucket]; only rows whose
+        sequence finished its pending tokens mean anything). ``prev_sampled``: what the
+        previous dispatch returned, read where ``inputs.prev_rows`` says."""
+        prev = self._no_prev if prev_sampled is None else prev_sampled
         with self._context():
             tokens, self.pages = self._step(
                 self.params,
                 self.pages,
-                inputs.tokens,
-                inputs.positions,
-                inputs.batch,
-                inputs.last_rows,
-                inputs.temperature,
-                inputs.top_k,
-                inputs.top_p,
-                inputs.seeds,
-                inputs.counters,
+                *(getattr(inputs, f.name) for f in fields(StepInputs)),
+                prev,
             )
-        return np.asarray(tokens)
+        return tokens
+
+    def run(self, inputs: StepInputs) -> np.ndarray:
+        """Run one step and wait for it: the sampled token of every row (see ``dispatch``)."""
+        return np.asarray(self.dispatch(inputs))[: len(inputs.last_rows)]
 
     @property
     def buckets(self) -> list[tuple[int, int]]:
@@ -200,6 +215,7 @@ class ModelRunner:
         temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
         top_k, counters = np.zeros(s, np.int32), np.zeros(s, np.int32)
         seeds = np.zeros(s, np.uint32)
+        prev_rows = np.full(t, -1, np.int32)
         start, ps = 0, self.page_size
         for row, (seq, n) in enumerate(step):
             pos = np.arange(seq.num_computed, seq.num_computed + n)
@@ -211,10 +227,12 @@ class ModelRunner:
             table[row, : len(pages)] = pages
             p = seq.params
             temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
-            seeds[row], counters[row] = seq.seed, len(seq.output)
+            seeds[row], counters[row] = seq.seed, seq.num_output
+            if seq.num_resolved < seq.num_computed + n:  # only ever the last token
+                prev_rows[start + n - 1] = seq.sample_row
             start += n
         cu[len(step) + 1 :] = start
         batch = PagedBatch(slots, kv_lens, table, cu, np.array([len(step)], np.int32))
         last_rows = np.maximum(cu[1:] - 1, 0)
         sampling = (temperature, top_k, top_p, seeds, counters)
-        return StepInputs(tokens, positions, batch, last_rows, *sampling)
+        return StepInputs(tokens, positions, batch, last_rows, *sampling, prev_rows)
