@@ -13,8 +13,10 @@ stream for ``ServerConfig.stream_timeout_s``, is cancelled at once, which frees 
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
@@ -125,7 +127,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
                        body: SamplingFields):  # fmt: skip
         stream = body.stream
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        events = _Outputs(loop, every=stream)
         prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         if stream and app.state.open_streams >= config.max_streams:
@@ -135,7 +137,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             engine.submit(
                 ids,
                 params,
-                lambda out: loop.call_soon_threadsafe(events.put_nowait, out),
+                events.put,
                 request_id=request_id,
             )
         except QueueFullError as error:
@@ -226,47 +228,88 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _sse(events: asyncio.Queue, kind: str, meta: dict,
+class _Outputs:
+    """One request's outputs, handed from the engine thread to the event loop with one
+    wakeup per batch: the engine thread only appends while a wakeup is pending, and a
+    non-streamed request (``every=False``) wakes the loop only for its final output."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, every: bool):
+        self._loop, self._every = loop, every
+        self._items: deque[RequestOutput] = deque()
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
+
+    def put(self, out: RequestOutput) -> None:
+        """Called on the engine thread."""
+        with self._lock:
+            self._items.append(out)
+            if self._wake_pending or not (self._every or out.finished):
+                return
+            self._wake_pending = True
+        self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    async def get_all(self) -> list[RequestOutput]:
+        """Every output that arrived since the last call (waits for at least one)."""
+        while True:
+            with self._lock:
+                if self._items and (self._every or self._items[-1].finished):
+                    items = list(self._items)
+                    self._items.clear()
+                    return items
+            self._ready.clear()
+            await self._ready.wait()
+
+
+async def _sse(events: _Outputs, kind: str, meta: dict,
                include_usage: bool = False) -> AsyncIterator[str]:  # fmt: skip
-    """Server-sent events of one request, up to its last output; with ``include_usage`` a
-    last chunk (no choices) carries the token counts, as OpenAI's ``stream_options`` asks."""
+    """Server-sent events of one request, up to its last output (the events of outputs that
+    arrived together go out in one write); with ``include_usage`` a last chunk (no choices)
+    carries the token counts, as OpenAI's ``stream_options`` asks."""
     chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
     if kind == "chat.completion":
         first = _choice(kind, delta={"role": "assistant", "content": ""})
         yield _event({**meta, "object": chunk_kind, "choices": [first]})
-    while True:
-        out: RequestOutput = await events.get()
-        if out.finish_reason == "error":
-            yield _event({"error": {"message": f"generation failed: {out.error}"}})
-            break
-        reason = out.finish_reason if out.finished else None
-        if out.delta or out.finished:
-            body = {"content": out.delta} if kind == "chat.completion" else None
-            choice = _choice(kind, delta=body, text=out.delta, finish_reason=reason)
-            yield _event({**meta, "object": chunk_kind, "choices": [choice]})
-        if out.finished:
-            if include_usage:
-                yield _event({**meta, "object": chunk_kind, "choices": [], "usage": _usage(out)})
-            break
+    finished = False
+    while not finished:
+        batch = []
+        for out in await events.get_all():
+            if out.finish_reason == "error":
+                batch.append(_event({"error": {"message": f"generation failed: {out.error}"}}))
+                finished = True
+                break
+            finished = out.finished
+            reason = out.finish_reason if finished else None
+            if out.delta or finished:
+                body = {"content": out.delta} if kind == "chat.completion" else None
+                choice = _choice(kind, delta=body, text=out.delta, finish_reason=reason)
+                batch.append(_event({**meta, "object": chunk_kind, "choices": [choice]}))
+            if finished:
+                if include_usage:
+                    usage = _usage(out)
+                    batch.append(_event({**meta, "object": chunk_kind, "choices": [],
+                                         "usage": usage}))  # fmt: skip
+                break
+        if batch:
+            yield "".join(batch)
     yield "data: [DONE]\n\n"
 
 
-async def _final_output(request: Request, events: asyncio.Queue) -> RequestOutput | None:
+async def _final_output(request: Request, events: _Outputs) -> RequestOutput | None:
     """The request's last output, or None as soon as its client disconnects (checked every
     ``DISCONNECT_POLL_S``, whether or not tokens arrive meanwhile)."""
-    loop = asyncio.get_running_loop()
-    checked = loop.time()
     while True:
         try:
-            out = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
-            if out.finished:
-                return out
+            return (await asyncio.wait_for(events.get_all(), timeout=DISCONNECT_POLL_S))[-1]
         except TimeoutError:
             pass
-        if loop.time() - checked >= DISCONNECT_POLL_S:
-            if await request.is_disconnected():
-                return None
-            checked = loop.time()
+        if await request.is_disconnected():
+            return None
 
 
 def _event(payload: dict) -> str:
