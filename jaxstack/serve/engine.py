@@ -36,11 +36,12 @@ from jaxstack.models.llama import Llama
 from jaxstack.serve.kv_cache import KVCacheManager
 from jaxstack.serve.metrics import PHASES, EngineMetrics
 from jaxstack.serve.output import OutputProcessor, RequestOutput
-from jaxstack.serve.runner import ModelRunner
+from jaxstack.serve.runner import ModelRunner, kv_budget_bytes, page_bytes, weight_bytes
 from jaxstack.serve.sampling import SamplingParams
 from jaxstack.serve.scheduler import RequestState, Scheduler
 
 log = logging.getLogger("jaxstack.serve")
+MIB = 2**20
 RECOVERY_RETRY_S = 1.0
 """Seconds between attempts to rebuild the KV pages while the device keeps failing."""
 
@@ -51,8 +52,14 @@ class EngineConfig:
 
     page_size: int = 16
     """Token slots per KV page."""
-    num_pages: int = 1024
-    """KV pages per layer (cache memory: layers x pages x page_size x 2 x kv_heads x head_dim)."""
+    num_pages: int | None = None
+    """KV pages per layer (cache memory: layers x pages x page_size x 2 x kv_heads x head_dim);
+    default: what ``memory_fraction`` leaves, up to every sequence of the largest sequence
+    bucket at ``max_model_len``."""
+    memory_fraction: float = 0.9
+    """Share of each device's memory the weights and the KV cache may take (vLLM's
+    ``gpu_memory_utilization``); on CPU, of the available host memory. Unused with
+    ``num_pages``."""
     max_model_len: int | None = None
     """Longest prompt + output; default the model's ``max_seq_len``."""
     token_buckets: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -83,8 +90,10 @@ class EngineConfig:
                 f"the largest seq bucket {self.seq_buckets[-1]} exceeds the token budget "
                 f"{self.token_buckets[-1]} (each running request needs a token per step)"
             )
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction={self.memory_fraction} must be in (0, 1]")
         for name in ("page_size", "num_pages", "max_queue"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.step_retries < 0:
             raise ValueError(f"step_retries={self.step_retries} must be >= 0")
@@ -147,23 +156,30 @@ class Engine:
         self.eos_ids: frozenset[int] = frozenset(int(i) for i in eos)
         """Token ids that end a request (unless it ``ignore_eos``)."""
         self.max_model_len = config.max_model_len or model.config.max_seq_len
-        self.cache = KVCacheManager(config.num_pages, config.page_size, config.prefix_caching)
+        variables = params.get("params", params)
+        self.num_pages = config.num_pages or self._pages_from_memory(mesh)
+        """KV pages per layer (``EngineConfig.num_pages``, or sized from memory)."""
+        self.cache = KVCacheManager(self.num_pages, config.page_size, config.prefix_caching)
         self.scheduler = Scheduler(
             self.cache,
             max_num_tokens=config.token_buckets[-1],
             max_num_seqs=config.seq_buckets[-1],
         )
-        variables = params.get("params", params)
         self.runner = ModelRunner(
             model,
             variables,
-            num_pages=config.num_pages,
+            num_pages=self.num_pages,
             page_size=config.page_size,
             pages_per_seq=math.ceil(self.max_model_len / config.page_size),
             token_buckets=config.token_buckets,
             seq_buckets=config.seq_buckets,
             mesh=mesh,
         )
+        self.plan = self._plan(variables, mesh)
+        """One line: weights, KV cache bytes and capacity in tokens, per device."""
+        log.info(self.plan)
+        if progress:
+            print(self.plan, flush=True)
         self.runner.warmup(progress)
         self.metrics = EngineMetrics(
             {
@@ -184,6 +200,34 @@ class Engine:
         self._next_recovery = 0.0  # monotonic time of the next rebuild attempt
         self._thread = threading.Thread(target=self._loop, name="jaxstack-engine", daemon=True)
         self._thread.start()
+
+    def _pages_from_memory(self, mesh: Mesh | None) -> int:
+        """KV pages per layer that ``memory_fraction`` of each device leaves after the
+        weights, at most enough for every sequence at ``max_model_len``."""
+        config = self.config
+        devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+        budget = kv_budget_bytes(devices, config.memory_fraction)
+        per_page = page_bytes(self.model.config, config.page_size, mesh)
+        per_seq = math.ceil(self.max_model_len / config.page_size)
+        pages = min(max(budget, 0) // per_page, per_seq * config.seq_buckets[-1])
+        if pages < per_seq:
+            raise ValueError(
+                f"memory_fraction={config.memory_fraction} leaves {max(budget, 0) / MIB:.1f} MiB "
+                f"per device for the KV cache, less than the {per_seq * per_page / MIB:.1f} MiB "
+                f"one sequence of max_model_len={self.max_model_len} tokens needs; raise "
+                "memory_fraction, lower max_model_len, or set num_pages"
+            )
+        return int(pages)
+
+    def _plan(self, params, mesh: Mesh | None) -> str:
+        devices = 1 if mesh is None else mesh.devices.size
+        kv = self.num_pages * page_bytes(self.model.config, self.config.page_size, mesh)
+        return (
+            f"serving plan per device ({devices} device{'s' if devices > 1 else ''}): weights "
+            f"{weight_bytes(params) / MIB:.1f} MiB, KV cache {kv / MIB:.1f} MiB = "
+            f"{self.num_pages * self.config.page_size} tokens ({self.num_pages} pages of "
+            f"{self.config.page_size}), step budget {self.config.token_buckets[-1]} tokens"
+        )
 
     # ---------------------------------------------------------------- callers' side
 
@@ -289,9 +333,9 @@ class Engine:
                 f"{total} tokens, more than the model's context of {self.max_model_len}; "
                 "shorten the prompt or lower max_tokens"
             )
-        if math.ceil(total / self.config.page_size) > self.config.num_pages:
+        if math.ceil(total / self.config.page_size) > self.num_pages:
             raise ValueError(
-                f"{total} tokens need more than the {self.config.num_pages} KV pages of "
+                f"{total} tokens need more than the {self.num_pages} KV pages of "
                 f"{self.config.page_size} tokens; raise num_pages or lower max_tokens"
             )
         if params.stop and self.tokenizer is None:

@@ -28,7 +28,8 @@ REPLACEMENT = "\ufffd"
 
 class History:
     """A request's output so far, shared by every ``RequestOutput`` reported for it: each
-    output reads the prefix that existed when it was made (copied only when read)."""
+    output reads the prefix that existed when it was made (copied only when read). Tokens
+    and text past a stop string stay here; the outputs' counts end before them."""
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
@@ -40,25 +41,12 @@ class History:
         if text:
             self._chunks.append(text)
 
-    @property
-    def num_chunks(self) -> int:
-        return len(self._chunks)
-
-    def text(self, num_chunks: int | None = None) -> str:
-        """The text of the first ``num_chunks`` chunks (all by default)."""
-        n = len(self._chunks) if num_chunks is None else num_chunks
-        if n != self._joined:
-            if n > self._joined:
-                self._text += "".join(self._chunks[self._joined : n])
-            else:
-                self._text = "".join(self._chunks[:n])
-            self._joined = n
+    def text(self) -> str:
+        """All the text so far (joined once per change, when read)."""
+        if self._joined != len(self._chunks):
+            self._text += "".join(self._chunks[self._joined :])
+            self._joined = len(self._chunks)
         return self._text
-
-    def truncate_text(self, length: int) -> None:
-        """Keep the first ``length`` characters (a stop string's cut)."""
-        text = self.text()[:length]
-        self._chunks, self._text, self._joined = [text], text, 1
 
 
 @dataclass
@@ -83,7 +71,7 @@ class RequestOutput:
     error: str | None = None
     _history: History = field(default_factory=History, repr=False, compare=False)
     _num_tokens: int = field(default=0, repr=False, compare=False)
-    _num_chunks: int = field(default=0, repr=False, compare=False)
+    _num_chars: int = field(default=0, repr=False, compare=False)
 
     @property
     def token_ids(self) -> list[int]:
@@ -94,7 +82,7 @@ class RequestOutput:
     @property
     def text(self) -> str:
         """Decoded output so far (ends before a stop string); empty without a tokenizer."""
-        return self._history.text(self._num_chunks)
+        return self._history.text()[: self._num_chars]
 
 
 class Detokenizer:
@@ -151,11 +139,14 @@ class OutputProcessor:
         self._text_len = 0  # characters decoded
         self._ends: list[int] = []  # characters decoded after each token
         self._sent_chars = self._sent_tokens = 0
+        self._kept_tokens: int | None = None  # output tokens before a stop string's cut
         self.finish_reason: str | None = None
 
     @property
     def num_tokens(self) -> int:
         """Output tokens kept (those past a stop string's cut are dropped)."""
+        if self._kept_tokens is not None:
+            return self._kept_tokens
         return len(self.history.tokens)
 
     def add_token(self, token: int) -> RequestOutput:
@@ -191,11 +182,9 @@ class OutputProcessor:
         if not found:
             return False
         cut = offset + min(found)
-        self.history.truncate_text(cut)
         self._text_len = cut
         # the fewest tokens whose text reaches the cut
-        kept = bisect.bisect_left(self._ends, cut) + 1 if cut > 0 else 0
-        del self.history.tokens[kept:]
+        self._kept_tokens = bisect.bisect_left(self._ends, cut) + 1 if cut > 0 else 0
         return True
 
     def report(self, reason: str | None, error: str | None = None) -> RequestOutput:
@@ -209,7 +198,7 @@ class OutputProcessor:
             if not finished:  # an incomplete character is never shown mid-stream
                 delta = delta.rstrip(REPLACEMENT)
             self._sent_chars += len(delta)
-        num_tokens = len(history.tokens)
+        num_tokens = self.num_tokens
         new_tokens = history.tokens[self._sent_tokens : num_tokens]
         self._sent_tokens = max(self._sent_tokens, num_tokens)
         self.finish_reason = reason
@@ -223,5 +212,5 @@ class OutputProcessor:
             error,
             history,
             num_tokens,
-            history.num_chunks,
+            self._text_len,
         )

@@ -8,6 +8,8 @@ holds the tokens and is at least ``S``; padding tokens write nowhere
 """
 
 import contextlib
+import math
+import os
 from dataclasses import dataclass, fields
 
 import jax
@@ -57,6 +59,53 @@ def page_shape(config, num_pages: int, page_size: int) -> tuple[int, ...]:
 def page_spec(shape: tuple[int, ...], mesh_sizes: dict[str, int]) -> PartitionSpec:
     """KV pages (one layer's, or stacked layers') split their heads over ``tensor``."""
     return fitting_spec(shape, (None,) * (len(shape) - 2) + ("kv_heads", None), mesh_sizes)
+
+
+def host_available_bytes() -> int:
+    """Host memory the OS can hand out now (``MemAvailable``; free pages where there is no
+    ``/proc/meminfo``)."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_budget_bytes(devices: list, fraction: float) -> int:
+    """Bytes the KV cache may take on each of ``devices``: ``fraction`` of a device's memory
+    less what is already in use there (the weights), as vLLM's ``gpu_memory_utilization``;
+    devices without memory statistics (CPU) share ``fraction`` of the available host memory."""
+    budgets = []
+    for device in devices:
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            budgets.append(int(fraction * stats["bytes_limit"]) - stats.get("bytes_in_use", 0))
+        else:
+            budgets.append(int(fraction * host_available_bytes()) // len(devices))
+    return min(budgets)
+
+
+def page_bytes(config, page_size: int, mesh: Mesh | None) -> int:
+    """Bytes one KV page (all layers) takes on each device."""
+    shape = page_shape(config, 1, page_size)
+    if mesh is not None:
+        shape = NamedSharding(mesh, page_spec(shape, dict(mesh.shape))).shard_shape(shape)
+    return config.num_layers * math.prod(shape) * jnp.dtype(config.dtype).itemsize
+
+
+def weight_bytes(params) -> int:
+    """Bytes of ``params`` on the device holding the largest share."""
+    held: dict = {}
+    for leaf in jax.tree.leaves(params):
+        if not isinstance(leaf, jax.Array):  # host arrays: copied to the default device
+            held[None] = held.get(None, 0) + leaf.nbytes
+            continue
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return max(held.values(), default=0)
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:

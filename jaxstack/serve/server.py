@@ -165,7 +165,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
 
     def _rest_of_context(prompt_tokens: int) -> int:
         """A chat reply's default length: whatever the context (and the KV cache) leaves."""
-        room = min(engine.max_model_len, engine.config.num_pages * engine.config.page_size)
+        room = min(engine.max_model_len, engine.num_pages * engine.config.page_size)
         if prompt_tokens >= room:
             raise _BadRequest(
                 f"the messages take {prompt_tokens} tokens and the context holds {room}: no "
