@@ -3,9 +3,11 @@ times its phases."""
 
 import math
 
+import jax
 import pytest
 from serve_helpers import ENGINE_OPTIONS
 
+from jaxstack.cli import use_compilation_cache
 from jaxstack.data import ByteTokenizer
 from jaxstack.serve import LLM, EngineConfig, SamplingParams
 from jaxstack.serve.engine import Engine
@@ -63,3 +65,21 @@ def test_phase_seconds_in_the_engine_and_in_prometheus(llm):
     for phase in PHASES:
         value = registry.get_sample_value("jaxstack_engine_phase_seconds_total", {"phase": phase})
         assert value == pytest.approx(llm.engine.phase_seconds[phase], rel=0.5)
+
+
+def test_compilation_cache_setting(tmp_path, monkeypatch):
+    keys = ("jax_enable_compilation_cache", "jax_compilation_cache_dir")
+    saved = {key: getattr(jax.config, key) for key in keys}
+    try:
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "suite"))
+        assert use_compilation_cache(None) == str(tmp_path / "suite")  # respected
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home"))
+        assert use_compilation_cache(None) == str(tmp_path / "home" / "jaxstack" / "xla")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "home/jaxstack/xla")
+        assert use_compilation_cache(str(tmp_path / "mine")) == str(tmp_path / "mine")
+        assert (tmp_path / "mine").is_dir() and jax.config.jax_enable_compilation_cache
+        assert use_compilation_cache("off") is None and not jax.config.jax_enable_compilation_cache
+    finally:
+        for key, value in saved.items():
+            jax.config.update(key, value)
