@@ -190,6 +190,7 @@ class Engine:
         )
         self._phase_seconds = dict.fromkeys(PHASES, 0.0)
         self._inflight: _InFlight | None = None
+        self._scheduled: list[tuple[RequestState, int]] = []  # scheduled by the current iteration
         self._inbox: queue.Queue = queue.Queue()
         self._requests: dict[str, _Request] = {}  # engine thread only
         self._ids = itertools.count()
@@ -352,12 +353,12 @@ class Engine:
                 if time.monotonic() >= self._next_recovery:
                     self._recover()
                 continue
-            step = []
+            self._scheduled = []
             try:
-                step = self._iterate()
+                self._iterate()
             except Exception as error:  # never let one request kill the engine
                 log.exception("engine step failed")
-                for seq, _ in step:
+                for seq, _ in self._scheduled:
                     self._finish(self._requests.get(seq.request_id), "error", repr(error))
         for request in list(self._requests.values()):
             self._finish(request, "cancelled")
@@ -390,12 +391,12 @@ class Engine:
             message = f"request {seq.request_id} does not fit into the free KV cache pages"
             self._finish(self._requests.get(seq.request_id), "error", message)
 
-    def _iterate(self) -> list[tuple[RequestState, int]]:
-        """Schedule, pack and dispatch the next step, then read and report the tokens of the
-        one before it (still running meanwhile); without ``async_scheduling``, of this one.
-        Returns the step dispatched (empty if none)."""
+    def _iterate(self) -> None:
+        """Schedule, pack and dispatch the next step (``_scheduled``), then read and report the
+        tokens of the one before it (still running meanwhile); without ``async_scheduling``,
+        of this one."""
         start = time.perf_counter()
-        step = self.scheduler.schedule()
+        self._scheduled = step = self.scheduler.schedule()
         start = self._timed("schedule", start)
         launched = None
         if step:
@@ -406,7 +407,7 @@ class Engine:
                 sampled = self.runner.dispatch(inputs, previous)
             except Exception as error:
                 self._step_failed(step, error)
-                return []
+                return
             self.scheduler.advance(step)
             rows = []
             for row, (seq, _) in enumerate(step):
@@ -417,13 +418,12 @@ class Engine:
             self._timed("dispatch", start)
         elif self._inflight is None:
             self._unblock()
-            return []
+            return
         done, self._inflight = self._inflight, launched
         if not self.config.async_scheduling:
             done, self._inflight = launched, None
         if done is not None:
             self._resolve(done)
-        return step
 
     def _resolve(self, flight: _InFlight) -> None:
         """Wait for ``flight``'s sampled tokens and report them."""
