@@ -243,6 +243,8 @@ class _Outputs:
     def put(self, out: RequestOutput) -> None:
         """Called on the engine thread."""
         with self._lock:
+            if not self._every:  # only the last output is read
+                self._items.clear()
             self._items.append(out)
             if self._wake_pending or not (self._every or out.finished):
                 return
