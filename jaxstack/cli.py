@@ -31,7 +31,15 @@ from jaxstack.metrics import long_step
 from jaxstack.models import PRESETS, preset
 from jaxstack.overrides import field_names, parse_overrides
 from jaxstack.planning import choose_mesh, plan_notes, plan_run
-from jaxstack.run import RUN_FILE, RunConfig, has_checkpoint, is_converted, load_run, train
+from jaxstack.run import (
+    RUN_FILE,
+    RunConfig,
+    export_hf,
+    has_checkpoint,
+    is_converted,
+    load_run,
+    train,
+)
 from jaxstack.trainer import NonFiniteError, TrainConfig
 from jaxstack.workdir import ERROR_LOG, WorkDirBusyError, is_local, work_path
 from jaxstack.xla_flags import apply_xla_flags
@@ -347,8 +355,12 @@ def cmd_convert(args: argparse.Namespace) -> None:
             hf.convert_to_checkpoint(args.source, args.dest)
         else:
             saved = Path(args.source) / RUN_FILE
-            config = RunConfig.load(args.source).model if saved.exists() else None
-            hf.convert_to_hf(args.source, args.dest, config, dtype=args.dtype)
+            run = RunConfig.load(args.source) if saved.exists() else None
+            if run is not None and run.lora.enabled:  # a LoRA run: its base merged with it
+                export_hf(run, load_run(args.source)[2], args.dest, dtype=args.dtype)
+            else:
+                config = run.model if run is not None else None
+                hf.convert_to_hf(args.source, args.dest, config, dtype=args.dtype)
     print(f"wrote {args.dest}")
 
 
@@ -379,7 +391,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.tensor > 1:
         mesh = make_mesh(data=1, tensor=args.tensor, devices=jax.devices()[: args.tensor])
     source = {"hf": args.hf} if args.hf else {"work_dir": args.work_dir}
-    llm = LLM(**source, mesh=mesh, dtype=args.dtype, **options)
+    llm = LLM(**source, mesh=mesh, dtype=args.dtype, attention_sinks=args.attention_sinks,
+              **options)  # fmt: skip
     print(f"serving {llm.name} on http://{args.host}:{args.port}/v1", flush=True)
     try:
         serve(llm, args.host, args.port, config=config)
@@ -568,6 +581,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="weights, KV cache and compute (auto: the checkpoint's torch_dtype, else bfloat16 "
         "on GPU/TPU)",
+    )
+    srv.add_argument(
+        "--attention-sinks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="keep the first N tokens visible past a sliding-window model's window "
+        "(StreamingLLM); needs a model with a sliding window",
     )
     srv.add_argument(
         "--dry-run",

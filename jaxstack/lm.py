@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from jaxstack.layers import context_parallel
 from jaxstack.layers.moe import MOE_COLLECTION, moe_summary
 from jaxstack.losses import (
     DEFAULT_CHUNK_SIZE,
@@ -59,13 +60,19 @@ def lm_functions(
             positions=batch["positions"],
             segment_ids=batch["segment_ids"],
             return_hidden=True,
+            natural_order=False,
             mutable=[MOE_COLLECTION],
+        )
+        # the loss sums over positions, so it takes them in the model's order (a
+        # permutation under context parallelism) instead of gathering the hidden states
+        targets, loss_mask = context_parallel.model_order(
+            model.config.context_parallel, batch["targets"], batch["loss_mask"]
         )
         out = fused_cross_entropy(
             hidden,
             model.head_kernel(params),
-            batch["targets"],
-            batch["loss_mask"],
+            targets,
+            loss_mask,
             chunk_size=chunk_size,
             z_loss=z_loss,
         )

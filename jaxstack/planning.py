@@ -4,6 +4,7 @@ Parameter, gradient and optimizer-state bytes come from the real shapes (``jax.e
 and the automatic sharding rules; activations are an estimate from the model config.
 """
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ from jaxstack.auto import device_memory_bytes
 from jaxstack.layers.moe import expert_capacity
 from jaxstack.layers.pipeline import PipelineSchedule, choose_microbatches
 from jaxstack.lm import lm_analysis
+from jaxstack.lora import LoRAConfig, adapter_specs, find_targets, init_adapters
+from jaxstack.lora.training import adapter_reasons, combined_plan
 from jaxstack.losses import DEFAULT_CHUNK_SIZE, chunk_layout
 from jaxstack.mesh import BATCH_AXES, parse_mesh
 from jaxstack.models import Llama, LlamaConfig, MixtralConfig, model_for
@@ -272,6 +275,14 @@ def plan_notes(run: "RunConfig", plan: MemoryPlan) -> list[str]:
             "per device live in pinned_host (host) memory between steps; on the device "
             f"{format_bytes(plan.total_bytes - plan.opt_state_bytes)}"
         )
+    if run.lora.enabled:
+        full = plan_run(dataclasses.replace(run, lora=LoRAConfig(rank=0)),
+                        math.prod(sizes.values()))  # fmt: skip
+        notes.append(
+            f"LoRA rank {run.lora.rank}: gradients + optimizer state "
+            f"{format_bytes(plan.grad_bytes + plan.opt_state_bytes)} per device (adapters "
+            f"only; full fine-tuning: {format_bytes(full.grad_bytes + full.opt_state_bytes)})"
+        )
     host = offloaded_activation_bytes(cfg, micro, run.data.seq_len, sizes)
     if host:
         notes.append(
@@ -290,12 +301,26 @@ def plan_run(run: "RunConfig", num_devices: int | None = None) -> MemoryPlan:
     rules = rules_fn(sizes)
     specs = specs_tree(analysis, rules)
     micro = micro_batch_size(run, sizes)
+    reasons = {path: rule.reason for path, rule in rules.items()}
+    activations = activation_bytes(run.model, micro, run.data.seq_len, sizes)
+    if run.lora.enabled:  # the base frozen; gradients and optimizer state of adapters only
+        targets = find_targets(analysis, run.lora)
+        adapters = jax.eval_shape(lambda rng: init_adapters(rng, targets, run.lora.rank),
+                                  jax.random.PRNGKey(0))  # fmt: skip
+        a_specs = adapter_specs(params, specs, adapters)
+        a_opt = jax.eval_shape(optimizer_for(run.train, run.train.num_steps or 1).init, adapters)
+        trained = make_plan(adapters, a_specs, sizes, opt_state=a_opt,
+                            opt_state_specs=optimizer_state_specs(a_opt, adapters, a_specs),
+                            activation_bytes=activations,
+                            reasons=adapter_reasons(adapters))  # fmt: skip
+        frozen = make_plan(params, specs, sizes, gradients=False, reasons=reasons)
+        return combined_plan(frozen, trained)
     return make_plan(
         params,
         specs,
         sizes,
         opt_state=opt_state,
         opt_state_specs=optimizer_state_specs(opt_state, params, specs),
-        activation_bytes=activation_bytes(run.model, micro, run.data.seq_len, sizes),
-        reasons={path: rule.reason for path, rule in rules.items()},
+        activation_bytes=activations,
+        reasons=reasons,
     )

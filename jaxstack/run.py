@@ -24,6 +24,7 @@ from jaxstack.data.tokenizers import Tokenizer
 from jaxstack.hf.saving import HF_SUBDIR
 from jaxstack.layers.rope import Llama3RopeScaling
 from jaxstack.lm import lm_functions, lm_param_specs
+from jaxstack.lora import LoRAConfig, merge, save_peft
 from jaxstack.mesh import make_mesh, parse_mesh
 from jaxstack.metrics import long_step
 from jaxstack.models import FAMILIES, Llama, LlamaConfig, family_of, model_for, preset
@@ -33,6 +34,8 @@ from jaxstack.trainer import TrainConfig, Trainer
 from jaxstack.workdir import work_path
 
 RUN_FILE = "run.json"
+PEFT_DIR = "peft_adapter"
+"""Where a LoRA run writes its adapters in PEFT format when training ends."""
 CONVERTED_DIR = "converted-checkpoints"
 """Where training moves the params-only checkpoint of a converted work dir."""
 
@@ -99,9 +102,17 @@ class RunConfig:
     """Mesh axis sizes, e.g. ``data=2,tensor=4`` (one axis may be -1: the rest of devices),
     or ``auto``: the fitting (data, fsdp, tensor) shape with the least communication."""
     init: InitConfig = field(default_factory=InitConfig)
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=0))
+    """Low-rank adapters instead of full fine-tuning (``--lora.rank 16``; docs/lora.md); rank 0
+    (the default) trains every parameter."""
 
     def __post_init__(self) -> None:
         check_types(self)
+        if not self.lora.enabled and self.lora != LoRAConfig(rank=0):
+            raise ValueError(
+                "lora.alpha / lora.dropout / lora.targets are set but lora.rank is 0 (LoRA "
+                "off); pass --lora.rank N to train adapters"
+            )
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
@@ -167,15 +178,17 @@ class RunConfig:
         model = dict(raw.get("model", {}))
         family = _family(model.pop("family", "llama"))  # run.json files before families: llama
         sections = {"model": family.config, "data": DataConfig, "train": TrainConfig,
-                    "init": InitConfig}  # fmt: skip
+                    "init": InitConfig, "lora": LoRAConfig}  # fmt: skip
         unknown = sorted(set(raw) - {*sections, "mesh"})
         if unknown:
             raise KeyError(
-                f"unknown config sections {unknown}; valid: model, data, train, init, mesh"
+                f"unknown config sections {unknown}; valid: model, data, train, init, lora, mesh"
             )
         built = {}
         for name, kind in sections.items():
             values = model if name == "model" else dict(raw.get(name, {}))
+            if name == "lora":  # run.json files before LoRA: none
+                values = {"rank": 0, **values}
             valid = {f.name for f in dataclasses.fields(kind) if f.init}
             wrong = sorted(set(values) - valid)
             if wrong:
@@ -320,11 +333,18 @@ def make_trainer(run: RunConfig, tokenizer: Tokenizer, converted: bool = False) 
     mesh = make_mesh(**mesh_axis_sizes(run))
     specs = lm_param_specs(model, run.data.seq_len)
     params = init
+    lora = run.lora if run.lora.enabled else None
+    if lora and (converted or (work_path(run.train.work_dir) / CONVERTED_DIR).exists()):
+        raise ValueError(
+            f"{run.train.work_dir} holds a converted model, but LoRA reloads its frozen base "
+            "on every start from --init.hf: pass --init.hf DIR (the Hugging Face directory) "
+            "and a new --train.work_dir"
+        )
     if converted:
         abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
         with long_step(f"loading the converted weights of {run.train.work_dir}"):
             params = load_params(run.train.work_dir, mesh=mesh, param_specs=specs(abstract, mesh))
-    elif run.init.hf and not has_checkpoint(run.train.work_dir):
+    elif run.init.hf and (lora or not has_checkpoint(run.train.work_dir)):  # LoRA: the base
         with long_step(f"loading weights from {run.init.hf}"):
             params = hf.read_params(run.init.hf, run.model, mesh=mesh, param_specs=specs)
     return Trainer(
@@ -334,9 +354,10 @@ def make_trainer(run: RunConfig, tokenizer: Tokenizer, converted: bool = False) 
         pred_fn=pred_fn,
         config=run.train,
         mesh=mesh,
-        router_bias_rate=getattr(run.model, "router_bias_rate", 0.0) or None,
+        router_bias_rate=None if lora else getattr(run.model, "router_bias_rate", 0.0) or None,
         param_specs_fn=specs,
         flops_per_token=run.model.flops_per_token(run.data.seq_len),
+        lora=lora,
     )
 
 
@@ -361,7 +382,7 @@ def _check_work_dir(run: RunConfig, resume: str) -> None:
             print(f"jaxstack: the previous run in {work_dir} was moved to {aside}")
         return
     saved = RunConfig.load(work_dir)
-    model = run.differences(saved, "model")
+    model = run.differences(saved, "model") + run.differences(saved, "lora")
     if model:
         raise ValueError(
             f"{work_dir} holds a run of another model (differs in {', '.join(model)}); "
@@ -405,27 +426,48 @@ def train(run: RunConfig, resume: str = "auto") -> tuple[Trainer, list[dict]]:
         saved.write_text(json.dumps(run.to_dict(), indent=2))
     try:
         records = trainer.fit(train_set, eval_set, restore_data_position=not new_data)
+        if run.lora.enabled and not trainer.preempted:
+            export_peft(run, trainer, work_dir / PEFT_DIR)
         if run.train.export_hf and not trainer.preempted:
-            export_hf(run, trainer.params, run.train.export_hf)
+            export_hf(run, trainer.model_params, run.train.export_hf)
     finally:
         trainer.close()
     return trainer, records
 
 
-def export_hf(run: RunConfig, params, out_dir: str | Path) -> Path:
-    """Write ``params`` of ``run``'s model to ``out_dir`` as a Hugging Face directory, in the
-    dtype of the ``init.hf`` model (``torch_dtype`` of its config.json; else the params'),
-    with the tokenizer files of the run's tokenizer directory; returns ``out_dir``."""
+def export_hf(run: RunConfig, params, out_dir: str | Path, dtype: str | None = None) -> Path:
+    """Write ``params`` of ``run``'s model to ``out_dir`` as a Hugging Face directory, in
+    ``dtype`` (default: the dtype of the ``init.hf`` model, ``torch_dtype`` of its config.json;
+    else the params'), with the tokenizer files of the run's tokenizer directory; returns
+    ``out_dir``."""
     tokenizer_dir = _folder(run.data.tokenizer)
-    dtype = None
-    if run.init.hf:
+    if dtype is None and run.init.hf:
         source = hf.read_hf_config(run.init.hf)
         dtype = source.get("torch_dtype") or source.get("dtype")
     with long_step(f"exporting the model to {out_dir}"):
         return hf.save(out_dir, run.model, params, tokenizer_dir=tokenizer_dir, dtype=dtype)
 
 
+def export_peft(run: RunConfig, trainer: Trainer, out_dir: Path) -> Path:
+    """Write a LoRA run's adapters as a Hugging Face PEFT adapter directory (process 0)."""
+    replicated = jax.sharding.NamedSharding(trainer.mesh, jax.sharding.PartitionSpec())
+    adapters = jax.jit(lambda x: x, out_shardings=replicated)(trainer.params)  # every host
+    if jax.process_index() == 0:
+        save_peft(out_dir, run.model, adapters, run.lora, base_model=run.init.hf)
+        print(f"jaxstack: PEFT adapter written to {out_dir}", flush=True)
+    return out_dir
+
+
 def load_run(work_dir: str | Path) -> tuple[RunConfig, Llama, dict]:
-    """The config, model and latest params of a training run's work dir."""
+    """The config, model and latest params of a training run's work dir (for a LoRA run:
+    its base, from ``init.hf`` or the seeded initialisation, merged with its adapters)."""
     run = RunConfig.load(work_dir)
-    return run, model_for(run.model), load_params(work_dir)
+    model, params = model_for(run.model), load_params(work_dir)
+    if not run.lora.enabled:
+        return run, model, params
+    if run.init.hf:
+        base = hf.read_params(run.init.hf, run.model)
+    else:  # the Trainer's own initialisation of the base (Trainer.init)
+        rng = jax.random.split(jax.random.PRNGKey(run.train.seed))[0]
+        base = model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"]
+    return run, model, merge(base, params, run.lora.scale)

@@ -53,16 +53,22 @@ def cast_floating(params: Params, dtype: str | None) -> Params:
 
 def weighted_loss(
     loss_fn: LossFn, compute_dtype: str | None, scale: bool = True
-) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, tuple]]:
-    """``(params, batch, rng) -> (loss * weight, (loss, weight, metrics))`` for ``grad``
-    (``loss`` alone first with ``scale=False``).
+) -> Callable[..., tuple[jax.Array, tuple]]:
+    """``(params, batch, rng, *frozen) -> (loss * weight, (loss, weight, metrics))`` for
+    ``grad`` (``loss`` alone first with ``scale=False``). ``frozen``: inputs the loss reads but
+    never trains (a LoRA base), passed on to ``loss_fn`` after ``rng`` and cast like params.
 
     ``weight`` is ``metrics.pop("num_tokens")`` as float32 without gradient, or None when
     ``loss_fn`` gives none (then every batch weighs 1).
     """
 
-    def fn(params, batch, rng):
-        out = loss_fn(cast_floating(params, compute_dtype), batch, rng)
+    def fn(params, batch, rng, *frozen):
+        out = loss_fn(
+            cast_floating(params, compute_dtype),
+            batch,
+            rng,
+            *(cast_floating(f, compute_dtype) for f in frozen),
+        )
         loss, metrics = out if isinstance(out, tuple) else (out, {})
         if not isinstance(metrics, dict):
             raise TypeError(
@@ -100,7 +106,8 @@ def make_train_step(
     compute_dtype: str | None,
     offload_shardings: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """``(state, batch) -> (state, metrics)``: one optimizer update (module doc).
+    """``(state, batch, *frozen) -> (state, metrics)``: one optimizer update (module doc);
+    ``frozen`` inputs reach ``loss_fn`` untrained (``weighted_loss``).
 
     With ``offload_shardings`` (the optimizer state's ``NamedSharding``s) the state's
     optimizer state lives in host memory (``pinned_host``): it comes to the device for the
@@ -118,17 +125,17 @@ def make_train_step(
         weighted_loss(loss_fn, compute_dtype, scale=grad_accum_steps > 1), has_aux=True
     )
 
-    def gradients(params, batch, rng):
+    def gradients(params, batch, rng, frozen):
         """(grads, loss, metrics, num_tokens or None), exact over micro-batches."""
         if grad_accum_steps == 1:
-            (loss, (_, weight, metrics)), grads = grad_fn(params, batch, rng)
+            (loss, (_, weight, metrics)), grads = grad_fn(params, batch, rng, *frozen)
             return grads, loss, metrics, weight
         micro_batches = jax.tree.map(lambda x: split_micro_batches(x, grad_accum_steps), batch)
 
         def micro_step(grad_sum, inputs):
             micro_batch, index = inputs
             (weighted, (_, weight, metrics)), grads = grad_fn(
-                params, micro_batch, jax.random.fold_in(rng, index)
+                params, micro_batch, jax.random.fold_in(rng, index), *frozen
             )
             scaled = jax.tree.map(lambda m: m * _one_if_none(weight), metrics)
             return jax.tree.map(jnp.add, grad_sum, grads), (weighted, weight, scaled)
@@ -144,9 +151,9 @@ def make_train_step(
         loss = _divide(weighted.sum(), total)
         return grads, loss, metrics, None if weights is None else total
 
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch: Batch, *frozen) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
-        grads, loss, metrics, num_tokens = gradients(state.params, batch, step_rng)
+        grads, loss, metrics, num_tokens = gradients(state.params, batch, step_rng, frozen)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -193,12 +200,13 @@ def make_train_step(
 def make_eval_step(
     loss_fn: LossFn, compute_dtype: str | None
 ) -> Callable[[Params, Batch, jax.Array], tuple[jax.Array, jax.Array, dict]]:
-    """``(params, batch, rng) -> (loss * weight, weight, metrics * weight)``: one evaluation
-    batch's sums (weight 1 without ``num_tokens``), added over batches and divided once."""
+    """``(params, batch, rng, *frozen) -> (loss * weight, weight, metrics * weight)``: one
+    evaluation batch's sums (weight 1 without ``num_tokens``), added over batches and divided
+    once."""
     fn = weighted_loss(loss_fn, compute_dtype)
 
-    def eval_step(params, batch, rng):
-        weighted, (_, weight, metrics) = fn(params, batch, rng)
+    def eval_step(params, batch, rng, *frozen):
+        weighted, (_, weight, metrics) = fn(params, batch, rng, *frozen)
         weight = _one_if_none(weight)
         return weighted, weight, jax.tree.map(lambda m: m * weight, metrics)
 

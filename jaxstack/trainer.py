@@ -32,6 +32,8 @@ from jaxstack.auto import choose_mesh_for
 from jaxstack.checkpoint import CheckpointManager
 from jaxstack.data import DataLoader, Prefix
 from jaxstack.layers.moe import ROUTER_BIAS, route_router_bias
+from jaxstack.lora import LoRAConfig, adapter_specs, find_targets, init_adapters, merge
+from jaxstack.lora.training import combined_plan, lora_loss, lora_pred, write_reference
 from jaxstack.mesh import MeshSpec, batch_divisor, batch_sharding, resolve_mesh
 from jaxstack.metrics import MetricsLogger, Throughput, host_value
 from jaxstack.optim import HOST, optimizer_for, weight_decay_mask
@@ -75,6 +77,9 @@ class _Placement:
     optimizer: optax.GradientTransformation
     train_step: Callable
     eval_step: Callable
+    base_specs: Params = None
+    """With LoRA: the frozen base's specs (``param_specs`` are then the adapters')."""
+    lora_targets: tuple = ()
 
 
 class Trainer:
@@ -101,6 +106,10 @@ class Trainer:
         flops_per_token: model FLOPs per trained token, for MFU in the metrics.
         eval_metric_fn: ``(examples, predictions) -> {name: float}`` computed by
             ``evaluate`` from ``pred_fn``'s outputs (logged as ``eval_<name>``).
+        lora: train low-rank adapters of the weights ``LoRAConfig.targets`` selects instead of
+            the params (docs/lora.md): ``params`` is then the frozen base, ``self.params``
+            the adapters (the optimizer state and checkpoints hold adapters only),
+            ``model_params`` the merged model. ``loss_fn`` / ``pred_fn`` are unchanged.
 
     The train state is created on the first batch (or by ``init(example_batch)``), or
     restored straight into its placement by ``fit`` when the work dir holds a checkpoint.
@@ -121,8 +130,14 @@ class Trainer:
         flops_per_token: float | None = None,
         eval_metric_fn: EvalMetricFn | None = None,
         router_bias_rate: float | None = None,
+        lora: LoRAConfig | None = None,
     ):
         config = TrainConfig() if config is None else config
+        if lora is not None and not isinstance(lora, LoRAConfig):
+            raise TypeError(f"lora must be a LoRAConfig, got {type(lora).__name__}")
+        self.lora = lora if lora is not None and lora.enabled else None
+        self._base_arg = None if callable(params) else params
+        self._base = None
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         if eval_metric_fn is not None and pred_fn is None:
@@ -235,23 +250,28 @@ class Trainer:
             return self._placement
         cfg = self.config
         abstract_params = jax.eval_shape(self._init_fn, jax.random.PRNGKey(cfg.seed))
-        uses_decay = self._optimizer_arg is None and cfg.weight_decay > 0
+        lora = self.lora
+        uses_decay = self._optimizer_arg is None and cfg.weight_decay > 0 and lora is None
         analysis = None
-        if self._param_specs_fn is None or uses_decay or self._mesh is None:
+        if self._param_specs_fn is None or uses_decay or self._mesh is None or lora:
             analysis = self._analysis(abstract_params, example_batch)
+        targets = tuple(find_targets(analysis, lora)) if lora else ()
+        trained = abstract_params
+        if lora:  # the optimizer sees the adapters only
+            trained = jax.eval_shape(self._init_adapters(targets), jax.random.PRNGKey(0))
         optimizer = self._optimizer_arg or optimizer_for(
             cfg,
             self._num_steps or 1,  # shapes only until fit counts the epochs' updates
             weight_decay_mask(analysis, cfg) if uses_decay else None,
         )
-        optimizer = self._route_router_bias(optimizer, abstract_params)
+        optimizer = self._route_router_bias(optimizer, trained)
         if self._mesh is None:
             self._mesh = choose_mesh_for(
                 analysis,
                 abstract_params,
                 batch_size=self.micro_batch_size,
                 calls_per_step=cfg.grad_accum_steps,
-                opt_state=jax.eval_shape(optimizer.init, abstract_params),
+                opt_state=None if lora else jax.eval_shape(optimizer.init, abstract_params),
                 overrides=self.sharding_overrides,
                 activation_dtype=cfg.compute_dtype,
             )
@@ -260,7 +280,12 @@ class Trainer:
             specs = self._param_specs_fn(abstract_params, self.mesh)
         else:
             specs = specs_tree(analysis, param_rules(analysis, self.mesh, self.sharding_overrides))
-        abstract = jax.eval_shape(self._make_state_with(optimizer), jax.random.PRNGKey(cfg.seed))
+        base_specs = None
+        if lora:
+            base_specs, specs = specs, adapter_specs(abstract_params, specs, trained)
+        abstract = jax.eval_shape(
+            self._make_state_with(optimizer, targets), jax.random.PRNGKey(cfg.seed)
+        )
         opt_specs = optimizer_state_specs(abstract.opt_state, abstract.params, specs)
         named = lambda tree: jax.tree.map(lambda s: NamedSharding(self.mesh, s), tree)  # noqa: E731
         replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -277,8 +302,14 @@ class Trainer:
         batch_shardings = {
             name: batch_sharding(self.mesh, np.ndim(v)) for name, v in example_batch.items()
         }
+        train_loss, eval_loss = self.loss_fn, self.loss_fn
+        frozen: tuple = ()
+        if lora:
+            train_loss = lora_loss(self.loss_fn, lora, train=True)
+            eval_loss = lora_loss(self.loss_fn, lora, train=False)
+            frozen = (named(base_specs),)
         step = make_train_step(
-            self.loss_fn,
+            train_loss,
             optimizer,
             grad_accum_steps=cfg.grad_accum_steps,
             grad_clip=cfg.grad_clip,
@@ -294,15 +325,17 @@ class Trainer:
             optimizer=optimizer,
             train_step=jax.jit(
                 step,
-                in_shardings=(state_shardings, batch_shardings),
+                in_shardings=(state_shardings, batch_shardings, *frozen),
                 out_shardings=(state_shardings, replicated),
                 donate_argnums=0,
             ),
             eval_step=jax.jit(
-                make_eval_step(self.loss_fn, cfg.compute_dtype),
-                in_shardings=(state_shardings.params, batch_shardings, replicated),
+                make_eval_step(eval_loss, cfg.compute_dtype),
+                in_shardings=(state_shardings.params, batch_shardings, replicated, *frozen),
                 out_shardings=replicated,
             ),
+            base_specs=base_specs,
+            lora_targets=targets,
         )
         return self._placement
 
@@ -329,10 +362,16 @@ class Trainer:
             )
         return optimizer
 
-    def _make_state_with(self, optimizer: optax.GradientTransformation):
+    def _init_adapters(self, targets: tuple) -> Callable[[jax.Array], Params]:
+        return lambda rng: init_adapters(rng, list(targets), self.lora.rank)
+
+    def _make_state_with(self, optimizer: optax.GradientTransformation, targets: tuple = ()):
         def make_state(rng: jax.Array) -> TrainState:
             init_rng, state_rng = jax.random.split(rng)
-            params = self._init_fn(init_rng)
+            if self.lora:
+                params = self._init_adapters(targets)(jax.random.fold_in(init_rng, 1))
+            else:
+                params = self._init_fn(init_rng)
             zero = jnp.zeros((), jnp.int32)
             return TrainState(zero, params, optimizer.init(params), state_rng, zero, zero)
 
@@ -353,7 +392,7 @@ class Trainer:
         """Per-device memory plan (params, grads, optimizer state, activations); allocates
         nothing. ``activation_bytes`` is the caller's per-device activation estimate."""
         placement = self._prepare(example_batch)
-        return make_plan(
+        plan = make_plan(
             placement.abstract.params,
             placement.param_specs,
             self.mesh,
@@ -361,6 +400,11 @@ class Trainer:
             opt_state_specs=placement.opt_specs,
             activation_bytes=activation_bytes,
         )
+        if self.lora is None:
+            return plan
+        base = jax.eval_shape(self._init_fn, jax.random.PRNGKey(self.config.seed))
+        frozen = make_plan(base, placement.base_specs, self.mesh, gradients=False)
+        return combined_plan(frozen, plan)
 
     def init(self, example_batch: dict[str, np.ndarray]) -> None:
         """Create the train state in its sharded placement (no-op if it exists)."""
@@ -369,10 +413,29 @@ class Trainer:
         placement = self._prepare(example_batch)
         with jax.set_mesh(self.mesh):
             self._state = jax.jit(
-                self._make_state_with(placement.optimizer),
+                self._make_state_with(placement.optimizer, placement.lora_targets),
                 out_shardings=placement.state_shardings,
             )(jax.random.PRNGKey(self.config.seed))
         self._host_step = 0
+        self._place_base()
+
+    def _place_base(self) -> None:
+        """With LoRA: create (or place) the frozen base in its sharding, once."""
+        if self.lora is None or self._base is not None:
+            return
+        placement = self._placement
+        shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), placement.base_specs)
+        with jax.set_mesh(self.mesh):
+            if self._base_arg is not None:
+                self._base = jax.device_put(self._base_arg, shardings)
+            else:
+                init_rng = jax.random.split(jax.random.PRNGKey(self.config.seed))[0]
+                self._base = jax.jit(self._init_fn, out_shardings=shardings)(init_rng)
+
+    @property
+    def _frozen(self) -> tuple:
+        """The step's untrained inputs: the LoRA base, or nothing."""
+        return () if self.lora is None else (self._base,)
 
     # ----------------------------------------------------------------- state
     @property
@@ -392,8 +455,23 @@ class Trainer:
 
     @property
     def params(self) -> Params:
-        """The current (sharded) parameters."""
+        """The current (sharded) parameters; with LoRA, the adapters."""
         return self.state.params
+
+    @property
+    def base_params(self) -> Params:
+        """With LoRA: the frozen base (sharded); without: the params."""
+        self.state  # noqa: B018 - a clear error when there is no state
+        return self.params if self.lora is None else self._base
+
+    @property
+    def model_params(self) -> Params:
+        """The params the model runs on: with LoRA the base merged with the adapters
+        (``jaxstack.lora.merge``), else ``params``."""
+        if self.lora is None:
+            return self.params
+        with jax.set_mesh(self.mesh):
+            return jax.jit(merge)(self._base, self.params, self.lora.scale)
 
     # ------------------------------------------------------------------ step
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -402,7 +480,9 @@ class Trainer:
         placement = self._prepare(batch)
         self.init(batch)
         with jax.set_mesh(self.mesh):
-            self._state, metrics = placement.train_step(self._state, self.to_global(batch))
+            self._state, metrics = placement.train_step(
+                self._state, self.to_global(batch), *self._frozen
+            )
         self._host_step += 1
         return metrics
 
@@ -413,7 +493,9 @@ class Trainer:
         placement = self._prepare(example_batch)
         self.init(example_batch)
         with jax.set_mesh(self.mesh):
-            lowered = placement.train_step.lower(self._state, self.to_global(example_batch))
+            lowered = placement.train_step.lower(
+                self._state, self.to_global(example_batch), *self._frozen
+            )
         return lowered.compile()
 
     def to_global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -498,6 +580,10 @@ class Trainer:
             loader if restore_data_position else None
         ):
             self.init(example)
+        self._place_base()
+        if self.lora is not None:
+            write_reference(cfg.work_dir, self.lora, list(self._placement.lora_targets),
+                            self._base)  # fmt: skip
         last = min(self.num_steps, stop_after or self.num_steps)
         start = self.step
         if start >= last:
@@ -638,20 +724,27 @@ class Trainer:
                 "the Trainer has no state yet: call fit(), train_step(batch) or "
                 "init(example_batch) first"
             )
+        pred_fn, specs = self.pred_fn, self._placement.param_specs
+        if self.lora is not None:
+            pred_fn = lora_pred(pred_fn, self.lora)
+            specs = {"base": self._placement.base_specs, "adapters": specs}
         return Predictor(
             collate_fn=self.collate_fn,
-            pred_fn=self.pred_fn,
+            pred_fn=pred_fn,
             mesh=self.mesh,
             seed=self.config.seed,
-            param_specs=self._placement.param_specs,
+            param_specs=specs,
             compute_dtype=self.config.compute_dtype,
         )
 
     def predict(self, dataset: Sequence, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """``pred_fn`` outputs for every example of ``dataset``, in order."""
         self.state  # noqa: B018 - a clear error before anything else when there is none
+        params = self.params
+        if self.lora is not None:
+            params = {"base": self._base, "adapters": params}
         return self.predictor.predict(
-            self.params, dataset, batch_size=batch_size or self.micro_batch_size
+            params, dataset, batch_size=batch_size or self.micro_batch_size
         )
 
     def evaluate(self, dataset: Sequence) -> dict[str, float]:
@@ -679,7 +772,7 @@ class Trainer:
         with jax.set_mesh(self.mesh):
             for index, batch in enumerate(loader):
                 rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), index)
-                out = placement.eval_step(self.params, self.to_global(batch), rng)
+                out = placement.eval_step(self.params, self.to_global(batch), rng, *self._frozen)
                 sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
         loss, weight, metrics = jax.device_get(sums)
         weight = weight if weight > 0 else 1.0

@@ -183,6 +183,39 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+CONTEXT_TOKENS = 6
+"""How many of the preceding tokens ``decode_continuation`` decodes along."""
+
+
+def decode_continuation(
+    tokenizer: Tokenizer, context_ids: Sequence[int], new_ids: Sequence[int]
+) -> str:
+    """The text ``new_ids`` add after ``context_ids`` (a prompt): what decoding them alone
+    gets wrong for SentencePiece-style tokenizers (Llama 2, Mistral), whose decoder drops
+    the leading space of the first token ("▁world" decodes to "world" at the start, " world"
+    after other text).
+
+    Decodes the last ``CONTEXT_TOKENS`` of ``context_ids`` with and without ``new_ids`` and
+    returns the difference. A character whose bytes the context left unfinished (byte-
+    fallback tokens) counts as new text. Without context, or if the context's text is not a
+    prefix of the whole (a decoder that rewrites across the boundary), ``new_ids`` are
+    decoded alone.
+
+    An incremental detokenizer calls it with the prompt as ``context_ids`` and all output
+    tokens so far as ``new_ids`` (the text then only grows, except where a trailing
+    U+FFFD of an unfinished character is completed), or, to bound the work per token,
+    with a window: the text of ``new_ids[j:]`` after ``(context_ids + new_ids)[:j]``.
+    """
+    context = list(context_ids)[-CONTEXT_TOKENS:]
+    if not context:
+        return tokenizer.decode(new_ids)
+    prefix = tokenizer.decode(context).rstrip("\ufffd")
+    text = tokenizer.decode([*context, *new_ids])
+    if not text.startswith(prefix):
+        return tokenizer.decode(new_ids)
+    return text[len(prefix) :]
+
+
 def _read_tokenizer_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}

@@ -110,6 +110,9 @@ class Attention(nn.Module):
     qk_norm: bool = False
     norm_eps: float = 1e-6
     sliding_window: int | None = None
+    sinks: int = 0
+    """With a ``sliding_window``: keys at positions below this stay visible to every query
+    (StreamingLLM's attention sinks)."""
     implementation: str = "xla"
     context_parallel: str = "none"
     """``"ring"`` / ``"all_gather"``: under a ``sequence`` axis > 1, inputs arrive in the
@@ -152,7 +155,8 @@ class Attention(nn.Module):
         q = constrain(apply_rope(q, positions, inv_freq), ("batch", "seq", "heads", "head_dim"))
         k = constrain(apply_rope(k, positions, inv_freq), ("batch", "seq", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-        masks = dict(sliding_window=self.sliding_window, implementation=self.implementation)
+        masks = dict(sliding_window=self.sliding_window, num_sink_tokens=self.sinks,
+                     implementation=self.implementation)  # fmt: skip
         local = self.implementation != "xla"  # kernels run per shard; XLA partitions itself
         bhd, bshd = ("batch", "heads", None), ("batch", None, "heads", None)
 
@@ -179,6 +183,11 @@ class Attention(nn.Module):
             and not self.is_initializing()  # as the model, which does not reorder then
             and context_parallel.active(self.context_parallel)
         ):
+            if self.sinks:
+                raise ValueError(
+                    f"sinks={self.sinks}: context-parallel attention has no attention sinks; "
+                    "use attention_sinks=0 or context_parallel='none'"
+                )
             out = context_parallel.attention(
                 q, k, v, segment_ids, strategy=self.context_parallel,
                 sliding_window=self.sliding_window, implementation=self.implementation,
@@ -229,6 +238,7 @@ class Attention(nn.Module):
                 q, pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                 sm_scale=self.head_dim**-0.5,
                 sliding_window=self.sliding_window,
+                sinks=self.sinks or None,
                 implementation="xla" if self.implementation == "xla" else "auto",
             )  # fmt: skip
 

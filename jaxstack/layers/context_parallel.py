@@ -57,6 +57,16 @@ def from_shards(x: jax.Array) -> jax.Array:
     return from_layout(x, LAYOUT, sequence_shards())
 
 
+def model_order(strategy: str, *per_token: jax.Array) -> tuple[jax.Array, ...]:
+    """``per_token`` arrays ``[b, s, ...]`` (a loss's targets and weights) in the order a model
+    with ``context_parallel=strategy`` returns its output under ``natural_order=False``: the
+    zig-zag order where context parallelism applies, unchanged elsewhere. Permuting these is
+    what spares the model's gather of its ``[b, s, hidden]`` output."""
+    if not active(strategy):
+        return per_token
+    return tuple(to_shards(x, "the targets") for x in per_token)
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,

@@ -104,6 +104,10 @@ class LlamaConfig:
     """RMSNorm on queries and keys per head before RoPE (Qwen3)."""
     sliding_window: int | None = None
     """Each token sees at most this many most recent tokens (Mistral), or None."""
+    attention_sinks: int = 0
+    """With a ``sliding_window``: the first this many tokens of a sequence stay visible to
+    every later token however far past the window (StreamingLLM's attention sinks); keys keep
+    their absolute positions. A serving-time choice: not part of the checkpoint's config."""
     max_seq_len: int = 4096
     """Longest sequence the model is used with (sizes the KV cache default)."""
     scan_layers: bool = False
@@ -159,6 +163,12 @@ class LlamaConfig:
         if self.attention_impl not in ("auto", "pallas", "cudnn", "xla"):
             raise ValueError(
                 f"attention_impl={self.attention_impl!r}; choose auto, pallas, cudnn or xla"
+            )
+        if self.attention_sinks < 0 or (self.attention_sinks and self.sliding_window is None):
+            raise ValueError(
+                f"attention_sinks={self.attention_sinks} needs a model with a sliding_window "
+                "(sinks keep the first tokens visible past the window; without one every token "
+                "is visible already): use 0, or a model whose config sets sliding_window"
             )
         if self.head_dim_ % 2:
             raise ValueError(f"head_dim={self.head_dim_} must be even for RoPE")
@@ -326,6 +336,7 @@ class Block(nn.Module):
             qk_norm=cfg.qk_norm,
             norm_eps=cfg.rms_norm_eps,
             sliding_window=cfg.sliding_window,
+            sinks=cfg.attention_sinks,
             implementation=cfg.attention_impl,
             context_parallel=cfg.context_parallel,
             tensor_parallel=cfg.tensor_parallel,
@@ -359,9 +370,12 @@ class Llama(nn.Module):
     sequences with their ``positions`` ([1, T]) and returns the cache with their keys written.
     With ``return_hidden=True`` returns the final-norm hidden states [b, s, hidden] (compute
     dtype) in place of the logits, for a loss that applies ``head_kernel(params)`` itself
-    (``jaxstack.losses.fused_cross_entropy``). Under a mesh with ``stage`` > 1 and no cache
-    the stacked layers run as a pipeline (``jaxstack.layers.pipeline``, GPipe) on the same
-    parameters.
+    (``jaxstack.losses.fused_cross_entropy``). Under context parallelism the output comes
+    back in natural order unless ``natural_order=False``: then it stays in the order the
+    sequence split uses (no device gathers the whole sequence), and a loss reorders its
+    per-token targets to match with ``context_parallel.model_order``. Under a mesh with
+    ``stage`` > 1 and no cache the stacked layers run as a pipeline
+    (``jaxstack.layers.pipeline``, GPipe) on the same parameters.
     """
 
     config: LlamaConfig
@@ -386,6 +400,7 @@ class Llama(nn.Module):
         cache: LayerCache | PagedCache | None = None,
         decode_index: jax.Array | None = None,
         return_hidden: bool = False,
+        natural_order: bool = True,
     ):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -468,7 +483,7 @@ class Llama(nn.Module):
                 )
 
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="final_norm")(x)
-        if reorder:
+        if reorder and natural_order:
             x = context_parallel.from_shards(x)
         if return_hidden:
             return x if cache is None else (x, cache)
@@ -785,6 +800,7 @@ def hf_decoder_config(
             f"extra['hf_model_type']={model_type!r}; choose one of {sorted(architectures)}"
         )
     expected = {"qkv_bias": attention == "qwen2", "qk_norm": attention == "qwen3"}
+    expected["attention_sinks"] = 0  # no HF family has them: serve with --attention-sinks
     if attention == "llama":
         expected["sliding_window"] = None
     for name, value in expected.items():

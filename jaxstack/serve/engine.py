@@ -36,9 +36,16 @@ from jaxstack.models.llama import Llama
 from jaxstack.serve.kv_cache import KVCacheManager
 from jaxstack.serve.metrics import PHASES, EngineMetrics
 from jaxstack.serve.output import OutputProcessor, RequestOutput
-from jaxstack.serve.runner import ModelRunner, kv_budget_bytes, page_bytes, weight_bytes
-from jaxstack.serve.sampling import SamplingParams
+from jaxstack.serve.runner import (
+    ModelRunner,
+    StepOutputs,
+    kv_budget_bytes,
+    page_bytes,
+    weight_bytes,
+)
+from jaxstack.serve.sampling import BIAS_SLOTS, SamplingParams, TokenLogprob
 from jaxstack.serve.scheduler import RequestState, Scheduler
+from jaxstack.serve.structured import Grammars
 
 log = logging.getLogger("jaxstack.serve")
 MIB = 2**20
@@ -104,6 +111,23 @@ class EngineConfig:
         return {f.name for f in fields(cls)}
 
 
+def _token_logprob(outputs: StepOutputs, row: int, k: int) -> TokenLogprob:
+    """Row ``row``'s sampled token and log-probabilities, with its ``k`` most likely tokens."""
+    chosen, top_ids, top = outputs.logprobs
+    pairs = zip(top_ids[row, :k].tolist(), top[row, :k].tolist(), strict=True)
+    return TokenLogprob(int(outputs.tokens[row]), float(chosen[row]), tuple(pairs))
+
+
+def _needs_host_tokens(seq: RequestState) -> bool:
+    """Whether packing ``seq``'s next step needs its last token on the host: its grammar's
+    mask follows that token, and penalties count every token."""
+    if seq.num_resolved == seq.num_tokens:
+        return False
+    p = seq.params
+    rates = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+    return seq.matcher is not None or rates != (1.0, 0.0, 0.0)
+
+
 class QueueFullError(RuntimeError):
     """Too many requests are waiting; retry later."""
 
@@ -123,8 +147,9 @@ class _InFlight:
     """A dispatched step whose sampled tokens the host has not read yet."""
 
     step: list[tuple[RequestState, int]]
-    sampled: jax.Array
+    sampled: tuple  # the step's (tokens, logprobs) on the device (runner.dispatch)
     rows: list[tuple[int, RequestState, int]]  # (row, sequence, index of its new token)
+    logprobs: bool  # whether a row asked for log-probabilities
 
 
 class Engine:
@@ -157,6 +182,7 @@ class Engine:
         """Token ids that end a request (unless it ``ignore_eos``)."""
         self.max_model_len = config.max_model_len or model.config.max_seq_len
         variables = params.get("params", params)
+        self._grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids)
         self.num_pages = config.num_pages or self._pages_from_memory(mesh)
         """KV pages per layer (``EngineConfig.num_pages``, or sized from memory)."""
         self.cache = KVCacheManager(self.num_pages, config.page_size, config.prefix_caching)
@@ -174,6 +200,7 @@ class Engine:
             token_buckets=config.token_buckets,
             seq_buckets=config.seq_buckets,
             mesh=mesh,
+            eos_ids=self.eos_ids,
         )
         self.plan = self._plan(variables, mesh)
         """One line: weights, KV cache bytes and capacity in tokens, per device."""
@@ -254,6 +281,8 @@ class Engine:
         prompt = [int(t) for t in prompt]
         limit = min(len(prompt) + params.max_tokens, self.max_model_len)
         seq = RequestState(request_id, prompt, params, seed % 2**32, number, limit=limit)
+        if params.response_format is not None:  # compiled here, off the engine thread
+            seq.matcher = self._grammars.matcher(params.response_format)
         processor = OutputProcessor(
             request_id, prompt, params, self.tokenizer, self.eos_ids, self.max_model_len
         )
@@ -339,8 +368,18 @@ class Engine:
                 f"{total} tokens need more than the {self.num_pages} KV pages of "
                 f"{self.config.page_size} tokens; raise num_pages or lower max_tokens"
             )
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need an engine with a tokenizer")
+        if (params.stop or params.response_format) and self.tokenizer is None:
+            raise ValueError("stop strings and response_format need an engine with a tokenizer")
+        outside = [t for t in (*params.logit_bias, *params.stop_token_ids) if t >= vocab]
+        if outside:
+            raise ValueError(f"token ids {outside} of logit_bias / stop_token_ids are outside "
+                             f"the vocabulary [0, {vocab})")  # fmt: skip
+        masked = len(params.stop_token_ids) + len(self.eos_ids) if params.min_tokens else 0
+        if len(params.logit_bias) + masked > BIAS_SLOTS:
+            raise ValueError(
+                f"{len(params.logit_bias)} logit_bias entries and {masked} stop ids masked by "
+                f"min_tokens exceed the {BIAS_SLOTS} a request may bias; use fewer"
+            )
 
     # ---------------------------------------------------------------- engine thread
 
@@ -394,15 +433,23 @@ class Engine:
     def _iterate(self) -> None:
         """Schedule, pack and dispatch the next step (``_scheduled``), then read and report the
         tokens of the one before it (still running meanwhile); without ``async_scheduling``,
-        of this one."""
+        of this one. A step with a sequence that needs its last token on the host to be
+        packed (a grammar's mask, penalties over its tokens) waits for the one before."""
         start = time.perf_counter()
         self._scheduled = step = self.scheduler.schedule()
         start = self._timed("schedule", start)
+        if self._inflight is not None and any(_needs_host_tokens(seq) for seq, _ in step):
+            flight, self._inflight = self._inflight, None
+            self._resolve(flight)
+            start = time.perf_counter()
+            live = self._requests
+            step = [(q, n) for q, n in step if q.request_id in live and live[q.request_id].seq is q]
+            self._scheduled = step
         launched = None
         if step:
             inputs = self.runner.pack(step)
             start = self._timed("pack", start)
-            previous = self._inflight.sampled if self._inflight is not None else None
+            previous = self._inflight.sampled[0] if self._inflight is not None else None
             try:
                 sampled = self.runner.dispatch(inputs, previous)
             except Exception as error:
@@ -414,7 +461,8 @@ class Engine:
                 if not seq.num_pending:  # it reached its last token: one is sampled
                     rows.append((row, seq, seq.num_tokens))
                     seq.add_unresolved(row)
-            launched = _InFlight(step, sampled, rows)
+            wanted = bool(np.any(np.asarray(inputs.controls.num_logprobs) >= 0))
+            launched = _InFlight(step, sampled, rows, wanted)
             self._timed("dispatch", start)
         elif self._inflight is None:
             self._unblock()
@@ -429,22 +477,30 @@ class Engine:
         """Wait for ``flight``'s sampled tokens and report them."""
         start = time.perf_counter()
         try:
-            sampled = np.asarray(flight.sampled)
+            tokens, logprobs = flight.sampled
+            outputs = StepOutputs(
+                np.asarray(tokens), jax.device_get(logprobs) if flight.logprobs else None
+            )
         except Exception as error:  # the step failed on the device
             self._step_failed(flight.step, error)
             return
         start = self._timed("device", start)
         now, produced = time.monotonic(), 0
         for row, seq, index in flight.rows:
-            token = int(sampled[row])
+            token = int(outputs.tokens[row])
             seq.resolve(index, token)
             self.scheduler.register_pages(seq)
             request = self._requests.get(seq.request_id)
             if request is None or request.seq is not seq:  # finished meanwhile: discarded
                 continue
+            if seq.matcher is not None and not seq.matcher.is_terminated():
+                seq.matcher.accept_token(token)
+            logprob = None
+            if seq.params.logprobs is not None:
+                logprob = _token_logprob(outputs, row, seq.params.logprobs)
             produced += 1
             try:
-                self._report(request, token, now)
+                self._report(request, token, logprob, now)
             except Exception as error:
                 log.exception("reporting request %s failed", seq.request_id)
                 self._finish(request, "error", repr(error))
@@ -487,12 +543,12 @@ class Engine:
         self._healthy = True
         log.warning("engine recovered: KV cache rebuilt, running requests recompute")
 
-    def _report(self, request: _Request, token: int, now: float) -> None:
+    def _report(self, request: _Request, token: int, logprob, now: float) -> None:
         """Tell the caller about the new token; finish the request at a stop or the limit."""
         if request.first_token_time is None:
             request.first_token_time = now
             self.metrics.ttft.observe(now - request.arrival_time)
-        output = request.processor.add_token(token)
+        output = request.processor.add_token(token, logprob)
         request.on_output(output)
         if output.finished:
             self._remove(request, output.finish_reason)

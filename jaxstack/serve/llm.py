@@ -40,9 +40,13 @@ class LLM:
     placement (one tensor at a time, each device receiving only its shard) in that dtype,
     never whole on one device.
 
+    ``attention_sinks=N`` keeps a sliding-window model's first ``N`` tokens visible to every
+    later token (StreamingLLM; ``LlamaConfig.attention_sinks``); KV pages are still kept
+    for the whole sequence.
+
     Raises:
         ValueError: not exactly one of model, hf, work_dir; unknown config keys; an unknown
-            dtype.
+            dtype; ``attention_sinks`` for a model without a sliding window.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class LLM:
         eos_id: int | Sequence[int] | None = None,
         mesh: Mesh | None = None,
         dtype: str = "auto",
+        attention_sinks: int = 0,
         config: EngineConfig | None = None,
         progress: bool = True,
         **config_overrides,
@@ -75,6 +80,8 @@ class LLM:
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r}; choose one of {', '.join(DTYPES)}")
         if hf is not None:
+            if attention_sinks:  # refused before any weight is read
+                with_attention_sinks(hf_io.load_config(hf), attention_sinks)
             tokenizer = tokenizer or load_tokenizer(hf)
             with long_step(f"loading weights from {hf}", progress):
                 model, params = load_hf_for_serving(hf, dtype, mesh)
@@ -93,6 +100,8 @@ class LLM:
                 model = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
                 params = cast(params, dtype)
             self.name = type(model).__name__.lower()
+        if attention_sinks:
+            model = model.clone(config=with_attention_sinks(model.config, attention_sinks))
         if eos_id is None:  # the tokenizer's, and every id the model's configs name
             named = [getattr(tokenizer, "eos_id", None)]
             named += hf_io.eos_ids(model.config.extra.get("eos_token_id"))
@@ -159,6 +168,22 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def with_attention_sinks(config, sinks: int):
+    """``config`` (a model config) keeping its first ``sinks`` tokens visible past its
+    sliding window; the same params serve it.
+
+    Raises:
+        ValueError: the model has no sliding window, naming the fix.
+    """
+    if config.sliding_window is None:
+        raise ValueError(
+            f"attention_sinks={sinks} needs a model with a sliding window, and this one "
+            "attends to every earlier token already (its config has no sliding_window); "
+            "drop attention_sinks / --attention-sinks"
+        )
+    return dataclasses.replace(config, attention_sinks=sinks)
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str | None, cpu_default: str) -> str:

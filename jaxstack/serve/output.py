@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from jaxstack.data.tokenizers import Tokenizer
-from jaxstack.serve.sampling import SamplingParams
+from jaxstack.serve.sampling import SamplingParams, TokenLogprob
 
 CONTEXT_TOKENS = 5
 """Prompt tokens decoded before the output as context (leading spaces, merges)."""
@@ -33,6 +33,7 @@ class History:
 
     def __init__(self) -> None:
         self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = None  # one per token, when asked for
         self._chunks: list[str] = []
         self._text = ""  # the chunks joined, cached
         self._joined = 0  # chunks in _text
@@ -78,6 +79,12 @@ class RequestOutput:
         """Every output token so far (a stop token included; at a stop string, the tokens
         before it)."""
         return self._history.tokens[: self._num_tokens]
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """One per ``token_ids`` entry when the request asked (``SamplingParams.logprobs``)."""
+        logprobs = self._history.logprobs
+        return None if logprobs is None else logprobs[: self._num_tokens]
 
     @property
     def text(self) -> str:
@@ -132,6 +139,8 @@ class OutputProcessor:
     ):
         self.request_id, self.prompt, self.params = request_id, prompt, params
         self.history = History()
+        if params.logprobs is not None:
+            self.history.logprobs = []
         self._detok = Detokenizer(tokenizer, prompt) if tokenizer is not None else None
         self._stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_ids)
         self._token_limit = min(params.max_tokens, max_model_len - len(prompt))
@@ -149,10 +158,13 @@ class OutputProcessor:
             return self._kept_tokens
         return len(self.history.tokens)
 
-    def add_token(self, token: int) -> RequestOutput:
-        """Record the next output token; returns the report (finished at a stop or limit)."""
+    def add_token(self, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
+        """Record the next output token (and its ``logprob`` when the request asked);
+        returns the report (finished at a stop or the limit)."""
         history = self.history
         history.tokens.append(token)
+        if history.logprobs is not None:
+            history.logprobs.append(logprob)
         reason = None
         if token in self._stop_ids:
             reason = "stop"
@@ -173,7 +185,7 @@ class OutputProcessor:
         self.history.add_text(new)
         self._text_len += len(new)
         self._ends.append(self._text_len)
-        if not new or not self.params.stop:
+        if not new or not self.params.stop or len(self.history.tokens) < self.params.min_tokens:
             return False
         # only a stop string ending in the new text can be new
         offset = max(0, start - self._hold)

@@ -9,7 +9,14 @@ as ``presence_penalty: 0`` or ``logprobs: false``, which some clients always sen
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    field_validator,
+    model_validator,
+)
 
 
 def _absent_or(*neutral: Any) -> Callable[[Any], bool]:
@@ -29,17 +36,9 @@ def _absent_or(*neutral: Any) -> Callable[[Any], bool]:
 
 
 UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
-    "logprobs": _absent_or(False),
-    "top_logprobs": _absent_or(0),
     "echo": _absent_or(False),
     "best_of": _absent_or(1),
     "suffix": _absent_or(""),
-    "presence_penalty": _absent_or(0),
-    "frequency_penalty": _absent_or(0),
-    "repetition_penalty": _absent_or(1),
-    "min_tokens": _absent_or(0),
-    "logit_bias": _absent_or({}),
-    "response_format": _absent_or({"type": "text"}),
     "tools": _absent_or([]),
     "tool_choice": _absent_or("none"),
     "functions": _absent_or([]),
@@ -67,6 +66,14 @@ class SamplingFields(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    """``{"type": "text" | "json_object" | "json_schema", ...}``."""
+    """Token id (a string, as JSON keys are) -> bias."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
@@ -90,6 +97,13 @@ class CompletionRequest(SamplingFields):
     """``POST /v1/completions``."""
 
     prompt: str | list[int] | list[str]
+    logprobs: int | None = None
+    """Top log-probabilities per token (the sampled token's is always given)."""
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """``SamplingParams.logprobs`` of this request."""
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -122,3 +136,16 @@ class ChatRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    logprobs: StrictBool = False
+    top_logprobs: int | None = None
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatRequest":
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError(f"top_logprobs={self.top_logprobs} needs logprobs: true")
+        return self
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """``SamplingParams.logprobs`` of this request."""
+        return (self.top_logprobs or 0) if self.logprobs else None

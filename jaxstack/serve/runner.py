@@ -11,6 +11,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxstack.layers.attention import PagedBatch, PagedCache
 from jaxstack.metrics import tracked
 from jaxstack.models.llama import Llama
-from jaxstack.serve.sampling import sample_rows
+from jaxstack.serve.sampling import (
+    BIAS_SLOTS,
+    NO_TOKEN,
+    LogitControls,
+    adjust_logits,
+    logprobs_of,
+    sample_rows,
+)
 from jaxstack.serve.scheduler import RequestState
+from jaxstack.serve.structured import bitmask_width
 from sharding_rules import fitting_spec, infer_param_specs
 
 
@@ -38,8 +47,17 @@ class StepInputs:
     top_p: np.ndarray  # f32[S]
     seeds: np.ndarray  # u32[S]
     counters: np.ndarray  # i32[S]
+    controls: LogitControls  # logprobs, bias, penalties (see sampling.LogitControls)
     prev_rows: np.ndarray  # i32[T] for a token still on the device: its row in the previous
     # step's sampled tokens; -1 for tokens given in ``tokens``
+
+
+class StepOutputs(NamedTuple):
+    """What one step returns to the host."""
+
+    tokens: np.ndarray  # i32[S] sampled token of every row
+    logprobs: tuple[np.ndarray, np.ndarray, np.ndarray] | None
+    """``sampling.logprobs_of`` (sampled, top ids, top logprobs) when a row asked."""
 
 
 def serving_param_specs(model: Llama, params, mesh: Mesh):
@@ -133,8 +151,12 @@ class ModelRunner:
         token_buckets: tuple[int, ...],
         seq_buckets: tuple[int, ...],
         mesh: Mesh | None = None,
+        eos_ids: frozenset[int] = frozenset(),
     ):
         cfg = model.config
+        self.eos_ids = eos_ids
+        """Ids masked (with a row's ``stop_token_ids``) while a row is below ``min_tokens``."""
+        self._constants: dict[tuple, jax.Array] = {}  # device tables of steps without bias
         self.model, self.mesh = model, mesh
         self.page_size, self.pages_per_seq = page_size, pages_per_seq
         self.token_buckets = tuple(sorted(token_buckets))
@@ -145,9 +167,14 @@ class ModelRunner:
         self.num_traces = 0
         """How often the step was traced (each trace is one compilation)."""
         self._pages_sharding = None  # default placement
+        self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         if mesh is None:
             self.params, self.pages = params, self._zero_pages()
             self._step = jax.jit(self._device_step, donate_argnums=1)
+            # a step's outputs are committed to the device when its params are: the first
+            # step's stand-in for the previous tokens must match, or the step compiles twice
+            if any(getattr(leaf, "committed", False) for leaf in jax.tree.leaves(params)):
+                self._no_prev = jax.device_put(self._no_prev, jax.devices()[0])
             return
         sizes = dict(mesh.shape)
         specs = serving_param_specs(model, params, mesh)
@@ -185,6 +212,7 @@ class ModelRunner:
         self.pages = self._zero_pages()
 
     def _forward(self, params, pages, tokens, positions, batch, last_rows, *sampling):
+        *sampling, controls = sampling
         self.num_traces += 1
         hidden, cache = self.model.apply(
             {"params": params},
@@ -196,7 +224,8 @@ class ModelRunner:
         last = hidden[0, last_rows]  # [S, d]
         head = self.model.head_kernel(params).astype(last.dtype)
         logits = jnp.dot(last, head).astype(jnp.float32)  # [S, vocab]
-        return sample_rows(logits, *sampling), cache.pages
+        sampled = sample_rows(adjust_logits(logits, controls), *sampling)
+        return (sampled, logprobs_of(logits, sampled, controls.num_logprobs)), cache.pages
 
     def _context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
@@ -204,31 +233,39 @@ class ModelRunner:
     def _device_step(self, params, pages, tokens, positions, batch, last_rows, *rest):
         """``_forward`` after taking the tokens still on the device from the previous step's
         sampled tokens (``rest`` ends with ``prev_rows`` and those tokens); returns the
-        sampled tokens padded to the largest sequence bucket."""
+        sampled tokens padded to the largest sequence bucket, and the log-probabilities."""
         *sampling, prev_rows, prev_sampled = rest
         tokens = jnp.where(prev_rows >= 0, prev_sampled[jnp.maximum(prev_rows, 0)], tokens)
-        sampled, pages = self._forward(params, pages, tokens, positions, batch, last_rows,
-                                       *sampling)  # fmt: skip
-        return jnp.zeros(self.max_seqs, jnp.int32).at[: sampled.shape[0]].set(sampled), pages
+        (sampled, logprobs), pages = self._forward(params, pages, tokens, positions, batch,
+                                                   last_rows, *sampling)  # fmt: skip
+        padded = jnp.zeros(self.max_seqs, jnp.int32).at[: sampled.shape[0]].set(sampled)
+        return (padded, logprobs), pages
 
-    def dispatch(self, inputs: StepInputs, prev_sampled: jax.Array | None = None) -> jax.Array:
-        """Start one step without waiting for it; the pages are updated in place. Returns
-        the sampled token of every row on the device (i32[largest seq bucket]; only rows whose
-        sequence finished its pending tokens mean anything). ``prev_sampled``: what the
-        previous dispatch returned, read where ``inputs.prev_rows`` says."""
+    def dispatch(self, inputs: StepInputs, prev_sampled: jax.Array | None = None) -> tuple:
+        """Start one step without waiting for it; the pages are updated in place. Returns,
+        on the device, the sampled token of every row (i32[largest seq bucket]; only rows
+        whose sequence finished its pending tokens mean anything) and the log-probabilities.
+        ``prev_sampled``: the tokens the previous dispatch returned, read where
+        ``inputs.prev_rows`` says."""
         prev = self._no_prev if prev_sampled is None else prev_sampled
         with self._context():
-            tokens, self.pages = self._step(
+            (tokens, logprobs), self.pages = self._step(
                 self.params,
                 self.pages,
                 *(getattr(inputs, f.name) for f in fields(StepInputs)),
                 prev,
             )
-        return tokens
+        return tokens, logprobs
 
-    def run(self, inputs: StepInputs) -> np.ndarray:
-        """Run one step and wait for it: the sampled token of every row (see ``dispatch``)."""
-        return np.asarray(self.dispatch(inputs))[: len(inputs.last_rows)]
+    def run(self, inputs: StepInputs) -> StepOutputs:
+        """Run one step and wait for it (see ``dispatch``): the sampled token of every row and,
+        when a row asked, the log-probabilities."""
+        tokens, logprobs = self.dispatch(inputs)
+        wanted = np.any(np.asarray(inputs.controls.num_logprobs) >= 0)
+        return StepOutputs(
+            np.asarray(tokens)[: len(inputs.last_rows)],
+            jax.device_get(logprobs) if wanted else None,
+        )
 
     @property
     def buckets(self) -> list[tuple[int, int]]:
@@ -265,6 +302,8 @@ class ModelRunner:
         top_k, counters = np.zeros(s, np.int32), np.zeros(s, np.int32)
         seeds = np.zeros(s, np.uint32)
         prev_rows = np.full(t, -1, np.int32)
+        vocab = self.model.config.vocab_size
+        controls = _ControlsBuilder(s, self.pages_per_seq * self.page_size, self.eos_ids, vocab)
         start, ps = 0, self.page_size
         for row, (seq, n) in enumerate(step):
             pos = np.arange(seq.num_computed, seq.num_computed + n)
@@ -277,6 +316,7 @@ class ModelRunner:
             p = seq.params
             temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
             seeds[row], counters[row] = seq.seed, seq.num_output
+            controls.add(row, seq, samples=n == seq.num_pending)
             if seq.num_resolved < seq.num_computed + n:  # only ever the last token
                 prev_rows[start + n - 1] = seq.sample_row
             start += n
@@ -284,4 +324,78 @@ class ModelRunner:
         batch = PagedBatch(slots, kv_lens, table, cu, np.array([len(step)], np.int32))
         last_rows = np.maximum(cu[1:] - 1, 0)
         sampling = (temperature, top_k, top_p, seeds, counters)
-        return StepInputs(tokens, positions, batch, last_rows, *sampling, prev_rows)
+        controls = controls.build(self._device)
+        return StepInputs(tokens, positions, batch, last_rows, *sampling, controls, prev_rows)
+
+    def _device(self, array: np.ndarray | None, shape: tuple[int, ...], fill) -> jax.Array:
+        """``array`` on the device (replicated on the mesh); None: a constant ``fill`` table
+        of ``shape`` kept there, so a step without bias or penalties sends nothing big."""
+        if array is not None:
+            return jax.device_put(array, self._replicated)
+        key = (shape, fill, type(fill))
+        if key not in self._constants:
+            table = np.full(shape, fill, np.int32 if isinstance(fill, int) else np.float32)
+            self._constants[key] = jax.device_put(table, self._replicated)
+        return self._constants[key]
+
+
+class _ControlsBuilder:
+    """Fills the ``LogitControls`` of one step row by row (``add``), then ``build``s it: the
+    bias and history tables are built only when a row uses them."""
+
+    def __init__(self, num_seqs: int, max_len: int, eos_ids: frozenset[int], vocab_size: int):
+        s, self.max_len, self.eos_ids = num_seqs, max_len, eos_ids
+        self.mask_width = bitmask_width(vocab_size)
+        self.allowed: np.ndarray | None = None  # built at the first constrained row
+        self.num_logprobs = np.full(s, -1, np.int32)
+        self.repetition = np.ones(s, np.float32)
+        self.presence, self.frequency = np.zeros(s, np.float32), np.zeros(s, np.float32)
+        self.prompt_lens = np.zeros(s, np.int32)
+        self.biased: dict[int, dict[int, float]] = {}  # row -> token -> bias
+        self.penalized: dict[int, list[int]] = {}  # row -> its tokens
+
+    def add(self, row: int, seq: RequestState, samples: bool) -> None:
+        """Row ``row`` computes ``seq``; ``samples``: its token is kept (the last chunk)."""
+        p = seq.params
+        if samples and seq.matcher is not None and not seq.matcher.is_terminated():
+            if self.allowed is None:
+                self.allowed = np.full((len(self.num_logprobs), self.mask_width), -1, np.int32)
+            seq.matcher.fill_next_token_bitmask(self.allowed, row)
+        if p.logprobs is not None:
+            self.num_logprobs[row] = p.logprobs
+        bias = dict(p.logit_bias)
+        if seq.num_output < p.min_tokens:
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+            bias.update(dict.fromkeys(stops, -np.inf))
+        if bias:
+            self.biased[row] = bias
+        rates = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+        if rates != (1.0, 0.0, 0.0):
+            self.repetition[row], self.presence[row], self.frequency[row] = rates
+            self.prompt_lens[row] = len(seq.prompt)
+            self.penalized[row] = seq.tokens
+
+    def build(self, device) -> LogitControls:
+        s = len(self.num_logprobs)
+        bias_ids = bias = history = None
+        if self.biased:
+            bias_ids = np.full((s, BIAS_SLOTS), NO_TOKEN, np.int32)
+            bias = np.zeros((s, BIAS_SLOTS), np.float32)
+            for row, entries in self.biased.items():
+                bias_ids[row, : len(entries)] = list(entries)
+                bias[row, : len(entries)] = list(entries.values())
+        if self.penalized:
+            history = np.full((s, self.max_len), NO_TOKEN, np.int32)
+            for row, tokens in self.penalized.items():
+                history[row, : len(tokens)] = tokens
+        return LogitControls(
+            self.num_logprobs,
+            device(bias_ids, (s, BIAS_SLOTS), int(NO_TOKEN)),
+            device(bias, (s, BIAS_SLOTS), 0.0),
+            self.repetition,
+            self.presence,
+            self.frequency,
+            device(history, (s, self.max_len), int(NO_TOKEN)),
+            self.prompt_lens,
+            device(self.allowed, (s, self.mask_width), -1),
+        )

@@ -15,6 +15,7 @@ the cache, so a decode, a prefill chunk and the recompute after preemption are o
 import bisect
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from jaxstack.serve.kv_cache import KVCacheManager, PageKey, page_keys
 from jaxstack.serve.sampling import SamplingParams
@@ -49,6 +50,8 @@ class RequestState:
     """Leading pages offered to the prefix cache."""
     last_key: PageKey = b""
     """Prefix key of page ``num_registered - 1``."""
+    matcher: Any = None
+    """The ``xgrammar`` matcher of a request with a ``response_format`` (``structured.py``)."""
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)

@@ -11,6 +11,7 @@ stream for ``ServerConfig.stream_timeout_s``, is cancelled at once, which frees 
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
@@ -32,12 +33,14 @@ from jaxstack.data.chat import FALLBACK_CHAT_TEMPLATE
 from jaxstack.serve.engine import QueueFullError, RequestOutput
 from jaxstack.serve.llm import LLM
 from jaxstack.serve.protocol import ChatRequest, CompletionRequest, SamplingFields
-from jaxstack.serve.sampling import SamplingParams
+from jaxstack.serve.sampling import SamplingParams, TokenLogprob
 from jaxstack.serve.security import RequestGuard, error_response
 from jaxstack.serve.server_config import ServerConfig, exposure_warning
 
 log = logging.getLogger("jaxstack.serve")
 
+MAX_N = 16
+"""Most choices (``n``) one request may ask for."""
 DISCONNECT_POLL_S = 0.05
 """How often a request awaiting a whole (not streamed) answer checks its client is there."""
 
@@ -103,12 +106,24 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             if len(prompt) != 1:
                 raise _BadRequest("a list of prompts is not supported; send one per request")
             prompt = prompt[0]
-        ids = llm.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        # tokenizing a long prompt takes a while: in a worker thread, not on the event loop
+        if isinstance(prompt, str):
+            ids = await asyncio.to_thread(llm.encode, prompt)
+        else:
+            ids = list(prompt)
         params = _sampling(body, body.max_tokens)
         return await _respond(request, ids, params, "text_completion", body)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
+        ids = await asyncio.to_thread(_chat_prompt, body)  # off the event loop, as above
+        limit = body.max_completion_tokens
+        limit = body.max_tokens if limit is None else limit
+        params = _sampling(body, _rest_of_context(len(ids)) if limit is None else limit)
+        return await _respond(request, ids, params, "chat.completion", body)
+
+    def _chat_prompt(body: ChatRequest) -> list[int]:
+        """The token ids of ``body``'s messages rendered by the chat template."""
         try:
             text = chat_template.render(
                 messages=[m.model_dump(exclude_none=True) for m in body.messages],
@@ -117,51 +132,68 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
             )
         except Exception as error:
             raise _BadRequest(f"the chat template failed on these messages: {error}") from None
-        ids = tokenizer.encode(text, add_bos=False)
-        limit = body.max_completion_tokens
-        limit = body.max_tokens if limit is None else limit
-        params = _sampling(body, _rest_of_context(len(ids)) if limit is None else limit)
-        return await _respond(request, ids, params, "chat.completion", body)
+        return tokenizer.encode(text, add_bos=False)
 
     async def _respond(request: Request, ids: list[int], params: SamplingParams, kind: str,
                        body: SamplingFields):  # fmt: skip
+        """Submit the request (``n`` of them, seeds ``seed + i``, for ``n`` choices) and
+        answer with its output, whole or streamed."""
         stream = body.stream
         loop = asyncio.get_running_loop()
         events = _Outputs(loop, every=stream)
         prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex}"
+        ids_of = [request_id] if body.n == 1 else [f"{request_id}-{i}" for i in range(body.n)]
         if stream and app.state.open_streams >= config.max_streams:
             message = f"server busy: {config.max_streams} streams are open (--max-streams)"
             return error_response(429, message, "rate_limit_error", retry_after)
-        try:
-            engine.submit(
-                ids,
-                params,
-                events.put,
-                request_id=request_id,
-            )
-        except QueueFullError as error:
-            return error_response(429, f"server busy: {error}", "rate_limit_error", retry_after)
-        except ValueError as error:
-            raise _BadRequest(str(error)) from None
+
+        def cancel_all() -> None:
+            for rid in ids_of:
+                engine.cancel(rid)  # a no-op once the request finished
+
+        async def submit(*args, **kwargs) -> None:
+            if params.response_format is None:
+                engine.submit(*args, **kwargs)
+            else:  # compiling a grammar may take a while: off the event loop
+                await asyncio.to_thread(engine.submit, *args, **kwargs)
+
+        for index, rid in enumerate(ids_of):
+            seed = params.seed if params.seed is None else params.seed + index
+            try:
+                await submit(
+                    ids,
+                    dataclasses.replace(params, seed=seed),
+                    lambda out, i=index: events.put(i, out),
+                    request_id=rid,
+                )
+            except (QueueFullError, ValueError) as error:
+                cancel_all()
+                if isinstance(error, ValueError):
+                    raise _BadRequest(str(error)) from None
+                message = f"server busy: {error}"
+                return error_response(429, message, "rate_limit_error", retry_after)
         meta = dict(id=request_id, created=int(time.time()), model=llm.name)
+        formatter = _Formatter(kind, tokenizer.decode)
         if stream:
             app.state.open_streams += 1
 
             def close() -> None:
                 app.state.open_streams -= 1
-                engine.cancel(request_id)  # a no-op once the request finished
+                cancel_all()
 
             usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = _sse(events, kind, meta, include_usage=usage)
+            chunks = _sse(events, body.n, formatter, meta, include_usage=usage)
             return _EventStream(chunks, close, config.stream_timeout_s, request_id)
-        out = await _final_output(request, events)
-        if out is None:  # the client went away: free its pages now
-            engine.cancel(request_id)
+        outs = await _final_outputs(request, events, body.n)
+        if outs is None:  # the client went away: free its pages now
+            cancel_all()
             return Response(status_code=499)
-        if out.finish_reason == "error":
-            return error_response(500, f"generation failed: {out.error}", "server_error")
-        return _full_response(out, kind, meta)
+        failed = [out for out in outs if out.finish_reason == "error"]
+        if failed:
+            cancel_all()
+            return error_response(500, f"generation failed: {failed[0].error}", "server_error")
+        return formatter.response(outs, meta)
 
     def _rest_of_context(prompt_tokens: int) -> int:
         """A chat reply's default length: whatever the context (and the KV cache) leaves."""
@@ -174,8 +206,13 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         return room - prompt_tokens
 
     def _sampling(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
-        if body.n != 1:
-            raise _BadRequest(f"n={body.n}: only n=1 is supported")
+        if not 1 <= body.n <= MAX_N:
+            raise _BadRequest(f"n={body.n} must be in [1, {MAX_N}]")
+        try:
+            bias = {int(k): v for k, v in (body.logit_bias or {}).items()}
+        except ValueError:
+            raise _BadRequest(f"logit_bias keys must be token ids, got {body.logit_bias}") from None
+        fmt = body.response_format
         try:
             return SamplingParams(
                 max_tokens=16 if max_tokens is None else max_tokens,
@@ -186,6 +223,13 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
                 stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
                 stop_token_ids=tuple(body.stop_token_ids or ()),
                 ignore_eos=body.ignore_eos,
+                min_tokens=body.min_tokens,
+                logprobs=body.num_logprobs,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
+                logit_bias=bias,
+                response_format=None if fmt in (None, {"type": "text"}) else fmt,
             )
         except ValueError as error:
             raise _BadRequest(f"invalid sampling parameters: {error}") from None
@@ -229,24 +273,24 @@ class _EventStream(StreamingResponse):
 
 
 class _Outputs:
-    """One request's outputs, handed from the engine thread to the event loop with one
-    wakeup per batch: the engine thread only appends while a wakeup is pending, and a
-    non-streamed request (``every=False``) wakes the loop only for its final output."""
+    """The outputs of one request's choices, handed from the engine thread to the event loop
+    with one wakeup per batch: the engine thread only appends while a wakeup is pending, and
+    a request that is not streamed (``every=False``) is handed only its final outputs."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, every: bool):
         self._loop, self._every = loop, every
-        self._items: deque[RequestOutput] = deque()
+        self._items: deque[tuple[int, RequestOutput]] = deque()
         self._lock = threading.Lock()
         self._ready = asyncio.Event()
         self._wake_pending = False
 
-    def put(self, out: RequestOutput) -> None:
-        """Called on the engine thread."""
+    def put(self, index: int, out: RequestOutput) -> None:
+        """Choice ``index`` reports ``out`` (called on the engine thread)."""
+        if not (self._every or out.finished):
+            return
         with self._lock:
-            if not self._every:  # only the last output is read
-                self._items.clear()
-            self._items.append(out)
-            if self._wake_pending or not (self._every or out.finished):
+            self._items.append((index, out))
+            if self._wake_pending:
                 return
             self._wake_pending = True
         self._loop.call_soon_threadsafe(self._wake)
@@ -256,11 +300,11 @@ class _Outputs:
             self._wake_pending = False
         self._ready.set()
 
-    async def get_all(self) -> list[RequestOutput]:
-        """Every output that arrived since the last call (waits for at least one)."""
+    async def get_all(self) -> list[tuple[int, RequestOutput]]:
+        """Every ``(choice, output)`` that arrived since the last call (waits for one)."""
         while True:
             with self._lock:
-                if self._items and (self._every or self._items[-1].finished):
+                if self._items:
                     items = list(self._items)
                     self._items.clear()
                     return items
@@ -268,46 +312,60 @@ class _Outputs:
             await self._ready.wait()
 
 
-async def _sse(events: _Outputs, kind: str, meta: dict,
+async def _sse(events: _Outputs, n: int, formatter: "_Formatter", meta: dict,
                include_usage: bool = False) -> AsyncIterator[str]:  # fmt: skip
-    """Server-sent events of one request, up to its last output (the events of outputs that
-    arrived together go out in one write); with ``include_usage`` a last chunk (no choices)
-    carries the token counts, as OpenAI's ``stream_options`` asks."""
-    chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
-    if kind == "chat.completion":
-        first = _choice(kind, delta={"role": "assistant", "content": ""})
-        yield _event({**meta, "object": chunk_kind, "choices": [first]})
-    finished = False
-    while not finished:
+    """Server-sent events of a request's ``n`` choices, interleaved as their tokens come,
+    each chunk naming its choice's ``index``, up to the last output of every choice; with
+    ``include_usage`` a last chunk (no choices) carries the token counts, as OpenAI's
+    ``stream_options`` asks. The events of outputs that arrived together go out in one
+    write."""
+    chat = formatter.kind == "chat.completion"
+    chunk = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
+    if chat:
+        for index in range(n):
+            first = {"index": index, "delta": {"role": "assistant", "content": ""},
+                     "logprobs": None, "finish_reason": None}  # fmt: skip
+            yield _event({**chunk, "choices": [first]})
+    finals: dict[int, RequestOutput] = {}
+    offsets = [0] * n  # text offset of each choice's next token (completions logprobs)
+    failed = False
+    while len(finals) < n and not failed:
         batch = []
-        for out in await events.get_all():
+        for index, out in await events.get_all():
             if out.finish_reason == "error":
                 batch.append(_event({"error": {"message": f"generation failed: {out.error}"}}))
-                finished = True
+                failed = True
                 break
-            finished = out.finished
-            reason = out.finish_reason if finished else None
-            if out.delta or finished:
-                body = {"content": out.delta} if kind == "chat.completion" else None
-                choice = _choice(kind, delta=body, text=out.delta, finish_reason=reason)
-                batch.append(_event({**meta, "object": chunk_kind, "choices": [choice]}))
-            if finished:
-                if include_usage:
-                    usage = _usage(out)
-                    batch.append(_event({**meta, "object": chunk_kind, "choices": [],
-                                         "usage": usage}))  # fmt: skip
-                break
+            if out.delta or out.finished:
+                new = None
+                if out.logprobs is not None:
+                    new = out.logprobs[len(out.token_ids) - len(out.new_token_ids) :]
+                logprobs, offsets[index] = formatter.logprobs(new, offsets[index])
+                reason = out.finish_reason if out.finished else None
+                choice = formatter.choice(index, out.delta, reason, logprobs, delta=True)
+                batch.append(_event({**chunk, "choices": [choice]}))
+            if out.finished:
+                finals[index] = out
         if batch:
             yield "".join(batch)
+    if not failed and include_usage:
+        yield _event({**chunk, "choices": [], "usage": _usage(list(finals.values()))})
     yield "data: [DONE]\n\n"
 
 
-async def _final_output(request: Request, events: _Outputs) -> RequestOutput | None:
-    """The request's last output, or None as soon as its client disconnects (checked every
-    ``DISCONNECT_POLL_S``, whether or not tokens arrive meanwhile)."""
+async def _final_outputs(request: Request, events: _Outputs,
+                         n: int) -> list[RequestOutput] | None:  # fmt: skip
+    """The last output of each of the request's ``n`` choices, by index, or None as soon as
+    its client disconnects (checked every ``DISCONNECT_POLL_S``, whether or not tokens
+    arrive meanwhile)."""
+    finals: dict[int, RequestOutput] = {}
     while True:
         try:
-            return (await asyncio.wait_for(events.get_all(), timeout=DISCONNECT_POLL_S))[-1]
+            arrived = await asyncio.wait_for(events.get_all(), timeout=DISCONNECT_POLL_S)
+            for index, out in arrived:
+                finals[index] = out
+                if len(finals) == n or out.finish_reason == "error":
+                    return [finals.get(i, out) for i in range(n)]
         except TimeoutError:
             pass
         if await request.is_disconnected():
@@ -318,24 +376,66 @@ def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
 
-def _choice(kind: str, *, delta=None, text: str = "", finish_reason=None) -> dict[str, Any]:
-    if kind == "chat.completion":
-        return {"index": 0, "delta": delta or {}, "finish_reason": finish_reason}
-    return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+class _Formatter:
+    """OpenAI's JSON for one route (``kind``): choices, and log-probabilities in the
+    completions format (``tokens``, ``token_logprobs``, ``top_logprobs`` with the sampled
+    token among them, ``text_offset``) or the chat format (``content``: ``token``,
+    ``logprob``, ``bytes``, ``top_logprobs``). Token texts are ``decode([id])``."""
+
+    def __init__(self, kind: Literal["text_completion", "chat.completion"],
+                 decode: Callable[[list[int]], str]):  # fmt: skip
+        self.kind, self._decode = kind, decode
+
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs,
+               delta: bool = False) -> dict[str, Any]:  # fmt: skip
+        """One choice: a chunk's (``delta``) or a whole answer's."""
+        if self.kind != "chat.completion":
+            return {"index": index, "text": text, "logprobs": logprobs,
+                    "finish_reason": finish_reason}  # fmt: skip
+        if delta:
+            body = {"delta": {"content": text} if text else {}}
+        else:
+            body = {"message": {"role": "assistant", "content": text}}
+        return {"index": index, **body, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def response(self, outs: list[RequestOutput], meta: dict) -> dict:
+        """The whole answer of a request whose choices ended with ``outs``."""
+        choices = []
+        for index, out in enumerate(outs):
+            logprobs, _ = self.logprobs(out.logprobs, 0)
+            choices.append(self.choice(index, out.text, out.finish_reason, logprobs))
+        return {**meta, "object": self.kind, "choices": choices, "usage": _usage(outs)}
+
+    def logprobs(self, entries: list[TokenLogprob] | None, offset: int) -> tuple[Any, int]:
+        """``entries`` in this route's format, and the text offset after them (None for a
+        request without logprobs)."""
+        if entries is None:
+            return None, offset
+        if self.kind == "chat.completion":
+            content = []
+            for e in entries:
+                top = [self._token(i, lp) for i, lp in e.top]
+                content.append({**self._token(e.token_id, e.logprob), "top_logprobs": top})
+            return {"content": content, "refusal": None}, offset
+        texts = [self._decode([e.token_id]) for e in entries]
+        starts = [offset + sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+        tops = []
+        for e, text in zip(entries, texts, strict=True):
+            top = {self._decode([i]): lp for i, lp in e.top}
+            tops.append({**top, text: e.logprob})
+        body = {"tokens": texts, "token_logprobs": [e.logprob for e in entries],
+                "top_logprobs": tops, "text_offset": starts}  # fmt: skip
+        return body, offset + sum(len(t) for t in texts)
+
+    def _token(self, token_id: int, logprob: float) -> dict[str, Any]:
+        text = self._decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
 
-def _full_response(out: RequestOutput, kind: Literal["text_completion", "chat.completion"],
-                   meta: dict) -> dict:  # fmt: skip
-    if kind == "chat.completion":
-        message = {"role": "assistant", "content": out.text}
-        choice = {"index": 0, "message": message, "finish_reason": out.finish_reason}
-    else:
-        choice = _choice(kind, text=out.text, finish_reason=out.finish_reason)
-    return {**meta, "object": kind, "choices": [choice], "usage": _usage(out)}
-
-
-def _usage(out: RequestOutput) -> dict[str, int]:
-    prompt, completion = len(out.prompt_token_ids), len(out.token_ids)
+def _usage(outs: list[RequestOutput]) -> dict[str, int]:
+    """Token counts of a request: its prompt once, and every choice's output."""
+    prompt = len(outs[0].prompt_token_ids)
+    completion = sum(len(out.token_ids) for out in outs)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion}  # fmt: skip
 

@@ -43,7 +43,7 @@ _TARGET_PROGRAMS = 264
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _DecodeGpuCall:
     mask: MaskSpec
     scale: float
     logit_soft_cap: float | None
@@ -90,7 +90,7 @@ def num_splits(batch: int, kv_heads: int, num_blocks: int) -> int:
     return max(1, min(pl.cdiv(_TARGET_PROGRAMS, batch * kv_heads), num_blocks // 4))
 
 
-def _decode_kernel(len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, cfg: _Config):
+def _decode_kernel(len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, cfg: _DecodeGpuCall):
     # len_ref: []  q_ref: [gp, dp]  k_ref, v_ref: [S, dp]
     # acc_ref: [gp, dp]  m_ref, l_ref: [gp]
     gp, dp = q_ref.shape
@@ -178,7 +178,7 @@ def decode_attention(
     groups = hq // hkv
     gp, dp = max(_MIN_BLOCK, pl.next_power_of_2(groups)), pl.next_power_of_2(d)
     splits = num_splits(b, hkv, s_pad // bk)
-    cfg = _Config(
+    cfg = _DecodeGpuCall(
         mask=mask,
         scale=scale,
         logit_soft_cap=logit_soft_cap,

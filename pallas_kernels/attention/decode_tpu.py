@@ -38,7 +38,7 @@ _LANES = 128
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _DecodeTpuCall:
     mask: MaskSpec
     scale: float
     logit_soft_cap: float | None
@@ -56,7 +56,7 @@ def default_block_kv(cache_len: int) -> int:
     return 0
 
 
-def _step(cfg: _Config, length, split, t):
+def _step(cfg: _DecodeTpuCall, length, split, t):
     """Cache block visited at step ``t`` of ``split`` for a row of ``length``, and validity."""
     first = split * cfg.blocks_per_split
     end = first + cfg.blocks_per_split
@@ -66,7 +66,7 @@ def _step(cfg: _Config, length, split, t):
 
 
 def _decode_kernel(
-    len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, m_sc, l_sc, acc_sc, *, cfg: _Config
+    len_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, m_sc, l_sc, acc_sc, *, cfg: _DecodeTpuCall
 ):
     # len_ref: [b] (SMEM)  q_ref: [hkv, g, d]  k_ref, v_ref: [bk, hkv * d]
     # acc_ref, acc_sc: [hkv, g, d]  m_ref, l_ref, m_sc, l_sc: [hkv, g, 128]
@@ -152,7 +152,7 @@ def decode_attention(
         k_cache, v_cache = jnp.pad(k_cache, pad), jnp.pad(v_cache, pad)
     num_blocks = s_pad // bk
     splits = min(num_splits or (2 if b == 1 else 1), num_blocks)
-    cfg = _Config(
+    cfg = _DecodeTpuCall(
         mask=mask,
         scale=scale,
         logit_soft_cap=logit_soft_cap,

@@ -63,7 +63,7 @@ class BlockSizes:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _FlashGpuCall:
     """Static (hashable) parameters of one flash-attention call."""
 
     mask: MaskSpec
@@ -192,7 +192,7 @@ def _store(ref, value: jax.Array, head_dim: int) -> None:
         plgpu.store(ref, value, mask=(jnp.arange(d_pad) < head_dim)[None, :])
 
 
-def _logits(cfg: _Config, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+def _logits(cfg: _FlashGpuCall, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     """Scaled, soft-capped logits ``[tq, tk]`` and ``d(capped)/d(raw)`` (None without cap)."""
     s = _dot_nt(q, k) * cfg.scale
     if cfg.logit_soft_cap is None:
@@ -201,7 +201,7 @@ def _logits(cfg: _Config, q: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Ar
     return cfg.logit_soft_cap * t, 1.0 - t * t
 
 
-def _tile_mask(cfg: _Config, masked: bool, q_row0, kv0, shape, q_seg, kv_seg):
+def _tile_mask(cfg: _FlashGpuCall, masked: bool, q_row0, kv0, shape, q_seg, kv_seg):
     """Visibility of one ``[tq, tk]`` tile, or None for a tile known to be fully visible."""
     if not masked:
         return None
@@ -219,7 +219,7 @@ def _skip_if_empty(visible: jax.Array | None, has_segments: bool, compute, carry
     return lax.cond(any_visible, compute, lambda c: c, carry)
 
 
-def _loop_masked_then_full(cfg: _Config, ranges, full, body, carry):
+def _loop_masked_then_full(cfg: _FlashGpuCall, ranges, full, body, carry):
     """``body(i, carry, masked=...)`` over the blocks of ``ranges``; blocks inside
     ``full`` (seen entirely by every row) run without a mask."""
     masked = functools.partial(body, masked=cfg.needs_mask)
@@ -234,7 +234,7 @@ def _loop_masked_then_full(cfg: _Config, ranges, full, body, carry):
     return lax.fori_loop(full_hi, hi, masked, carry)
 
 
-def _visit_kv_blocks(cfg: _Config, q_row0, block_q: int, block_kv: int, body, carry):
+def _visit_kv_blocks(cfg: _FlashGpuCall, q_row0, block_q: int, block_kv: int, body, carry):
     """Run ``body(j, carry, masked=...)`` over the key blocks rows ``[q_row0, +block_q)`` see."""
     first = q_row0 + cfg.mask.q_offset
     last = first + block_q - 1
@@ -249,7 +249,7 @@ def _visit_kv_blocks(cfg: _Config, q_row0, block_q: int, block_kv: int, body, ca
 # ---------------------------------------------------------------------------
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, cfg: _Config):
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, cfg: _FlashGpuCall):
     # q_ref: [bq, dp]  k_ref, v_ref: [skv, dp]  qseg_ref: [bq]  kvseg_ref: [skv]
     # o_ref: [bq, dp]  lse_ref: [bq]
     bq, bk = cfg.fwd.block_q, cfg.fwd.block_kv
@@ -290,7 +290,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, cfg
 
 def _dkv_kernel(
     q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-    *, cfg: _Config,
+    *, cfg: _FlashGpuCall,
 ):  # fmt: skip
     # q_ref, do_ref: [sq, g, dp]  lse_ref, delta_ref: [g, sq]  qseg_ref: [sq]
     # k_ref, v_ref, dk_ref, dv_ref: [bk, dp]  kvseg_ref: [bk]
@@ -335,7 +335,7 @@ def _dkv_kernel(
 
 def _dq_kernel(
     q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, do_ref, lse_ref, delta_ref, dq_ref,
-    *, cfg: _Config,
+    *, cfg: _FlashGpuCall,
 ):  # fmt: skip
     # q_ref, do_ref, dq_ref: [bq, dp]  lse_ref, delta_ref, qseg_ref: [bq]
     # k_ref, v_ref: [skv, dp]  kvseg_ref: [skv]
@@ -378,7 +378,7 @@ def _params(blocks: BlockSizes) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
 
 
-def _forward(cfg: _Config, q, k, v, q_seg, kv_seg):
+def _forward(cfg: _FlashGpuCall, q, k, v, q_seg, kv_seg):
     b, sq, hq, d = q.shape
     skv, hkv = k.shape[1], k.shape[2]
     groups, dp = hq // hkv, pl.next_power_of_2(d)
@@ -409,7 +409,7 @@ def _forward(cfg: _Config, q, k, v, q_seg, kv_seg):
     return o, lse2
 
 
-def _backward(cfg: _Config, q, k, v, q_seg, kv_seg, o, lse2, do):
+def _backward(cfg: _FlashGpuCall, q, k, v, q_seg, kv_seg, o, lse2, do):
     b, sq, hq, d = q.shape
     skv, hkv = k.shape[1], k.shape[2]
     groups, dp = hq // hkv, pl.next_power_of_2(d)
@@ -465,16 +465,16 @@ def _backward(cfg: _Config, q, k, v, q_seg, kv_seg, o, lse2, do):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, q_seg, kv_seg):
+def _flash(cfg: _FlashGpuCall, q, k, v, q_seg, kv_seg):
     return _forward(cfg, q, k, v, q_seg, kv_seg)[0]
 
 
-def _flash_fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
+def _flash_fwd(cfg: _FlashGpuCall, q, k, v, q_seg, kv_seg):
     o, lse2 = _forward(cfg, q, k, v, q_seg, kv_seg)
     return o, (q, k, v, q_seg, kv_seg, o, lse2)
 
 
-def _flash_bwd(cfg: _Config, residuals, do):
+def _flash_bwd(cfg: _FlashGpuCall, residuals, do):
     q, k, v, q_seg, kv_seg, o, lse2 = residuals
     dq, dk, dv = _backward(cfg, q, k, v, q_seg, kv_seg, o, lse2, do)
     return dq, dk, dv, None, None
@@ -489,7 +489,7 @@ def _setup(q, k, q_segment_ids, kv_segment_ids, options: dict):
     tiles = block_sizes(
         q.shape[-1], q.dtype, sq, skv, options.get("block_q"), options.get("block_kv")
     )
-    cfg = _Config(
+    cfg = _FlashGpuCall(
         mask=options["mask"],
         scale=options["scale"],
         logit_soft_cap=options["logit_soft_cap"],

@@ -56,7 +56,7 @@ class Tiles:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _FlashTpuCall:
     """Static (hashable) parameters of one call."""
 
     mask: MaskSpec
@@ -101,13 +101,13 @@ def _to_kernel(x: jax.Array) -> jax.Array:
     return x.reshape(b, s, h * d) if d % _LANES == 0 else x.transpose(0, 2, 1, 3)
 
 
-def _from_kernel(x: jax.Array, cfg: _Config) -> jax.Array:
+def _from_kernel(x: jax.Array, cfg: _FlashTpuCall) -> jax.Array:
     if cfg.lane_dense:
         return x.reshape(x.shape[0], x.shape[1], -1, cfg.head_dim)
     return x.transpose(0, 2, 1, 3)
 
 
-def _head_spec(cfg: _Config, rows: int, index: Callable) -> pl.BlockSpec:
+def _head_spec(cfg: _FlashTpuCall, rows: int, index: Callable) -> pl.BlockSpec:
     """``[rows, d]`` tile of one head; ``index(*grid, *prefetch) -> (batch, head, row_block)``."""
     if cfg.lane_dense:
         return pl.BlockSpec(
@@ -141,21 +141,21 @@ def _segment_bounds(ids: jax.Array, block: int) -> tuple[jax.Array, jax.Array]:
 # ---------------------------------------------------------------------------
 
 
-def _kv_step(cfg: _Config, tiles: Tiles, i, t):
+def _kv_step(cfg: _FlashTpuCall, tiles: Tiles, i, t):
     """Key block visited at step ``t`` of query block ``i``, and whether it is real work."""
     first = i * tiles.block_q + cfg.mask.q_offset
     ranges = cfg.mask.kv_block_ranges(first, first + tiles.block_q - 1, cfg.kv_len, tiles.block_kv)
     return nth_block(ranges, t)
 
 
-def _q_step(cfg: _Config, tiles: Tiles, sq: int, j, u):
+def _q_step(cfg: _FlashTpuCall, tiles: Tiles, sq: int, j, u):
     """Query block visited at step ``u`` of key block ``j``, and whether it is real work."""
     kv0 = j * tiles.block_kv
     lo_hi = cfg.mask.q_block_range(kv0, kv0 + tiles.block_kv - 1, cfg.kv_len, sq, tiles.block_q)
     return nth_block((lo_hi,), u)
 
 
-def _num_kv_steps(cfg: _Config, tiles: Tiles, sq: int) -> int:
+def _num_kv_steps(cfg: _FlashTpuCall, tiles: Tiles, sq: int) -> int:
     counts = []
     for i in range(sq // tiles.block_q):
         first = i * tiles.block_q + cfg.mask.q_offset
@@ -166,7 +166,7 @@ def _num_kv_steps(cfg: _Config, tiles: Tiles, sq: int) -> int:
     return max(1, *counts)
 
 
-def _num_q_steps(cfg: _Config, tiles: Tiles, sq: int, skv: int) -> int:
+def _num_q_steps(cfg: _FlashTpuCall, tiles: Tiles, sq: int, skv: int) -> int:
     counts = []
     for j in range(skv // tiles.block_kv):
         kv0 = j * tiles.block_kv
@@ -191,7 +191,7 @@ _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
 
 
-def _logits(cfg: _Config, a: jax.Array, b: jax.Array):
+def _logits(cfg: _FlashTpuCall, a: jax.Array, b: jax.Array):
     """``soft_cap(a b^T * scale)`` and ``d(capped)/d(raw)`` (None without cap)."""
     s = lax.dot_general(a, b, _NT, preferred_element_type=jnp.float32) * cfg.scale
     if cfg.logit_soft_cap is None:
@@ -200,7 +200,7 @@ def _logits(cfg: _Config, a: jax.Array, b: jax.Array):
     return cfg.logit_soft_cap * t, 1.0 - t * t
 
 
-def _mask(cfg: _Config, s, q_row0, kv0, q_seg, kv_seg, *, kv_major: bool = False):
+def _mask(cfg: _FlashTpuCall, s, q_row0, kv0, q_seg, kv_seg, *, kv_major: bool = False):
     """``s`` with invisible entries set to -inf (``q_seg``/``kv_seg`` broadcast to ``s``)."""
     if not cfg.needs_mask:
         return s
@@ -225,12 +225,12 @@ def _column(row_ref) -> jax.Array:
 # ---------------------------------------------------------------------------
 
 
-def _split_prefetch(cfg: _Config, refs):
+def _split_prefetch(cfg: _FlashTpuCall, refs):
     n = 4 if cfg.has_segments else 0
     return refs[:n], refs[n:]
 
 
-def _fwd_kernel(*refs, cfg: _Config):
+def _fwd_kernel(*refs, cfg: _FlashTpuCall):
     # q_ref, o_ref: [bq, d]  k_ref, v_ref: [bk, d]  qseg_ref: [1, bq]  kvseg_ref: [1, bk]
     # lse_ref, m_sc, l_sc: [bq, 128]  acc_sc: [bq, d]
     bounds, refs = _split_prefetch(cfg, refs)
@@ -271,7 +271,7 @@ def _fwd_kernel(*refs, cfg: _Config):
         lse_ref[...] = m_sc[...] + jnp.log(l_safe)
 
 
-def _dkv_kernel(*refs, cfg: _Config, sq: int, num_q_steps: int):
+def _dkv_kernel(*refs, cfg: _FlashTpuCall, sq: int, num_q_steps: int):
     # q_ref, do_ref: [bq, d]  k_ref, v_ref, dk_ref, dv_ref: [bk, d]
     # qseg_ref, lse_ref, delta_ref: [1, bq]  kvseg_ref: [1, bk]  dk_sc, dv_sc: [bk, d]
     bounds, refs = _split_prefetch(cfg, refs)
@@ -313,7 +313,7 @@ def _dkv_kernel(*refs, cfg: _Config, sq: int, num_q_steps: int):
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, cfg: _Config):
+def _dq_kernel(*refs, cfg: _FlashTpuCall):
     # q_ref, do_ref, dq_ref, dq_sc: [bq, d]  k_ref, v_ref: [bk, d]
     # qseg_ref, lse_ref, delta_ref: [1, bq]  kvseg_ref: [1, bk]
     bounds, refs = _split_prefetch(cfg, refs)
@@ -362,7 +362,7 @@ def _params() -> pltpu.CompilerParams:
     )
 
 
-def _prefetch(cfg: _Config, tiles: Tiles, q_seg, kv_seg) -> list[jax.Array]:
+def _prefetch(cfg: _FlashTpuCall, tiles: Tiles, q_seg, kv_seg) -> list[jax.Array]:
     if not cfg.has_segments:
         return []
     return [
@@ -371,7 +371,7 @@ def _prefetch(cfg: _Config, tiles: Tiles, q_seg, kv_seg) -> list[jax.Array]:
     ]
 
 
-def _forward(cfg: _Config, q, k, v, q_seg, kv_seg, sq: int):
+def _forward(cfg: _FlashTpuCall, q, k, v, q_seg, kv_seg, sq: int):
     b = q.shape[0]
     bq, bk = cfg.fwd.block_q, cfg.fwd.block_kv
     g, hq, d = cfg.groups, cfg.num_q_heads, cfg.head_dim
@@ -412,7 +412,7 @@ def _forward(cfg: _Config, q, k, v, q_seg, kv_seg, sq: int):
     return o, lse[..., 0][:, :, None, :]  # lse: [b, hq, 1, sq]
 
 
-def _backward(cfg: _Config, q, k, v, q_seg, kv_seg, o, lse, do, sq: int, skv: int):
+def _backward(cfg: _FlashTpuCall, q, k, v, q_seg, kv_seg, o, lse, do, sq: int, skv: int):
     b = q.shape[0]
     g, hq, hkv, d = cfg.groups, cfg.num_q_heads, cfg.num_kv_heads, cfg.head_dim
     spec = "bshd,bshd->bhs" if cfg.lane_dense else "bhsd,bhsd->bhs"
@@ -486,20 +486,20 @@ def _backward(cfg: _Config, q, k, v, q_seg, kv_seg, o, lse, do, sq: int, skv: in
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, q_seg, kv_seg):
+def _flash(cfg: _FlashTpuCall, q, k, v, q_seg, kv_seg):
     return _forward(cfg, q, k, v, q_seg, kv_seg, _seq_len(cfg, q))[0]
 
 
-def _seq_len(cfg: _Config, x: jax.Array) -> int:
+def _seq_len(cfg: _FlashTpuCall, x: jax.Array) -> int:
     return x.shape[1] if cfg.lane_dense else x.shape[2]
 
 
-def _flash_fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
+def _flash_fwd(cfg: _FlashTpuCall, q, k, v, q_seg, kv_seg):
     o, lse = _forward(cfg, q, k, v, q_seg, kv_seg, _seq_len(cfg, q))
     return o, (q, k, v, q_seg, kv_seg, o, lse)
 
 
-def _flash_bwd(cfg: _Config, residuals, do):
+def _flash_bwd(cfg: _FlashTpuCall, residuals, do):
     q, k, v, q_seg, kv_seg, o, lse = residuals
     dq, dk, dv = _backward(
         cfg, q, k, v, q_seg, kv_seg, o, lse, do, _seq_len(cfg, q), _seq_len(cfg, k)
@@ -528,7 +528,7 @@ def _setup(q, k, q_segment_ids, kv_segment_ids, options: dict):
     )
     sq_pad = round_up(sq, max(fwd.block_q, dkv.block_q, dq.block_q))
     skv_pad = round_up(skv, max(fwd.block_kv, dkv.block_kv, dq.block_kv))
-    cfg = _Config(
+    cfg = _FlashTpuCall(
         mask=options["mask"],
         scale=options["scale"],
         logit_soft_cap=options["logit_soft_cap"],

@@ -59,7 +59,7 @@ _KERNELS = {"gpu": flash_gpu, "tpu": flash_tpu}
 
 
 @dataclasses.dataclass(frozen=True)
-class _Config:
+class _RingCall:
     axis_name: str
     strategy: str
     layout: str
@@ -154,7 +154,7 @@ def context_attention(
     check_layout(layout, s * num_shards, num_shards)
     if q_segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = q_segment_ids
-    cfg = _Config(
+    cfg = _RingCall(
         axis_name=axis_name,
         strategy=strategy,
         layout=layout,
@@ -188,7 +188,7 @@ def all_gather_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, **opt
 # ---------------------------------------------------------------------------
 
 
-def _kernel_options(cfg: _Config, diagonal: bool) -> dict:
+def _kernel_options(cfg: _RingCall, diagonal: bool) -> dict:
     """A kernel call's mask: causal on local positions for a device's own block, none for
     the (entirely visible) computed half of any other (module doc)."""
     return dict(
@@ -205,7 +205,7 @@ def _grouped(q: jax.Array, k: jax.Array) -> jax.Array:
     return q.astype(jnp.float32).reshape(b, s, k.shape[2], hq // k.shape[2], d)
 
 
-def _block_forward(cfg: _Config, q, k, v, q_seg, kv_seg, q_index, kv_index, diagonal: bool):
+def _block_forward(cfg: _RingCall, q, k, v, q_seg, kv_seg, q_index, kv_index, diagonal: bool):
     """``(o, lse)``, float32 ``[b, sq, hq, d]`` and ``[b, sq, hq]``, of one block pair."""
     if cfg.kernel is not None:
         o, lse = _KERNELS[cfg.kernel].flash_forward(
@@ -218,7 +218,9 @@ def _block_forward(cfg: _Config, q, k, v, q_seg, kv_seg, q_index, kv_index, diag
     return o.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
-def _block_backward(cfg: _Config, q, k, v, q_seg, kv_seg, q_index, kv_index, o, lse, do, diagonal):
+def _block_backward(
+    cfg: _RingCall, q, k, v, q_seg, kv_seg, q_index, kv_index, o, lse, do, diagonal
+):
     """float32 ``(dq, dk, dv)`` of one block pair from the rows' final ``o`` and ``lse``."""
     if cfg.kernel is not None:
         grads = _KERNELS[cfg.kernel].flash_backward(
@@ -242,7 +244,7 @@ def _block_backward(cfg: _Config, q, k, v, q_seg, kv_seg, q_index, kv_index, o, 
 # ---------------------------------------------------------------------------
 
 
-def _kv_blocks(cfg: _Config, kv: tuple) -> Iterator[tuple[jax.Array, tuple]]:
+def _kv_blocks(cfg: _RingCall, kv: tuple) -> Iterator[tuple[jax.Array, tuple]]:
     """``(source device, its K/V block)`` for each step (module doc)."""
     ax = cfg.axis_name
     n, r = lax.axis_size(ax), lax.axis_index(ax)
@@ -269,7 +271,7 @@ def _shift(x, axis_name: str):
     return lax.ppermute(x, axis_name, [(i, (i + 1) % n) for i in range(n)])
 
 
-def _regions(cfg: _Config, t: int, s: int) -> tuple[Region, Region] | None:
+def _regions(cfg: _RingCall, t: int, s: int) -> tuple[Region, Region] | None:
     """The block pair to compute at step ``t`` when the keys come from an earlier device
     and when from a later one; None when the whole pair is computed (module doc)."""
     if t == 0 or not cfg.spec.causal:
@@ -281,7 +283,7 @@ def _regions(cfg: _Config, t: int, s: int) -> tuple[Region, Region] | None:
     return (slice(0, s), slice(0, c)), (slice(c, s), slice(0, s))
 
 
-def _run_step(cfg: _Config, t: int, src, s: int, compute: Callable[[Region], tuple]):
+def _run_step(cfg: _RingCall, t: int, src, s: int, compute: Callable[[Region], tuple]):
     """``compute`` over the step's region, picked on device when it depends on ``src``."""
     regions = _regions(cfg, t, s)
     if regions is None:
@@ -302,7 +304,7 @@ def _rows(x: jax.Array | None, rows: slice) -> jax.Array | None:
     return None if x is None else x[:, rows]
 
 
-def _forward(cfg: _Config, q, k, v, q_seg, kv_seg):
+def _forward(cfg: _RingCall, q, k, v, q_seg, kv_seg):
     """float32 ``(o, lse)`` of the local queries over the whole sequence (module doc)."""
     n, r = lax.axis_size(cfg.axis_name), lax.axis_index(cfg.axis_name)
     s = q.shape[1]
@@ -326,7 +328,7 @@ def _forward(cfg: _Config, q, k, v, q_seg, kv_seg):
     return o, lse
 
 
-def _backward(cfg: _Config, residuals, do):
+def _backward(cfg: _RingCall, residuals, do):
     """dq, dk, dv: the ring (or gathered blocks) visited again, dK/dV sent home."""
     q, k, v, q_seg, kv_seg, o, lse = residuals
     ax = cfg.axis_name
@@ -369,18 +371,18 @@ def _backward(cfg: _Config, residuals, do):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(cfg: _Config, q, k, v, q_seg, kv_seg):
+def _attention(cfg: _RingCall, q, k, v, q_seg, kv_seg):
     """q: [b, s, hq, d], k, v: [b, s, hkv, d] -> o: [b, s, hq, d] in q.dtype."""
     return _forward(cfg, q, k, v, q_seg, kv_seg)[0].astype(q.dtype)
 
 
-def _attention_fwd(cfg: _Config, q, k, v, q_seg, kv_seg):
+def _attention_fwd(cfg: _RingCall, q, k, v, q_seg, kv_seg):
     o, lse = _forward(cfg, q, k, v, q_seg, kv_seg)
     out = o.astype(q.dtype)
     return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
-def _attention_bwd(cfg: _Config, residuals, do):
+def _attention_bwd(cfg: _RingCall, residuals, do):
     return *_backward(cfg, residuals, do), None, None
 
 

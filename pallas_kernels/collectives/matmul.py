@@ -30,23 +30,22 @@ Several weights (``all_gather_matmul(x, [wq, wk, wv])``): the tokens travel once
 step multiplies the blocks at hand by every weight; the backward's reduce-scatter sums
 ``dy_i @ w_i^T`` over the weights in every step, so it too is one ring.
 
-Backward: the gradient of one is the other. For ``y = all_gather_matmul(x, w)``:
-``dx = matmul_reduce_scatter(dy, w^T)`` and ``dw = x_gathered^T dy`` (the forward keeps the
-gathered ``x`` it assembled anyway); for ``y = matmul_reduce_scatter(x, w)``:
-``dx, dy_gathered = all_gather_matmul(dy, w^T)`` and ``dw = x^T dy_gathered``. Both run on
-the forward's routes.
+Backward: the gradient of one is the other (:mod:`~pallas_kernels.collectives.vjp`, shared
+with the TPU kernels); both run on the forward's routes.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import platform as pallas_platform
+from pallas_kernels.collectives import vjp
 
 Route = tuple[int, tuple[slice, ...]]
 """A direction of the ring (+1: towards device ``r + 1``, -1: towards ``r - 1``) and the rows
@@ -104,32 +103,56 @@ def _check(x: jax.Array, w: jax.Array, name: str) -> None:
         )
 
 
-def _gather_matmul(
-    x: jax.Array, ws: tuple[jax.Array, ...], axis_name: str, bidirectional: bool
-) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    """``(all_gather(x) @ w for w in ws), all_gather(x)`` by ring steps."""
+def _walk_ring(
+    x: jax.Array, axis_name: str, bidirectional: bool, visit: Callable, carry: Any
+) -> Any:
+    """``carry = visit(carry, block, start)`` for every block of ``all_gather(x)`` (``start``:
+    its first row there, device-major), each hop's transfer in flight while the blocks
+    already at hand are visited."""
     n, r = lax.axis_size(axis_name), lax.axis_index(axis_name)
-    m, axis = x.shape[-2], x.ndim - 2
-    lead = x.shape[:-2]
-    ys = [jnp.zeros((*lead, n * m, w.shape[1]), jnp.result_type(x, w)) for w in ws]
-    gathered = jnp.zeros((*lead, n * m, x.shape[-1]), x.dtype)
+    m = x.shape[-2]
     routes = _routes(n, m, bidirectional)
     held = [x] * len(routes)  # per route: the block it forwards next
     at_hand = [(x, r, 0)]  # (rows, their device, their first row in its block)
     longest = max((len(hops) for _, hops in routes), default=0)
-    for hop in range(1, longest + 2):  # the last step only multiplies what arrived
-        arriving = []  # this hop's transfers: in flight while the blocks at hand multiply
+    for hop in range(1, longest + 2):  # the last step only visits what arrived
+        arriving = []  # this hop's transfers: in flight while the blocks at hand are visited
         for i, (way, hops) in enumerate(routes):
             if hop <= len(hops):
                 held[i] = _shift(held[i][..., hops[hop - 1], :], axis_name, way)
                 arriving.append((held[i], (r - way * hop) % n, hops[hop - 1].start))
         for block, device, first in at_hand:
-            start = device * m + first
-            ys = [lax.dynamic_update_slice_in_dim(y, jnp.matmul(block, w), start, axis)
-                  for y, w in zip(ys, ws, strict=True)]  # fmt: skip
-            gathered = lax.dynamic_update_slice_in_dim(gathered, block, start, axis)
+            carry = visit(carry, block, device * m + first)
         at_hand = arriving
-    return tuple(ys), gathered
+    return carry
+
+
+def _gather_matmul(
+    x: jax.Array,
+    ws: tuple[jax.Array, ...],
+    grams_with: tuple[jax.Array, ...],
+    axis_name: str,
+    bidirectional: bool,
+) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+    """``(all_gather(x) @ w for w in ws), (all_gather(x)^T g for g in grams_with)`` by one
+    ring (``vjp.GatherMatmul``); the gathered ``x`` is never assembled."""
+    n, m, axis = lax.axis_size(axis_name), x.shape[-2], x.ndim - 2
+    lead = x.shape[:-2]
+    ys = tuple(jnp.zeros((*lead, n * m, w.shape[1]), jnp.result_type(x, w)) for w in ws)
+    grams = tuple(jnp.zeros((x.shape[-1], g.shape[-1]), jnp.float32) for g in grams_with)
+
+    def visit(carry, block, start):
+        ys, grams = carry
+        rows = block.shape[-2]
+        ys = tuple(lax.dynamic_update_slice_in_dim(y, jnp.matmul(block, w), start, axis)
+                   for y, w in zip(ys, ws, strict=True))  # fmt: skip
+        grams = tuple(
+            gram + vjp.gram(block, lax.dynamic_slice_in_dim(g, start, rows, axis))
+            for gram, g in zip(grams, grams_with, strict=True)
+        )
+        return ys, grams
+
+    return _walk_ring(x, axis_name, bidirectional, visit, (ys, grams))
 
 
 def _matmul_scatter(
@@ -170,49 +193,7 @@ def _matmul_scatter(
     return y
 
 
-def _weight_grad(x: jax.Array, dy: jax.Array, w: jax.Array) -> jax.Array:
-    """``x^T dy`` over every dim but the last: x ``[..., k]``, dy ``[..., f]`` -> ``[k, f]``."""
-    lead = tuple(range(x.ndim - 1))
-    dw = lax.dot_general(x, dy, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
-    return dw.astype(w.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _all_gather_matmul(x, ws, axis_name, bidirectional):
-    return _gather_matmul(x, ws, axis_name, bidirectional)[0]
-
-
-def _all_gather_matmul_fwd(x, ws, axis_name, bidirectional):
-    ys, gathered = _gather_matmul(x, ws, axis_name, bidirectional)
-    return ys, (gathered, ws)
-
-
-def _all_gather_matmul_bwd(axis_name, bidirectional, residuals, dys):
-    gathered, ws = residuals
-    w_ts = tuple(w.T for w in ws)
-    dx = _matmul_scatter(dys, w_ts, axis_name, bidirectional).astype(gathered.dtype)
-    return dx, tuple(_weight_grad(gathered, dy, w) for dy, w in zip(dys, ws, strict=True))
-
-
-_all_gather_matmul.defvjp(_all_gather_matmul_fwd, _all_gather_matmul_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul_reduce_scatter(x, w, axis_name, bidirectional):
-    return _matmul_scatter((x,), (w,), axis_name, bidirectional)
-
-
-def _matmul_reduce_scatter_fwd(x, w, axis_name, bidirectional):
-    return _matmul_scatter((x,), (w,), axis_name, bidirectional), (x, w)
-
-
-def _matmul_reduce_scatter_bwd(axis_name, bidirectional, residuals, dy):
-    x, w = residuals
-    (dx,), dy_gathered = _gather_matmul(dy, (w.T,), axis_name, bidirectional)
-    return dx.astype(x.dtype), _weight_grad(x, dy_gathered, w)
-
-
-_matmul_reduce_scatter.defvjp(_matmul_reduce_scatter_fwd, _matmul_reduce_scatter_bwd)
+_all_gather_matmul, _matmul_reduce_scatter = vjp.paired(_gather_matmul, _matmul_scatter)
 
 
 def all_gather_matmul(

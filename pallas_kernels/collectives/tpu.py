@@ -21,8 +21,9 @@ Every step uses its own buffer slot, so a DMA never writes a slot someone still 
 the kernels are race-free without flow-control semaphores (checked in TPU interpret mode
 with ``detect_races=True``), at the price of ``n`` slots of VMEM; production-sized blocks
 would double-buffer with a credit semaphore instead. The custom VJPs pair them: the
-backward of one is the other (:mod:`~pallas_kernels.collectives.matmul`), with the weight
-gradient a local matmul against the gathered operand the all-gather kernel returns.
+backward of one is the other (:mod:`~pallas_kernels.collectives.vjp`); the weight gradients
+contract against the gathered operand the all-gather kernel returns, or, where no matmul
+goes with it, an XLA all-gather of the saved shard.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.collectives import vjp
 from pallas_kernels.platform import Interpret
 
 
@@ -130,7 +132,13 @@ def _call(kernel, out_shape, scratch, n: int, interpret: Interpret):
     )
 
 
-def _gather_matmul(x, w, axis_name: str, interpret: Interpret):
+def _gather_matmul(x, ws, grams_with, axis_name: str, interpret: Interpret):
+    """``vjp.GatherMatmul`` with at most one weight: the kernel when there is one (it hands
+    back the gathered ``x`` for the grams), else an XLA all-gather for the grams alone."""
+    if not ws:
+        gathered = lax.all_gather(x, axis_name, tiled=True)
+        return (), tuple(vjp.gram(gathered, g) for g in grams_with)
+    (w,) = ws
     n = lax.axis_size(axis_name)
     m, k = x.shape
     out_shape = (
@@ -139,10 +147,13 @@ def _gather_matmul(x, w, axis_name: str, interpret: Interpret):
     )
     kernel = functools.partial(_gather_matmul_kernel, axis_name=axis_name, n=n)
     y, gathered = _call(kernel, out_shape, [], n, interpret)(x, w)
-    return y, gathered.reshape(n * m, k)
+    gathered = gathered.reshape(n * m, k)
+    return (y,), tuple(vjp.gram(gathered, g) for g in grams_with)
 
 
-def _matmul_scatter(x, w, axis_name: str, interpret: Interpret):
+def _matmul_scatter(xs, ws, axis_name: str, interpret: Interpret):
+    """``psum_scatter(x @ w)``: one operand pair (``vjp.MatmulScatter``)."""
+    (x,), (w,) = xs, ws
     n = lax.axis_size(axis_name)
     if x.shape[0] % n:
         raise ValueError(
@@ -156,46 +167,7 @@ def _matmul_scatter(x, w, axis_name: str, interpret: Interpret):
     return _call(kernel, out_shape, slots, n, interpret)(x, w)
 
 
-def _weight_grad(x, dy, w):
-    return lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
-                           preferred_element_type=jnp.float32).astype(w.dtype)  # fmt: skip
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _all_gather_matmul(x, w, axis_name, interpret):
-    return _gather_matmul(x, w, axis_name, interpret)[0]
-
-
-def _all_gather_matmul_fwd(x, w, axis_name, interpret):
-    y, gathered = _gather_matmul(x, w, axis_name, interpret)
-    return y, (gathered, w)
-
-
-def _all_gather_matmul_bwd(axis_name, interpret, residuals, dy):
-    gathered, w = residuals
-    dx = _matmul_scatter(dy, w.T, axis_name, interpret).astype(gathered.dtype)
-    return dx, _weight_grad(gathered, dy, w)
-
-
-_all_gather_matmul.defvjp(_all_gather_matmul_fwd, _all_gather_matmul_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul_reduce_scatter(x, w, axis_name, interpret):
-    return _matmul_scatter(x, w, axis_name, interpret)
-
-
-def _matmul_reduce_scatter_fwd(x, w, axis_name, interpret):
-    return _matmul_scatter(x, w, axis_name, interpret), (x, w)
-
-
-def _matmul_reduce_scatter_bwd(axis_name, interpret, residuals, dy):
-    x, w = residuals
-    dx, dy_gathered = _gather_matmul(dy, w.T, axis_name, interpret)
-    return dx.astype(x.dtype), _weight_grad(x, dy_gathered, w)
-
-
-_matmul_reduce_scatter.defvjp(_matmul_reduce_scatter_fwd, _matmul_reduce_scatter_bwd)
+_all_gather_matmul, _matmul_reduce_scatter = vjp.paired(_gather_matmul, _matmul_scatter)
 
 
 def _check_2d(x: jax.Array, w: jax.Array, name: str) -> None:
@@ -214,7 +186,7 @@ def all_gather_matmul(
     -> ``[n m, f]``. ``interpret``: a ``pltpu.InterpretParams`` (or True) runs the kernel
     in TPU interpret mode on CPU."""
     _check_2d(x, w, "all_gather_matmul")
-    return _all_gather_matmul(x, w, axis_name, interpret)
+    return _all_gather_matmul(x, (w,), axis_name, interpret)[0]
 
 
 def matmul_reduce_scatter(

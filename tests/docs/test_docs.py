@@ -14,8 +14,21 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).parents[2]
 NOTEBOOKS = ROOT / "docs" / "notebooks"
-PAGES = ["README.md", "docs/quickstart.md", "docs/pipeline_parallel.md"]
-SKIP_REASONS = {"README.md": ["an outline of the API: docs/quickstart.md runs it whole"]}
+PAGES = [
+    "README.md",
+    "docs/quickstart.md",
+    "docs/pipeline_parallel.md",
+    "docs/serving.md",
+    "docs/lora.md",
+]
+SKIP_REASONS = {
+    "README.md": ["an outline of the API: docs/quickstart.md runs it whole"],
+    "docs/serving.md": [
+        "needs a running server",
+        "needs a Hugging Face model directory with a sliding window",
+        "needs a Hugging Face model directory",
+    ],
+}
 
 
 def _single_device_env() -> dict[str, str]:

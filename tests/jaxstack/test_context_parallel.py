@@ -244,3 +244,31 @@ def test_a_context_four_times_too_long_for_one_device_fits_on_four():
     assert (short["data"], short["sequence"]) == (4, 1)
     long = choose_mesh(_long_run(4 * 4096, "auto"), 4, budget).axis_sizes
     assert long["sequence"] == 4
+
+
+def test_the_loss_takes_the_hidden_state_in_the_split_order(batch):
+    """Under context parallelism the LM loss takes the hidden state in the zig-zag order
+    the sequence split uses and permutes its targets instead: no collective of the loss's
+    forward holds the whole sequence of hidden states ``[b, s, hidden]`` on a device (the
+    natural-order output gathers it with an all-reduce), and loss and gradients equal the
+    one-device ones."""
+    from jaxstack.lm import lm_functions
+
+    model = Llama(CONFIG.replace(context_parallel="ring"))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    loss_fn, _ = lm_functions(model)
+    loss = lambda p, b: loss_fn(p, b, None)[0]  # noqa: E731
+    want = jax.value_and_grad(loss)(params, batch)
+    mesh = make_mesh(data=2, sequence=4)
+    with jax.set_mesh(mesh):
+        sharded = jax.device_put(batch, jax.NamedSharding(mesh, jax.P("data")))
+        got = jax.jit(jax.value_and_grad(loss))(params, sharded)
+        forward = jax.jit(loss).lower(params, sharded).compile().as_text()
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=3e-6)
+    whole_sequence = f"[4,{SEQ_LEN},{CONFIG.hidden_size}]"  # a device's rows, every position
+    collectives = ("all-gather", "all-reduce", "all-to-all")
+    gathered = [line for line in forward.splitlines() if whole_sequence in line
+                and any(f" {op}" in line for op in collectives)]  # fmt: skip
+    assert not gathered, gathered[:2]

@@ -5,9 +5,6 @@ weights against separate calls, and the Pallas TPU kernels (remote DMA, semaphor
 interpret mode with race detection."""
 
 import functools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -119,9 +116,10 @@ def test_both_ways_takes_half_the_steps():
 
 def test_several_weights_equal_separate_calls(mesh):
     """``all_gather_matmul(x, [w1, w2, w3])``: values and gradients of a plain all-gather
-    matmul per weight, by one ring forward and one ring backward; both ways on 4 devices
-    with one row each, so the opposite device's row comes whole from one side (2 hops one
-    way, 1 the other)."""
+    matmul per weight, by one ring forward and two backward (the reduce-scatter of ``dx``;
+    ``x`` again for the weight gradients, as the forward keeps only its own rows); both ways
+    on 4 devices with one row each, so the opposite device's row comes whole from one side
+    (2 hops one way, 1 the other)."""
     normal = _normal(3)
     x, ws = normal(2, 4, 20), tuple(normal(20, 4 * f) for f in (3, 1, 2))
     specs = ((P("data", "tensor"), (P(None, "tensor"),) * 3), (P("data", None, "tensor"),) * 3)
@@ -135,7 +133,7 @@ def test_several_weights_equal_separate_calls(mesh):
         x, ws
     )
     assert_matches(got, want, atol=2e-5)
-    assert _permutes(4, lambda x, ws: _values_and_grads(together, x, ws), x, ws) == {1: 4, -1: 2}
+    assert _permutes(4, lambda x, ws: _values_and_grads(together, x, ws), x, ws) == {1: 6, -1: 3}
 
 
 def test_bad_weights_are_refused(mesh):
@@ -153,47 +151,13 @@ def test_rows_that_do_not_split_are_refused(mesh):
         jax.eval_shape(fn, x, w)
 
 
-TPU_INTERPRET_SCRIPT = """
-import sys, functools
-import jax, jax.numpy as jnp
-from jax.sharding import AxisType, PartitionSpec as P
-from jax.experimental.pallas import tpu as pltpu
-from jax._src.pallas.mosaic.interpret import interpret_pallas_call as interpreter
-sys.path.insert(0, {here!r})
-import test_collective_matmul as t
-from pallas_kernels.collectives import reference, tpu
-mesh = jax.make_mesh((4,), ("tensor",), axis_types=(AxisType.Auto,))
-kx, kw = jax.random.split(jax.random.key(1))
-x, w = jax.random.normal(kx, (16, 8)), jax.random.normal(kw, (8, 16))  # ~1 KiB buffers
-params = pltpu.InterpretParams(detect_races=True)
-for ours, oracle, in_specs, out_spec in (
-    (tpu.all_gather_matmul, reference.all_gather_matmul_reference,
-     (P("tensor"), P(None, "tensor")), P(None, "tensor")),
-    (tpu.matmul_reduce_scatter, reference.matmul_reduce_scatter_reference,
-     (P(None, "tensor"), P("tensor")), P("tensor")),
-):
-    got = jax.jit(functools.partial(t._values_and_grads, t._mapped(
-        ours, mesh, in_specs, out_spec, interpret=params)))(x, w)
-    want = jax.jit(functools.partial(t._values_and_grads, t._mapped(
-        oracle, mesh, in_specs, out_spec)))(x, w)
-    t.assert_matches(got, want, atol=2e-5)
-    assert not interpreter.races.races_found, ours.__name__
-print("checked")
-"""
-
-
-def test_pallas_tpu_kernels_in_interpret_mode_with_race_detection():
+def test_pallas_tpu_kernels_in_interpret_mode_with_race_detection(run_checked_script):
     """Both kernels and their VJPs (each the other) under the TPU interpreter with remote
     DMAs between 4 fake devices and race detection. In a subprocess with a timeout: that
     interpreter can hang with several devices once a kernel buffer reaches ~128 KiB."""
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4"
+    run_checked_script(
+        Path(__file__).with_name("collective_matmul_tpu_interpret.py"), devices=4, timeout=300
     )
-    script = TPU_INTERPRET_SCRIPT.format(here=str(Path(__file__).parent))
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "checked", done.stderr[-3000:]
 
 
 def test_tpu_kernels_take_two_dimensional_operands():
@@ -201,3 +165,15 @@ def test_tpu_kernels_take_two_dimensional_operands():
 
     with pytest.raises(ValueError, match=r"x \[rows, k\] and w \[k, f\].*any rank"):
         tpu.all_gather_matmul(jnp.zeros((2, 4, 8)), jnp.zeros((8, 4)), axis_name="tensor")
+
+
+def test_the_gathered_rows_are_never_assembled():
+    """Megatron-SP: ``all_gather_matmul``'s forward keeps this device's rows, and its backward
+    passes them around the ring again for the weight gradient, so no buffer of the gathered
+    ``x`` (``[rows x devices, k]``) exists in the compiled forward-and-backward program: what a
+    sequence-parallel layer keeps for backward falls with the ring size."""
+    fn, _, in_specs, out_spec = OPS["all_gather_matmul"]
+    mapped = _mapped(fn, _ring_mesh(4), in_specs, out_spec)
+    x, w = jnp.ones((2, 12, 20)), jnp.ones((20, 28))  # per device x [1, 3, 20], w [20, 7]
+    hlo = jax.jit(lambda x, w: _values_and_grads(mapped, x, w)).lower(x, w).compile().as_text()
+    assert "[1,12,20]" not in hlo

@@ -8,9 +8,6 @@ told it runs on a GPU or TPU host. Oracles are computed in float32 from the very
 """
 
 import functools
-import os
-import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -170,34 +167,12 @@ def test_kernels_match_reference(route, dtypes, groups):
     assert not np.asarray(ours[0][sum(GROUPS[groups]) :], np.float32).any()
 
 
-TPU_INTERPRET_SCRIPT = """
-import sys
-import jax.numpy as jnp
-from jax.experimental.pallas import tpu as pltpu
-sys.path.insert(0, {here!r})
-import test_gmm as t
-for groups in ("empty-groups", "uneven", "rows-past-total"):
-    args = (*t._inputs("bf16-f32-weights"), jnp.array(t.GROUPS[groups], jnp.int32))
-    ours = t._kernel_run(*args, backend="tpu", tiling=(128, 128, 128),
-                         interpret=pltpu.InterpretParams())
-    t._assert_close(ours, t._reference_run(*args), "bf16-f32-weights")
-print("checked")
-"""
-
-
-def test_megablox_in_tpu_interpret_mode():
+def test_megablox_in_tpu_interpret_mode(run_checked_script):
     """megablox under the TPU-faithful interpreter (``pltpu.InterpretParams``: kernel
     buffers start as NaN, out-of-bounds reads raise). In a single-device subprocess with
     a timeout: that interpreter can hang with several fake devices once kernel buffers
     reach ~128 KiB (these reach 157 KiB)."""
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
-    )
-    script = TPU_INTERPRET_SCRIPT.format(here=str(Path(__file__).parent))
-    done = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "checked", done.stderr[-3000:]
+    run_checked_script(Path(__file__).with_name("gmm_tpu_interpret.py"), devices=1, timeout=240)
 
 
 def test_auto_on_cpu_is_xla_and_matches_reference():

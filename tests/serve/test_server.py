@@ -165,14 +165,17 @@ def test_models_health_and_metrics(base_url):
         ),
         ({"prompt": "x", "temperature": -1}, "temperature"),
         ({"prompt": "x", "top_p": 0}, "top_p"),
-        ({"prompt": "x", "n": 2}, "n=2"),
+        ({"prompt": "x", "n": 17}, "n=17 must be in [1, 16]"),
         ({"prompt": "x", "max_tokens": "many"}, "max_tokens"),
         ({"max_tokens": 3}, "prompt"),
         ({"prompt": "x", "max_token": 3}, "max_token: unknown field"),
-        ({"prompt": "x", "logprobs": 2}, "logprobs=2 is not supported"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs=21 must be None or an int in [0, 20]"),
+        ({"prompt": "x", "best_of": 2}, "best_of=2 is not supported"),
         ({"prompt": "x", "echo": True}, "echo=True is not supported"),
-        ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty=0.5 is not supported"),
-        ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias={'1': 5} is not supported"),
+        ({"prompt": "x", "presence_penalty": 2.5}, "presence_penalty=2.5 must be in [-2, 2]"),
+        ({"prompt": "x", "logit_bias": {"a": 5}}, "logit_bias keys must be token ids"),
+        ({"prompt": "x", "logit_bias": {"999": 5}}, "[999] of logit_bias"),
+        ({"prompt": "x", "min_tokens": 20}, "min_tokens=20 must be an int in [0, max_tokens]"),
         ({"prompt": "x", "stream_options": {"include_usage": True, "x": 1}}, "x: unknown field"),
     ],
 )
@@ -185,11 +188,11 @@ def test_bad_requests_get_400(base_url, body, message):
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format="),
-        ({"logprobs": True, "top_logprobs": 2}, "logprobs=True is not supported"),
+        ({"response_format": {"type": "xml"}}, "response_format="),
+        ({"top_logprobs": 2}, "top_logprobs=2 needs logprobs: true"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools="),
-        ({"frequency_penalty": 1}, "frequency_penalty=1 is not supported"),
-        ({"logprobs": 0}, "logprobs=0"),  # 0 is not false
+        ({"extra_body": {"repetition_penalty": 0}}, "repetition_penalty=0"),
+        ({"logprobs": 0}, "logprobs: Input should be a valid boolean"),  # 0 is not false
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "'image_url'"),
         ({"messages": [{"role": "user", "content": "hi", "tool_call_id": "1"}]}, "tool_call_id"),
     ],
