@@ -385,6 +385,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from jaxstack.serve import LLM
 
     _say_xla_flags(args)
+    cache = use_compilation_cache(args.compilation_cache)
+    print(f"XLA compilation cache: {cache or 'off'}", flush=True)
     mesh = None
     if args.tensor > 1:
         mesh = make_mesh(data=1, tensor=args.tensor, devices=jax.devices()[: args.tensor])
@@ -398,10 +400,32 @@ def cmd_serve(args: argparse.Namespace) -> None:
         llm.close()
 
 
+def use_compilation_cache(setting: str | None) -> str | None:
+    """Turn on jax's persistent compilation cache, so a restart loads the serving buckets
+    instead of compiling them: ``setting`` is a directory, ``off``, or None for
+    ``$JAX_COMPILATION_CACHE_DIR`` when set, else ``jaxstack/xla`` in the user's cache
+    directory (``$XDG_CACHE_HOME``, default ``~/.cache``). Returns the directory (None: off)."""
+    if setting == "off":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return None
+    directory = setting or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if directory is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+        directory = os.path.join(base, "jaxstack", "xla")
+    directory = os.path.abspath(os.path.expanduser(directory))
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # every bucket
+    return directory
+
+
 def _engine_options(args: argparse.Namespace) -> dict:
     """``EngineConfig`` fields from the serve flags."""
     buckets = lambda text: tuple(int(n) for n in text.split(","))  # noqa: E731
     options = dict(page_size=args.page_size, num_pages=args.num_pages, max_queue=args.max_queue)
+    options["memory_fraction"] = args.memory_fraction
     options.update(max_model_len=args.max_model_len, prefix_caching=not args.no_prefix_caching)
     if args.token_buckets:
         options["token_buckets"] = buckets(args.token_buckets)
@@ -508,7 +532,23 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--tensor", type=int, default=1, help="tensor-parallel devices")
     srv.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    srv.add_argument("--num-pages", type=int, default=1024, help="KV pages per layer")
+    srv.add_argument(
+        "--num-pages",
+        type=int,
+        help="KV pages per layer (default: sized by --memory-fraction)",
+    )
+    srv.add_argument(
+        "--memory-fraction",
+        type=float,
+        default=0.9,
+        help="share of each device's memory (on CPU: of the available host memory) the "
+        "weights and KV cache may take (default 0.9)",
+    )
+    srv.add_argument(
+        "--compilation-cache",
+        help="directory of the persistent XLA compilation cache, or 'off' (default: "
+        "$JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/jaxstack/xla)",
+    )
     srv.add_argument("--max-model-len", type=int, help="longest prompt + output")
     srv.add_argument("--max-queue", type=int, default=1024, help="waiting requests before 429")
     srv.add_argument("--token-buckets", help="tokens per step to compile, e.g. 16,64,256")

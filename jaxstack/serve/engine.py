@@ -25,21 +25,30 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxstack.data.tokenizers import Tokenizer, decode_continuation
+from jaxstack.data.tokenizers import Tokenizer
 from jaxstack.models.llama import Llama
 from jaxstack.serve.kv_cache import KVCacheManager
-from jaxstack.serve.metrics import EngineMetrics
-from jaxstack.serve.runner import ModelRunner, StepOutputs
+from jaxstack.serve.metrics import PHASES, EngineMetrics
+from jaxstack.serve.output import OutputProcessor, RequestOutput
+from jaxstack.serve.runner import (
+    ModelRunner,
+    StepOutputs,
+    kv_budget_bytes,
+    page_bytes,
+    weight_bytes,
+)
 from jaxstack.serve.sampling import BIAS_SLOTS, SamplingParams, TokenLogprob
 from jaxstack.serve.scheduler import RequestState, Scheduler
 from jaxstack.serve.structured import Grammars
 
 log = logging.getLogger("jaxstack.serve")
+MIB = 2**20
 RECOVERY_RETRY_S = 1.0
 """Seconds between attempts to rebuild the KV pages while the device keeps failing."""
 
@@ -50,8 +59,14 @@ class EngineConfig:
 
     page_size: int = 16
     """Token slots per KV page."""
-    num_pages: int = 1024
-    """KV pages per layer (cache memory: layers x pages x page_size x 2 x kv_heads x head_dim)."""
+    num_pages: int | None = None
+    """KV pages per layer (cache memory: layers x pages x page_size x 2 x kv_heads x head_dim);
+    default: what ``memory_fraction`` leaves, up to every sequence of the largest sequence
+    bucket at ``max_model_len``."""
+    memory_fraction: float = 0.9
+    """Share of each device's memory the weights and the KV cache may take (vLLM's
+    ``gpu_memory_utilization``); on CPU, of the available host memory. Unused with
+    ``num_pages``."""
     max_model_len: int | None = None
     """Longest prompt + output; default the model's ``max_seq_len``."""
     token_buckets: tuple[int, ...] = (1, 4, 16, 32, 64, 128, 256)
@@ -66,6 +81,10 @@ class EngineConfig:
     """Requests waiting to start before ``submit`` raises ``QueueFullError``."""
     prefix_caching: bool = True
     """Share full KV pages between requests with the same token prefix."""
+    async_scheduling: bool = True
+    """Schedule and pack the next step while the current one runs, its sampled tokens
+    feeding the next step on the device (a request that stops wastes one token of compute);
+    outputs are the same either way."""
     step_retries: int = 1
     """Times a request caught in a failed device step is recomputed before it ends with
     ``finish_reason "error"`` (0: it ends at the first failure)."""
@@ -81,8 +100,10 @@ class EngineConfig:
                 f"the largest seq bucket {self.seq_buckets[-1]} exceeds the token budget "
                 f"{self.token_buckets[-1]} (each running request needs a token per step)"
             )
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction={self.memory_fraction} must be in (0, 1]")
         for name in ("page_size", "num_pages", "max_queue"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.step_retries < 0:
             raise ValueError(f"step_retries={self.step_retries} must be >= 0")
@@ -100,31 +121,18 @@ def _token_logprob(outputs: StepOutputs, row: int, k: int) -> TokenLogprob:
     return TokenLogprob(int(outputs.tokens[row]), float(chosen[row]), tuple(pairs))
 
 
+def _needs_host_tokens(seq: RequestState) -> bool:
+    """Whether packing ``seq``'s next step needs its last token on the host: its grammar's
+    mask follows that token, and penalties count every token."""
+    if seq.num_resolved == seq.num_tokens:
+        return False
+    p = seq.params
+    rates = (p.repetition_penalty, p.presence_penalty, p.frequency_penalty)
+    return seq.matcher is not None or rates != (1.0, 0.0, 0.0)
+
+
 class QueueFullError(RuntimeError):
     """Too many requests are waiting; retry later."""
-
-
-@dataclass
-class RequestOutput:
-    """A request's state as reported to its caller after each new token and at the end."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    """Every output token so far (a stop token included; at a stop string, the tokens
-    before it)."""
-    new_token_ids: list[int]
-    """Tokens since the previous report."""
-    text: str = ""
-    """Decoded output so far (ends before a stop string); empty without a tokenizer."""
-    delta: str = ""
-    """Text since the previous report."""
-    finished: bool = False
-    finish_reason: str | None = None
-    """``stop`` (EOS, a stop token or string), ``length``, ``cancelled`` or ``error``."""
-    error: str | None = None
-    logprobs: list[TokenLogprob] | None = None
-    """One per ``token_ids`` entry when the request asked (``SamplingParams.logprobs``)."""
 
 
 @dataclass(eq=False)
@@ -132,14 +140,19 @@ class _Request:
     seq: RequestState
     on_output: Callable[[RequestOutput], None]
     arrival_time: float
+    processor: OutputProcessor
     first_token_time: float | None = None
-    reported_tokens: int = 0
-    text: str = ""
-    sent_chars: int = 0
-    stops: tuple[str, ...] = field(default_factory=tuple)
-    kept_tokens: int | None = None  # output tokens before a stop string's cut (None: all)
     failed_steps: int = 0
-    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class _InFlight:
+    """A dispatched step whose sampled tokens the host has not read yet."""
+
+    step: list[tuple[RequestState, int]]
+    sampled: tuple  # the step's (tokens, logprobs) on the device (runner.dispatch)
+    rows: list[tuple[int, RequestState, int]]  # (row, sequence, index of its new token)
+    logprobs: bool  # whether a row asked for log-probabilities
 
 
 class Engine:
@@ -171,18 +184,20 @@ class Engine:
         self.eos_ids: frozenset[int] = frozenset(int(i) for i in eos)
         """Token ids that end a request (unless it ``ignore_eos``)."""
         self.max_model_len = config.max_model_len or model.config.max_seq_len
+        variables = params.get("params", params)
         self._grammars = Grammars(tokenizer, model.config.vocab_size, self.eos_ids)
-        self.cache = KVCacheManager(config.num_pages, config.page_size, config.prefix_caching)
+        self.num_pages = config.num_pages or self._pages_from_memory(mesh)
+        """KV pages per layer (``EngineConfig.num_pages``, or sized from memory)."""
+        self.cache = KVCacheManager(self.num_pages, config.page_size, config.prefix_caching)
         self.scheduler = Scheduler(
             self.cache,
             max_num_tokens=config.token_buckets[-1],
             max_num_seqs=config.seq_buckets[-1],
         )
-        variables = params.get("params", params)
         self.runner = ModelRunner(
             model,
             variables,
-            num_pages=config.num_pages,
+            num_pages=self.num_pages,
             page_size=config.page_size,
             pages_per_seq=math.ceil(self.max_model_len / config.page_size),
             token_buckets=config.token_buckets,
@@ -190,6 +205,11 @@ class Engine:
             mesh=mesh,
             eos_ids=self.eos_ids,
         )
+        self.plan = self._plan(variables, mesh)
+        """One line: weights, KV cache bytes and capacity in tokens, per device."""
+        log.info(self.plan)
+        if progress:
+            print(self.plan, flush=True)
         self.runner.warmup(progress)
         self.metrics = EngineMetrics(
             {
@@ -198,6 +218,9 @@ class Engine:
                 "kv_pages_used": lambda: self.cache.num_used,
             }
         )
+        self._phase_seconds = dict.fromkeys(PHASES, 0.0)
+        self._inflight: _InFlight | None = None
+        self._scheduled: list[tuple[RequestState, int]] = []  # scheduled by the current iteration
         self._inbox: queue.Queue = queue.Queue()
         self._requests: dict[str, _Request] = {}  # engine thread only
         self._ids = itertools.count()
@@ -208,6 +231,34 @@ class Engine:
         self._next_recovery = 0.0  # monotonic time of the next rebuild attempt
         self._thread = threading.Thread(target=self._loop, name="jaxstack-engine", daemon=True)
         self._thread.start()
+
+    def _pages_from_memory(self, mesh: Mesh | None) -> int:
+        """KV pages per layer that ``memory_fraction`` of each device leaves after the
+        weights, at most enough for every sequence at ``max_model_len``."""
+        config = self.config
+        devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
+        budget = kv_budget_bytes(devices, config.memory_fraction)
+        per_page = page_bytes(self.model.config, config.page_size, mesh)
+        per_seq = math.ceil(self.max_model_len / config.page_size)
+        pages = min(max(budget, 0) // per_page, per_seq * config.seq_buckets[-1])
+        if pages < per_seq:
+            raise ValueError(
+                f"memory_fraction={config.memory_fraction} leaves {max(budget, 0) / MIB:.1f} MiB "
+                f"per device for the KV cache, less than the {per_seq * per_page / MIB:.1f} MiB "
+                f"one sequence of max_model_len={self.max_model_len} tokens needs; raise "
+                "memory_fraction, lower max_model_len, or set num_pages"
+            )
+        return int(pages)
+
+    def _plan(self, params, mesh: Mesh | None) -> str:
+        devices = 1 if mesh is None else mesh.devices.size
+        kv = self.num_pages * page_bytes(self.model.config, self.config.page_size, mesh)
+        return (
+            f"serving plan per device ({devices} device{'s' if devices > 1 else ''}): weights "
+            f"{weight_bytes(params) / MIB:.1f} MiB, KV cache {kv / MIB:.1f} MiB = "
+            f"{self.num_pages * self.config.page_size} tokens ({self.num_pages} pages of "
+            f"{self.config.page_size}), step budget {self.config.token_buckets[-1]} tokens"
+        )
 
     # ---------------------------------------------------------------- callers' side
 
@@ -230,10 +281,15 @@ class Engine:
         number = next(self._ids)
         request_id = request_id or f"req-{number}"
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        seq = RequestState(request_id, [int(t) for t in prompt], params, seed % 2**32, number)
+        prompt = [int(t) for t in prompt]
+        limit = min(len(prompt) + params.max_tokens, self.max_model_len)
+        seq = RequestState(request_id, prompt, params, seed % 2**32, number, limit=limit)
         if params.response_format is not None:  # compiled here, off the engine thread
             seq.matcher = self._grammars.matcher(params.response_format)
-        request = _Request(seq, on_output, time.monotonic(), stops=params.stop)
+        processor = OutputProcessor(
+            request_id, prompt, params, self.tokenizer, self.eos_ids, self.max_model_len
+        )
+        request = _Request(seq, on_output, time.monotonic(), processor)
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is shut down")
@@ -276,6 +332,21 @@ class Engine:
         return self.alive and self._healthy
 
     @property
+    def phase_seconds(self) -> dict[str, float]:
+        """Wall seconds the engine thread spent in each phase since start-up (also the
+        Prometheus counter ``jaxstack_engine_phase_seconds_total{phase}``): ``schedule``,
+        ``pack``, ``dispatch`` (launching the step), ``device`` (waiting for its tokens),
+        ``output`` (detokenization, stop strings, callbacks)."""
+        return dict(self._phase_seconds)
+
+    def _timed(self, phase: str, start: float) -> float:
+        """Add the time since ``start`` to ``phase``; returns now."""
+        now = time.perf_counter()
+        self._phase_seconds[phase] += now - start
+        self.metrics.phase_seconds.labels(phase).inc(now - start)
+        return now
+
+    @property
     def num_compilations(self) -> int:
         """Times the step function was compiled (fixed after start-up)."""
         return self.runner.num_traces
@@ -295,9 +366,9 @@ class Engine:
                 f"{total} tokens, more than the model's context of {self.max_model_len}; "
                 "shorten the prompt or lower max_tokens"
             )
-        if math.ceil(total / self.config.page_size) > self.config.num_pages:
+        if math.ceil(total / self.config.page_size) > self.num_pages:
             raise ValueError(
-                f"{total} tokens need more than the {self.config.num_pages} KV pages of "
+                f"{total} tokens need more than the {self.num_pages} KV pages of "
                 f"{self.config.page_size} tokens; raise num_pages or lower max_tokens"
             )
         if (params.stop or params.response_format) and self.tokenizer is None:
@@ -317,22 +388,19 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            if not self._drain(block=not self.scheduler.has_work() or not self._healthy):
+            idle = self._inflight is None and not self.scheduler.has_work()
+            if not self._drain(block=idle or not self._healthy):
                 break
             if not self._healthy:
                 if time.monotonic() >= self._next_recovery:
                     self._recover()
                 continue
-            step = []
+            self._scheduled = []
             try:
-                step = self.scheduler.schedule()
-                if not step:
-                    self._unblock()
-                    continue
-                self._run(step)
+                self._iterate()
             except Exception as error:  # never let one request kill the engine
                 log.exception("engine step failed")
-                for seq, _ in step:
+                for seq, _ in self._scheduled:
                     self._finish(self._requests.get(seq.request_id), "error", repr(error))
         for request in list(self._requests.values()):
             self._finish(request, "cancelled")
@@ -365,31 +433,82 @@ class Engine:
             message = f"request {seq.request_id} does not fit into the free KV cache pages"
             self._finish(self._requests.get(seq.request_id), "error", message)
 
-    def _run(self, step: list[tuple[RequestState, int]]) -> None:
-        inputs = self.runner.pack(step)
-        try:
-            outputs = self.runner.run(inputs)
-        except Exception as error:
-            self._step_failed(step, error)
+    def _iterate(self) -> None:
+        """Schedule, pack and dispatch the next step (``_scheduled``), then read and report the
+        tokens of the one before it (still running meanwhile); without ``async_scheduling``,
+        of this one. A step with a sequence that needs its last token on the host to be
+        packed (a grammar's mask, penalties over its tokens) waits for the one before."""
+        start = time.perf_counter()
+        self._scheduled = step = self.scheduler.schedule()
+        start = self._timed("schedule", start)
+        if self._inflight is not None and any(_needs_host_tokens(seq) for seq, _ in step):
+            flight, self._inflight = self._inflight, None
+            self._resolve(flight)
+            start = time.perf_counter()
+            live = self._requests
+            step = [(q, n) for q, n in step if q.request_id in live and live[q.request_id].seq is q]
+            self._scheduled = step
+        launched = None
+        if step:
+            inputs = self.runner.pack(step)
+            start = self._timed("pack", start)
+            previous = self._inflight.sampled[0] if self._inflight is not None else None
+            try:
+                sampled = self.runner.dispatch(inputs, previous)
+            except Exception as error:
+                self._step_failed(step, error)
+                return
+            self.scheduler.advance(step)
+            rows = []
+            for row, (seq, _) in enumerate(step):
+                if not seq.num_pending:  # it reached its last token: one is sampled
+                    rows.append((row, seq, seq.num_tokens))
+                    seq.add_unresolved(row)
+            wanted = bool(np.any(np.asarray(inputs.controls.num_logprobs) >= 0))
+            launched = _InFlight(step, sampled, rows, wanted)
+            self._timed("dispatch", start)
+        elif self._inflight is None:
+            self._unblock()
             return
-        self.scheduler.advance(step)
+        done, self._inflight = self._inflight, launched
+        if not self.config.async_scheduling:
+            done, self._inflight = launched, None
+        if done is not None:
+            self._resolve(done)
+
+    def _resolve(self, flight: _InFlight) -> None:
+        """Wait for ``flight``'s sampled tokens and report them."""
+        start = time.perf_counter()
+        try:
+            tokens, logprobs = flight.sampled
+            outputs = StepOutputs(
+                np.asarray(tokens), jax.device_get(logprobs) if flight.logprobs else None
+            )
+        except Exception as error:  # the step failed on the device
+            self._step_failed(flight.step, error)
+            return
+        start = self._timed("device", start)
         now, produced = time.monotonic(), 0
-        for row, (seq, _) in enumerate(step):
-            request = self._requests[seq.request_id]
-            if seq.num_pending:  # a prefill chunk that did not reach the prompt's end
+        for row, seq, index in flight.rows:
+            token = int(outputs.tokens[row])
+            seq.resolve(index, token)
+            self.scheduler.register_pages(seq)
+            request = self._requests.get(seq.request_id)
+            if request is None or request.seq is not seq:  # finished meanwhile: discarded
                 continue
-            seq.output.append(int(outputs.tokens[row]))
             if seq.matcher is not None and not seq.matcher.is_terminated():
-                seq.matcher.accept_token(seq.output[-1])
+                seq.matcher.accept_token(token)
+            logprob = None
             if seq.params.logprobs is not None:
-                request.logprobs.append(_token_logprob(outputs, row, seq.params.logprobs))
+                logprob = _token_logprob(outputs, row, seq.params.logprobs)
             produced += 1
             try:
-                self._report(request, now)
+                self._report(request, token, logprob, now)
             except Exception as error:
                 log.exception("reporting request %s failed", seq.request_id)
                 self._finish(request, "error", repr(error))
         self.metrics.on_tokens(produced)
+        self._timed("output", start)
 
     def _step_failed(self, step: list[tuple[RequestState, int]], error: Exception) -> None:
         """A device step raised: end the requests that exhausted their retries, re-queue
@@ -397,6 +516,9 @@ class Engine:
         log.exception("engine step failed; rebuilding the KV cache")
         self._healthy = False
         self.metrics.step_failures.inc()
+        self._inflight = None  # its pages are gone too: every unresolved token is recomputed
+        for request in self._requests.values():
+            request.seq.drop_unresolved()
         self.scheduler.requeue_running()
         self.cache.clear()
         self._recover()
@@ -424,77 +546,22 @@ class Engine:
         self._healthy = True
         log.warning("engine recovered: KV cache rebuilt, running requests recompute")
 
-    def _report(self, request: _Request, now: float) -> None:
+    def _report(self, request: _Request, token: int, logprob, now: float) -> None:
         """Tell the caller about the new token; finish the request at a stop or the limit."""
-        seq, params = request.seq, request.seq.params
         if request.first_token_time is None:
             request.first_token_time = now
             self.metrics.ttft.observe(now - request.arrival_time)
-        token = seq.output[-1]
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids |= self.eos_ids
-        reason = None
-        if token in stop_ids:
-            reason = "stop"
-        elif len(seq.output) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        visible = request.text
-        if self.tokenizer is not None:
-            request.text = visible = decode_continuation(self.tokenizer, seq.prompt, seq.output)
-            stops = request.stops if len(seq.output) >= params.min_tokens else ()
-            cut = min((i for s in stops if (i := visible.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                request.text = visible = visible[:cut]
-                request.kept_tokens = self._tokens_for(seq.prompt, seq.output, visible)
-                reason = "stop"
-            if reason is None:  # hold back what may still become a stop string or a character
-                hold = max((len(s) - 1 for s in request.stops), default=0)
-                visible = visible[: len(visible) - hold].rstrip("\ufffd")
-        self._send(request, visible, finished=reason is not None, reason=reason)
-        if reason is not None:
-            self._remove(request, reason)
-
-    def _tokens_for(self, prompt: list[int], tokens: list[int], text: str) -> int:
-        """The fewest leading ``tokens`` whose decoding after ``prompt`` starts with ``text``
-        (a prefix of the decoding of all of them), by bisection: what a stop string's cut
-        keeps."""
-        low, high = 0, len(tokens)
-        while low < high:
-            middle = (low + high) // 2
-            if decode_continuation(self.tokenizer, prompt, tokens[:middle]).startswith(text):
-                high = middle
-            else:
-                low = middle + 1
-        return low
-
-    def _send(self, request: _Request, visible: str, *, finished: bool, reason=None, error=None):
-        seq = request.seq
-        delta = visible[request.sent_chars :] if len(visible) > request.sent_chars else ""
-        request.sent_chars = max(request.sent_chars, len(visible))
-        tokens = seq.output[: request.kept_tokens]
-        new_tokens = tokens[request.reported_tokens :]
-        request.reported_tokens = len(seq.output)
-        output = RequestOutput(
-            seq.request_id,
-            seq.prompt,
-            tokens,
-            new_tokens,
-            request.text,
-            delta,
-            finished,
-            reason,
-            error,
-            request.logprobs[: len(tokens)] if seq.params.logprobs is not None else None,
-        )
+        output = request.processor.add_token(token, logprob)
         request.on_output(output)
+        if output.finished:
+            self._remove(request, output.finish_reason)
 
     def _finish(self, request: _Request | None, reason: str, error: str | None = None) -> None:
         """End ``request`` early (cancelled or failed) with a final report."""
         if request is None or request.seq.request_id not in self._requests:
             return
         try:
-            self._send(request, request.text, finished=True, reason=reason, error=error)
+            request.on_output(request.processor.report(reason, error))
         except Exception:
             log.exception("final report of request %s failed", request.seq.request_id)
         self._remove(request, reason)
@@ -506,7 +573,7 @@ class Engine:
         with self._lock:
             self._live.discard(seq.request_id)
         self.metrics.requests.labels(reason).inc()
-        finished = reason in ("stop", "length")
-        if finished and request.first_token_time is not None and len(seq.output) > 1:
+        finished, produced = reason in ("stop", "length"), request.processor.num_tokens
+        if finished and request.first_token_time is not None and produced > 1:
             gap = time.monotonic() - request.first_token_time
-            self.metrics.tpot.observe(gap / (len(seq.output) - 1))
+            self.metrics.tpot.observe(gap / (produced - 1))

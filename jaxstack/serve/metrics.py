@@ -17,11 +17,15 @@ except ImportError:  # the serve extra is not installed
 SERVE_EXTRA = 'pip install "jaxstack[serve]"'
 """How to install the HTTP server's packages (fastapi, uvicorn, prometheus_client)."""
 
+PHASES = ("schedule", "pack", "dispatch", "device", "output")
+"""The engine thread's phases, timed by ``jaxstack_engine_phase_seconds_total{phase}``."""
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class EngineMetrics:
-    """Queue depth, running requests, KV pages used, tokens/s, TTFT and TPOT histograms.
+    """Queue depth, running requests, KV pages used, tokens/s, TTFT and TPOT histograms, and
+    the engine thread's seconds per phase.
 
     The gauges read the engine when scraped (``gauges`` gives the three functions); the
     engine thread reports tokens and latencies as they happen.
@@ -34,7 +38,7 @@ class EngineMetrics:
         if CollectorRegistry is None:
             self.registry = None
             self.tokens = self.requests = self.ttft = self.tpot = _Unrecorded()
-            self.step_failures = _Unrecorded()
+            self.step_failures = self.phase_seconds = _Unrecorded()
             return
         self.registry = CollectorRegistry()
         describe = {
@@ -58,6 +62,16 @@ class EngineMetrics:
             "Device steps that failed (each rebuilt the KV cache)",
             registry=self.registry,
         )
+        self.phase_seconds = Counter(
+            "jaxstack_engine_phase_seconds",
+            "Wall seconds the engine thread spent per phase: schedule, pack, dispatch "
+            "(launching a step), device (waiting for its tokens), output (detokenization, stop "
+            "strings, callbacks)",
+            ["phase"],
+            registry=self.registry,
+        )
+        for phase in PHASES:
+            self.phase_seconds.labels(phase)
         self.ttft = Histogram(
             "jaxstack_time_to_first_token_seconds",
             "From arrival to the first output token",

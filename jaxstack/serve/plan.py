@@ -65,7 +65,10 @@ def plan_serving(model_config, *, tensor: int, engine: EngineConfig | None = Non
 
     leaves = jax.tree.leaves(abstract["params"])
     weights = sum(map(share, [x.shape for x in leaves], jax.tree.leaves(specs)))
-    layer = page_shape(model_config, engine.num_pages, engine.page_size)
+    max_len = engine.max_model_len or model_config.max_seq_len
+    # without num_pages the engine sizes the cache from free memory, at most this many
+    num_pages = engine.num_pages or math.ceil(max_len / engine.page_size) * engine.seq_buckets[-1]
+    layer = page_shape(model_config, num_pages, engine.page_size)
     kv = model_config.num_layers * share(layer, page_spec(layer, dict(mesh.shape)))
     return ServingPlan(
         tensor=tensor,
@@ -73,5 +76,5 @@ def plan_serving(model_config, *, tensor: int, engine: EngineConfig | None = Non
         weight_bytes=weights,
         model_bytes=sum(x.size for x in leaves) * dtype.itemsize,
         kv_bytes=kv,
-        kv_tokens=engine.num_pages * engine.page_size,
+        kv_tokens=num_pages * engine.page_size,
     )

@@ -8,7 +8,9 @@ holds the tokens and is at least ``S``; padding tokens write nowhere
 """
 
 import contextlib
-from dataclasses import dataclass
+import math
+import os
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -48,6 +50,8 @@ class StepInputs:
     seeds: np.ndarray  # u32[S]
     counters: np.ndarray  # i32[S]
     controls: LogitControls  # logprobs, bias, penalties (see sampling.LogitControls)
+    prev_rows: np.ndarray  # i32[T] for a token still on the device: its row in the previous
+    # step's sampled tokens; -1 for tokens given in ``tokens``
 
 
 class StepOutputs(NamedTuple):
@@ -75,6 +79,53 @@ def page_shape(config, num_pages: int, page_size: int) -> tuple[int, ...]:
 def page_spec(shape: tuple[int, ...], mesh_sizes: dict[str, int]) -> PartitionSpec:
     """KV pages (one layer's, or stacked layers') split their heads over ``tensor``."""
     return fitting_spec(shape, (None,) * (len(shape) - 2) + ("kv_heads", None), mesh_sizes)
+
+
+def host_available_bytes() -> int:
+    """Host memory the OS can hand out now (``MemAvailable``; free pages where there is no
+    ``/proc/meminfo``)."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def kv_budget_bytes(devices: list, fraction: float) -> int:
+    """Bytes the KV cache may take on each of ``devices``: ``fraction`` of a device's memory
+    less what is already in use there (the weights), as vLLM's ``gpu_memory_utilization``;
+    devices without memory statistics (CPU) share ``fraction`` of the available host memory."""
+    budgets = []
+    for device in devices:
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            budgets.append(int(fraction * stats["bytes_limit"]) - stats.get("bytes_in_use", 0))
+        else:
+            budgets.append(int(fraction * host_available_bytes()) // len(devices))
+    return min(budgets)
+
+
+def page_bytes(config, page_size: int, mesh: Mesh | None) -> int:
+    """Bytes one KV page (all layers) takes on each device."""
+    shape = page_shape(config, 1, page_size)
+    if mesh is not None:
+        shape = NamedSharding(mesh, page_spec(shape, dict(mesh.shape))).shard_shape(shape)
+    return config.num_layers * math.prod(shape) * jnp.dtype(config.dtype).itemsize
+
+
+def weight_bytes(params) -> int:
+    """Bytes of ``params`` on the device holding the largest share."""
+    held: dict = {}
+    for leaf in jax.tree.leaves(params):
+        if not isinstance(leaf, jax.Array):  # host arrays: copied to the default device
+            held[None] = held.get(None, 0) + leaf.nbytes
+            continue
+        for shard in leaf.addressable_shards:
+            held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+    return max(held.values(), default=0)
 
 
 def bucket(n: int, buckets: tuple[int, ...]) -> int:
@@ -115,13 +166,19 @@ class ModelRunner:
         self.token_buckets = tuple(sorted(token_buckets))
         self.seq_buckets = tuple(sorted(seq_buckets))
         self._layer_shape = page_shape(cfg, num_pages, page_size)
+        self.max_seqs = self.seq_buckets[-1]
+        self._no_prev = jnp.zeros(self.max_seqs, jnp.int32)
         self.num_traces = 0
         """How often the step was traced (each trace is one compilation)."""
         self._pages_sharding = None  # default placement
         self._replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         if mesh is None:
             self.params, self.pages = params, self._zero_pages()
-            self._step = jax.jit(self._forward, donate_argnums=1)
+            self._step = jax.jit(self._device_step, donate_argnums=1)
+            # a step's outputs are committed to the device when its params are: the first
+            # step's stand-in for the previous tokens must match, or the step compiles twice
+            if any(getattr(leaf, "committed", False) for leaf in jax.tree.leaves(params)):
+                self._no_prev = jax.device_put(self._no_prev, jax.devices()[0])
             return
         sizes = dict(mesh.shape)
         specs = serving_param_specs(model, params, mesh)
@@ -131,9 +188,10 @@ class ModelRunner:
         self.params = jax.device_put(params, param_sh)  # a no-op where loaded in place
         self.pages = self._zero_pages()
         replicated = NamedSharding(mesh, PartitionSpec())
+        inputs = len(fields(StepInputs)) + 1  # the previous step's sampled tokens too
         self._step = jax.jit(
-            self._forward,
-            in_shardings=(param_sh, pages_sh) + (replicated,) * 10,
+            self._device_step,
+            in_shardings=(param_sh, pages_sh) + (replicated,) * inputs,
             out_shardings=(replicated, pages_sh),
             donate_argnums=1,
         )
@@ -181,27 +239,42 @@ class ModelRunner:
     def _context(self):
         return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
-    def run(self, inputs: StepInputs) -> StepOutputs:
-        """Run one step; the pages are updated in place. Returns the sampled token of every
-        row (only rows whose sequence finished its pending tokens mean anything) and, when a
-        row asked, the log-probabilities."""
+    def _device_step(self, params, pages, tokens, positions, batch, last_rows, *rest):
+        """``_forward`` after taking the tokens still on the device from the previous step's
+        sampled tokens (``rest`` ends with ``prev_rows`` and those tokens); returns the
+        sampled tokens padded to the largest sequence bucket, and the log-probabilities."""
+        *sampling, prev_rows, prev_sampled = rest
+        tokens = jnp.where(prev_rows >= 0, prev_sampled[jnp.maximum(prev_rows, 0)], tokens)
+        (sampled, logprobs), pages = self._forward(params, pages, tokens, positions, batch,
+                                                   last_rows, *sampling)  # fmt: skip
+        padded = jnp.zeros(self.max_seqs, jnp.int32).at[: sampled.shape[0]].set(sampled)
+        return (padded, logprobs), pages
+
+    def dispatch(self, inputs: StepInputs, prev_sampled: jax.Array | None = None) -> tuple:
+        """Start one step without waiting for it; the pages are updated in place. Returns,
+        on the device, the sampled token of every row (i32[largest seq bucket]; only rows
+        whose sequence finished its pending tokens mean anything) and the log-probabilities.
+        ``prev_sampled``: the tokens the previous dispatch returned, read where
+        ``inputs.prev_rows`` says."""
+        prev = self._no_prev if prev_sampled is None else prev_sampled
         with self._context():
             (tokens, logprobs), self.pages = self._step(
                 self.params,
                 self.pages,
-                inputs.tokens,
-                inputs.positions,
-                inputs.batch,
-                inputs.last_rows,
-                inputs.temperature,
-                inputs.top_k,
-                inputs.top_p,
-                inputs.seeds,
-                inputs.counters,
-                inputs.controls,
+                *(getattr(inputs, f.name) for f in fields(StepInputs)),
+                prev,
             )
+        return tokens, logprobs
+
+    def run(self, inputs: StepInputs) -> StepOutputs:
+        """Run one step and wait for it (see ``dispatch``): the sampled token of every row and,
+        when a row asked, the log-probabilities."""
+        tokens, logprobs = self.dispatch(inputs)
         wanted = np.any(np.asarray(inputs.controls.num_logprobs) >= 0)
-        return StepOutputs(np.asarray(tokens), jax.device_get(logprobs) if wanted else None)
+        return StepOutputs(
+            np.asarray(tokens)[: len(inputs.last_rows)],
+            jax.device_get(logprobs) if wanted else None,
+        )
 
     @property
     def buckets(self) -> list[tuple[int, int]]:
@@ -237,6 +310,7 @@ class ModelRunner:
         temperature, top_p = np.zeros(s, np.float32), np.ones(s, np.float32)
         top_k, counters = np.zeros(s, np.int32), np.zeros(s, np.int32)
         seeds = np.zeros(s, np.uint32)
+        prev_rows = np.full(t, -1, np.int32)
         vocab = self.model.config.vocab_size
         controls = _ControlsBuilder(s, self.pages_per_seq * self.page_size, self.eos_ids, vocab)
         start, ps = 0, self.page_size
@@ -250,16 +324,17 @@ class ModelRunner:
             table[row, : len(pages)] = pages
             p = seq.params
             temperature[row], top_k[row], top_p[row] = p.temperature, p.top_k, p.top_p
-            seeds[row], counters[row] = seq.seed, len(seq.output)
+            seeds[row], counters[row] = seq.seed, seq.num_output
             controls.add(row, seq, samples=n == seq.num_pending)
+            if seq.num_resolved < seq.num_computed + n:  # only ever the last token
+                prev_rows[start + n - 1] = seq.sample_row
             start += n
         cu[len(step) + 1 :] = start
         batch = PagedBatch(slots, kv_lens, table, cu, np.array([len(step)], np.int32))
         last_rows = np.maximum(cu[1:] - 1, 0)
         sampling = (temperature, top_k, top_p, seeds, counters)
-        return StepInputs(
-            tokens, positions, batch, last_rows, *sampling, controls.build(self._device)
-        )
+        controls = controls.build(self._device)
+        return StepInputs(tokens, positions, batch, last_rows, *sampling, controls, prev_rows)
 
     def _device(self, array: np.ndarray | None, shape: tuple[int, ...], fill) -> jax.Array:
         """``array`` on the device (replicated on the mesh); None: a constant ``fill`` table
@@ -298,7 +373,7 @@ class _ControlsBuilder:
         if p.logprobs is not None:
             self.num_logprobs[row] = p.logprobs
         bias = dict(p.logit_bias)
-        if len(seq.output) < p.min_tokens:
+        if seq.num_output < p.min_tokens:
             stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
             bias.update(dict.fromkeys(stops, -np.inf))
         if bias:

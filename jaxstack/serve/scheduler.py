@@ -20,6 +20,9 @@ from typing import Any
 from jaxstack.serve.kv_cache import KVCacheManager, PageKey, page_keys
 from jaxstack.serve.sampling import SamplingParams
 
+UNRESOLVED = -1
+"""Stands for an output token sampled by a step still on the device (async scheduling)."""
+
 
 @dataclass(eq=False)
 class RequestState:
@@ -31,7 +34,15 @@ class RequestState:
     seed: int
     arrival: int
     """Admission order: lower is older (preemption takes the highest first)."""
-    output: list[int] = field(default_factory=list)
+    limit: int = 2**62
+    """Most tokens (prompt + output) it may reach; the scheduler computes none past it."""
+    tokens: list[int] = field(init=False)
+    """Prompt then outputs, appended in place; an output still on the device is
+    ``UNRESOLVED`` (only ever the last one, see ``num_resolved``)."""
+    num_resolved: int = field(init=False)
+    """Leading ``tokens`` known on the host."""
+    sample_row: int = 0
+    """Row of the step that sampled the unresolved last token."""
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
     """Tokens from the start whose keys and values are in the cache."""
@@ -42,19 +53,37 @@ class RequestState:
     matcher: Any = None
     """The ``xgrammar`` matcher of a request with a ``response_format`` (``structured.py``)."""
 
-    @property
-    def tokens(self) -> list[int]:
-        """Prompt then outputs."""
-        return self.prompt + self.output
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt)
+        self.num_resolved = len(self.tokens)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
+        return len(self.tokens)
+
+    @property
+    def num_output(self) -> int:
+        """Output tokens so far (an unresolved one included)."""
+        return len(self.tokens) - len(self.prompt)
 
     @property
     def num_pending(self) -> int:
         """Tokens to compute before the next one can be sampled."""
-        return self.num_tokens - self.num_computed
+        return len(self.tokens) - self.num_computed
+
+    def add_unresolved(self, row: int) -> None:
+        """A step now on the device samples this sequence's next token in ``row``."""
+        self.tokens.append(UNRESOLVED)
+        self.sample_row = row
+
+    def resolve(self, index: int, token: int) -> None:
+        """The token at ``index`` (unresolved so far) is ``token``."""
+        self.tokens[index] = token
+        self.num_resolved = max(self.num_resolved, index + 1)
+
+    def drop_unresolved(self) -> None:
+        """Forget an output still on the device (its step failed: it is recomputed)."""
+        del self.tokens[self.num_resolved :]
 
 
 @dataclass
@@ -113,6 +142,8 @@ class Scheduler:
         """This step's sequences and how many of their pending tokens each computes."""
         chosen: dict[RequestState, int] = {}
         for seq in sorted(self.running, key=lambda s: (s.num_pending > 1, s.arrival)):
+            if seq.num_tokens >= seq.limit:  # its last token ends it once resolved
+                continue
             budget = self.max_num_tokens - sum(chosen.values())
             if budget == 0:
                 break
@@ -120,7 +151,10 @@ class Scheduler:
                 self._grow_or_preempt(seq, min(seq.num_pending, budget), chosen)
         while self.waiting and len(self.running) < self.max_num_seqs:
             budget = self.max_num_tokens - sum(chosen.values())
-            if budget == 0 or not self._admit(self.waiting[0], budget, chosen):
+            seq = self.waiting[0]
+            if seq.num_resolved < seq.num_tokens:  # preempted while its last token was on
+                break  # the device: admitted once that token is known (next step)
+            if budget == 0 or not self._admit(seq, budget, chosen):
                 break
         return list(chosen.items())
 
@@ -131,13 +165,18 @@ class Scheduler:
             self.stats.computed_tokens += n
             self.stats.prefill_tokens += max(0, min(len(seq.prompt) - seq.num_computed, n))
             seq.num_computed += n
-            full = seq.num_computed // self.cache.page_size
-            if full > seq.num_registered:
-                ps = self.cache.page_size
-                span = seq.tokens[seq.num_registered * ps : full * ps]
-                for key in page_keys(span, ps, seq.last_key):
-                    self.cache.register(seq.pages[seq.num_registered], key)
-                    seq.num_registered, seq.last_key = seq.num_registered + 1, key
+            self.register_pages(seq)
+
+    def register_pages(self, seq: RequestState) -> None:
+        """Offer ``seq``'s computed full pages whose tokens are all known to the prefix
+        cache (a page ending in a token still on the device waits for it)."""
+        ps = self.cache.page_size
+        full = min(seq.num_computed, seq.num_resolved) // ps
+        if full > seq.num_registered:
+            span = seq.tokens[seq.num_registered * ps : full * ps]
+            for key in page_keys(span, ps, seq.last_key):
+                self.cache.register(seq.pages[seq.num_registered], key)
+                seq.num_registered, seq.last_key = seq.num_registered + 1, key
 
     def _pages_for(self, seq: RequestState, n: int) -> int:
         """New pages ``seq`` needs to compute ``n`` more tokens."""

@@ -14,8 +14,10 @@ import asyncio
 import dataclasses
 import json
 import logging
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Literal
 
@@ -138,7 +140,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
         answer with its output, whole or streamed."""
         stream = body.stream
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+        events = _Outputs(loop, every=stream)
         prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
         request_id = f"{prefix}-{uuid.uuid4().hex}"
         ids_of = [request_id] if body.n == 1 else [f"{request_id}-{i}" for i in range(body.n)]
@@ -162,7 +164,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
                 await submit(
                     ids,
                     dataclasses.replace(params, seed=seed),
-                    lambda out, i=index: loop.call_soon_threadsafe(events.put_nowait, (i, out)),
+                    lambda out, i=index: events.put(i, out),
                     request_id=rid,
                 )
             except (QueueFullError, ValueError) as error:
@@ -195,7 +197,7 @@ def create_app(llm: LLM, config: ServerConfig | None = None) -> FastAPI:
 
     def _rest_of_context(prompt_tokens: int) -> int:
         """A chat reply's default length: whatever the context (and the KV cache) leaves."""
-        room = min(engine.max_model_len, engine.config.num_pages * engine.config.page_size)
+        room = min(engine.max_model_len, engine.num_pages * engine.config.page_size)
         if prompt_tokens >= room:
             raise _BadRequest(
                 f"the messages take {prompt_tokens} tokens and the context holds {room}: no "
@@ -270,12 +272,53 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _sse(events: asyncio.Queue, n: int, formatter: "_Formatter", meta: dict,
+class _Outputs:
+    """The outputs of one request's choices, handed from the engine thread to the event loop
+    with one wakeup per batch: the engine thread only appends while a wakeup is pending, and
+    a request that is not streamed (``every=False``) is handed only its final outputs."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, every: bool):
+        self._loop, self._every = loop, every
+        self._items: deque[tuple[int, RequestOutput]] = deque()
+        self._lock = threading.Lock()
+        self._ready = asyncio.Event()
+        self._wake_pending = False
+
+    def put(self, index: int, out: RequestOutput) -> None:
+        """Choice ``index`` reports ``out`` (called on the engine thread)."""
+        if not (self._every or out.finished):
+            return
+        with self._lock:
+            self._items.append((index, out))
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._wake_pending = False
+        self._ready.set()
+
+    async def get_all(self) -> list[tuple[int, RequestOutput]]:
+        """Every ``(choice, output)`` that arrived since the last call (waits for one)."""
+        while True:
+            with self._lock:
+                if self._items:
+                    items = list(self._items)
+                    self._items.clear()
+                    return items
+            self._ready.clear()
+            await self._ready.wait()
+
+
+async def _sse(events: _Outputs, n: int, formatter: "_Formatter", meta: dict,
                include_usage: bool = False) -> AsyncIterator[str]:  # fmt: skip
     """Server-sent events of a request's ``n`` choices, interleaved as their tokens come,
     each chunk naming its choice's ``index``, up to the last output of every choice; with
     ``include_usage`` a last chunk (no choices) carries the token counts, as OpenAI's
-    ``stream_options`` asks."""
+    ``stream_options`` asks. The events of outputs that arrived together go out in one
+    write."""
     chat = formatter.kind == "chat.completion"
     chunk = {**meta, "object": "chat.completion.chunk" if chat else "text_completion"}
     if chat:
@@ -285,48 +328,48 @@ async def _sse(events: asyncio.Queue, n: int, formatter: "_Formatter", meta: dic
             yield _event({**chunk, "choices": [first]})
     finals: dict[int, RequestOutput] = {}
     offsets = [0] * n  # text offset of each choice's next token (completions logprobs)
-    while len(finals) < n:
-        index, out = await events.get()
-        if out.finish_reason == "error":
-            yield _event({"error": {"message": f"generation failed: {out.error}"}})
-            break
-        if out.delta or out.finished:
-            new = None
-            if out.logprobs is not None:
-                new = out.logprobs[len(out.token_ids) - len(out.new_token_ids) :]
-            logprobs, offsets[index] = formatter.logprobs(new, offsets[index])
-            reason = out.finish_reason if out.finished else None
-            choice = formatter.choice(index, out.delta, reason, logprobs, delta=True)
-            yield _event({**chunk, "choices": [choice]})
-        if out.finished:
-            finals[index] = out
-    else:
-        if include_usage:
-            yield _event({**chunk, "choices": [], "usage": _usage(list(finals.values()))})
+    failed = False
+    while len(finals) < n and not failed:
+        batch = []
+        for index, out in await events.get_all():
+            if out.finish_reason == "error":
+                batch.append(_event({"error": {"message": f"generation failed: {out.error}"}}))
+                failed = True
+                break
+            if out.delta or out.finished:
+                new = None
+                if out.logprobs is not None:
+                    new = out.logprobs[len(out.token_ids) - len(out.new_token_ids) :]
+                logprobs, offsets[index] = formatter.logprobs(new, offsets[index])
+                reason = out.finish_reason if out.finished else None
+                choice = formatter.choice(index, out.delta, reason, logprobs, delta=True)
+                batch.append(_event({**chunk, "choices": [choice]}))
+            if out.finished:
+                finals[index] = out
+        if batch:
+            yield "".join(batch)
+    if not failed and include_usage:
+        yield _event({**chunk, "choices": [], "usage": _usage(list(finals.values()))})
     yield "data: [DONE]\n\n"
 
 
-async def _final_outputs(request: Request, events: asyncio.Queue,
+async def _final_outputs(request: Request, events: _Outputs,
                          n: int) -> list[RequestOutput] | None:  # fmt: skip
     """The last output of each of the request's ``n`` choices, by index, or None as soon as
     its client disconnects (checked every ``DISCONNECT_POLL_S``, whether or not tokens
     arrive meanwhile)."""
-    loop = asyncio.get_running_loop()
-    checked = loop.time()
     finals: dict[int, RequestOutput] = {}
     while True:
         try:
-            index, out = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
-            if out.finished:
+            arrived = await asyncio.wait_for(events.get_all(), timeout=DISCONNECT_POLL_S)
+            for index, out in arrived:
                 finals[index] = out
                 if len(finals) == n or out.finish_reason == "error":
                     return [finals.get(i, out) for i in range(n)]
         except TimeoutError:
             pass
-        if loop.time() - checked >= DISCONNECT_POLL_S:
-            if await request.is_disconnected():
-                return None
-            checked = loop.time()
+        if await request.is_disconnected():
+            return None
 
 
 def _event(payload: dict) -> str:

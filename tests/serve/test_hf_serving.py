@@ -195,7 +195,8 @@ def test_dry_run_plans_a_1b_model_over_8_devices(tmp_path, capsys):
                          num_kv_heads=8, intermediate_size=8192, max_seq_len=2048,
                          tie_embeddings=True, extra={"hf_model_type": "llama"})  # fmt: skip
     (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(config, "bfloat16")))
-    assert cli.main(["serve", "--hf", str(tmp_path), "--tensor", "8", "--dry-run"]) == 0
+    command = ["serve", "--hf", str(tmp_path), "--tensor", "8", "--dry-run"]
+    assert cli.main([*command, "--num-pages", "1024"]) == 0
     out = capsys.readouterr().out
     mib = {m[0]: float(m[1]) for m in re.findall(r"(\w[\w ]*?) +([\d.]+) MiB", out)}
     assert "tensor=8, bfloat16" in out  # auto: the checkpoint's torch_dtype
@@ -203,6 +204,9 @@ def test_dry_run_plans_a_1b_model_over_8_devices(tmp_path, capsys):
     assert mib["whole model"] / 8 <= mib["weights"] < mib["whole model"] / 8 + 1  # norms copied
     # 16 layers x 1024 pages x 16 slots x (2 x 8 KV heads / 8 devices) x 64 dims x 2 bytes
     assert mib["KV cache"] == 64.0 and "(16384 token slots)" in out
+    # without --num-pages: at most every sequence (64) at the full context (2048 tokens)
+    assert cli.main(command) == 0
+    assert "(131072 token slots)" in capsys.readouterr().out
 
 
 def test_unknown_dtype_is_refused_before_loading(tmp_path):
