@@ -69,13 +69,13 @@ class EngineConfig:
     ``num_pages``."""
     max_model_len: int | None = None
     """Longest prompt + output; default the model's ``max_seq_len``."""
-    token_buckets: tuple[int, ...] = (1, 4, 16, 32, 64, 128, 256)
+    token_buckets: tuple[int, ...] = (1, 4, 8, 16, 32, 64, 128, 256)
     """Tokens per step the step is compiled for; the largest is the per-step token budget
     (prefill chunks fill what decodes leave). A step's matmuls cost its bucket's tokens, so
     the small ones keep a lone decode at one row of work (docs/serving.md, "Step shapes")."""
-    seq_buckets: tuple[int, ...] = (1, 4, 16, 32, 64)
+    seq_buckets: tuple[int, ...] = (1, 4, 8, 16, 32, 64)
     """Sequences per step compiled for; the largest is the most requests running at once.
-    Every (tokens, sequences) pair with sequences <= tokens is compiled at start (25 with
+    Every (tokens, sequences) pair with sequences <= tokens is compiled at start (33 with
     the defaults)."""
     max_queue: int = 1024
     """Requests waiting to start before ``submit`` raises ``QueueFullError``."""
