@@ -31,11 +31,13 @@ SKIP_REASONS = {
 }
 
 
+QUICK_COMPILES = "--xla_backend_optimization_level=0"
+"""The suite's quick compiles (tests/conftest.py), kept where the 8 fake devices are not."""
+
+
 def _single_device_env() -> dict[str, str]:
     """This environment without the suite's 8 fake devices: what a reader's machine has."""
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    return env
+    return dict(os.environ, XLA_FLAGS=QUICK_COMPILES)
 
 
 def test_site_builds_strictly(tmp_path):
@@ -84,7 +86,7 @@ def test_notebook_runs_and_matches_its_text_twin(name, monkeypatch):
         (c.cell_type, c.source) for c in twin.cells
     ], f"{name}.ipynb and {name}.py differ: run `jupytext --sync docs/notebooks/{name}.py`"
     assert "colab.research.google.com" in notebook.cells[0].source
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # the kernel starts with one CPU device
+    monkeypatch.setenv("XLA_FLAGS", QUICK_COMPILES)  # the kernel starts with one CPU device
     executed = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     NotebookClient(
         executed, timeout=600, kernel_name="python3", resources={"metadata": {"path": NOTEBOOKS}}
