@@ -98,10 +98,13 @@ class Detokenizer:
     def __init__(self, tokenizer: Tokenizer, prompt: Sequence[int]):
         self.tokenizer = tokenizer
         context = list(prompt[-CONTEXT_TOKENS:])
-        if tokenizer.decode(context).endswith(REPLACEMENT):
-            context = []  # a prompt ending mid-character would garble the first output
+        read = len(context)
+        while read and tokenizer.decode(context[:read]).endswith(REPLACEMENT):
+            read -= 1  # a character the prompt leaves incomplete: the output completes it
+        if read == 0:  # nothing complete to anchor on: decode the output alone
+            context = []
         self._window = context
-        self._read = len(context)  # window tokens already turned into text
+        self._read = read  # window tokens already turned into text
 
     def add(self, token: int) -> str:
         """The text ``token`` completes (empty while a character is still incomplete)."""

@@ -46,6 +46,15 @@ def test_incremental_detokenization_equals_full_decode():
         assert outputs[3].token_ids == tokens[:4] and outputs[3].new_token_ids == tokens[3:4]
 
 
+def test_a_character_the_prompt_leaves_incomplete_is_completed_by_the_output():
+    """The prompt ends with two of the three bytes of 日; the first output token completes it:
+    the output's text holds the whole character, as decoding prompt + output and dropping the
+    prompt's complete text gives."""
+    _, outputs = feed([0xA5, 105], SamplingParams(max_tokens=2), prompt=[104, 0xE6, 0x97])
+    assert "".join(o.delta for o in outputs) == "日i"
+    assert outputs[-1].text == "日i"
+
+
 def test_a_truncated_character_is_flushed_at_the_end():
     tokens = ByteTokenizer().encode("ab日")[:-1]  # the last character lacks its last byte
     _, outputs = feed(tokens, SamplingParams(max_tokens=len(tokens)))
