@@ -152,17 +152,29 @@ def _memory_gib() -> float | None:
     return round(kib / 2**20, 1)
 
 
+def _load_average() -> list[float] | None:
+    """The 1-, 5- and 15-minute load averages, or None where the OS has none."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+START_LOAD = _load_average()
+"""The load average when the benchmark process started, before any of its own work: whether
+the machine was quiet, which the load when the record is written (after the benchmark's own
+processes ran) cannot tell."""
+
+
 def machine() -> dict[str, Any]:
     """The host a result was measured on: CPU model and ISA flags, usable cores, RAM, OS and
-    the load average when the record is written (other processes share the machine)."""
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    the load averages when the benchmark started and when the record is written (other
+    processes share the machine)."""
     return {
         "cpu": cpu_model(),
         "cpu_flags": _cpu_flags(),
         "usable_cores": usable_cpus(),
         "memory_gib": _memory_gib(),
         "os": platform.platform(),
-        "load_average_1_5_15": None if load is None else [round(x, 2) for x in load],
+        "load_average_at_start_1_5_15": START_LOAD,
+        "load_average_1_5_15": _load_average(),
     }
 
 

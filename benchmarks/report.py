@@ -76,8 +76,11 @@ def _source(records: list[Record]) -> str:
     lines = []
     for record in records:
         machine, versions = record["machine"], record["versions"]
-        load = machine.get("load_average_1_5_15")
-        load_text = "" if load is None else f", load average {load[0]:.2f} at the end"
+        loads = [f"{load[0]:.2f} at the {when}" for when, load in (
+            ("start", machine.get("load_average_at_start_1_5_15")),
+            ("end", machine.get("load_average_1_5_15")),
+        ) if load is not None]  # fmt: skip
+        load_text = f", load average {', '.join(loads)}" if loads else ""
         software = ", ".join(f"{name} {version}" for name, version in versions.items())
         lines.append(
             f"- {_file_name(record)}: `{record['command']}`, {record['date']}; "

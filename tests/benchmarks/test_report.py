@@ -61,6 +61,22 @@ def test_a_result_file_round_trips_into_its_table(tmp_path, monkeypatch, capsys)
     assert text.count("| 100m") == 1
 
 
+def test_the_sources_give_the_load_at_the_start_and_at_the_end(tmp_path, monkeypatch):
+    """A benchmark's own processes load the machine, so the load when the record is written
+    cannot say whether it started quiet: the record keeps both, the sources print both."""
+    monkeypatch.setattr(common, "START_LOAD", [0.11, 0.5, 0.7])
+    monkeypatch.setattr(common, "_load_average", lambda: [1.95, 1.2, 0.9])
+    tokens = {"jaxstack": 123.4, "plain_jax": 150.0, "torch": 200.0}
+    path = common.write_result("train_cpu", fake_train_cpu_report(tokens), {}, tmp_path)
+    machine = json.loads(path.read_text())["machine"]
+    assert machine["load_average_at_start_1_5_15"] == [0.11, 0.5, 0.7]
+    assert machine["load_average_1_5_15"] == [1.95, 1.2, 0.9]
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("<!-- table:train_cpu -->\n<!-- /table -->\n")
+    assert report.main(["--doc", str(doc), "--results-dir", str(tmp_path)]) == 0
+    assert "load average 0.11 at the start, 1.95 at the end" in doc.read_text()
+
+
 def test_an_unknown_table_marker_is_an_error():
     with pytest.raises(ValueError, match="no such table"):
         report.render("<!-- table:nope -->\n<!-- /table -->\n", [])
